@@ -1,0 +1,43 @@
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from exporter import __version__, problems
+from exporter.api import router
+from exporter.db import Databases
+from exporter.middleware import (
+    RequestIdMiddleware,
+    SecurityHeadersMiddleware,
+    UnexpectedErrorMiddleware,
+)
+from exporter.settings import Settings
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """Build the app; nothing is created at import time, so tests choose the settings."""
+    settings = settings or Settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        databases = Databases.from_settings(settings)
+        app.state.databases = databases
+        try:
+            yield
+        finally:
+            await databases.dispose()
+
+    app = FastAPI(
+        title="exporter",
+        version=__version__,
+        description="Stream PostgreSQL tables and views out as CSV and NDJSON attachments.",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.include_router(router)
+    problems.install(app)
+    # Added last = outermost: every response, errors included, gets a request id.
+    app.add_middleware(UnexpectedErrorMiddleware)
+    app.add_middleware(SecurityHeadersMiddleware)
+    app.add_middleware(RequestIdMiddleware)
+    return app

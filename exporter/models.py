@@ -1,0 +1,52 @@
+"""Tables of the service's own schema; `metadata` is Alembic's target."""
+
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    DateTime,
+    Identity,
+    Index,
+    LargeBinary,
+    MetaData,
+    Table,
+    Text,
+    func,
+)
+from sqlalchemy.dialects.postgresql import JSONB
+
+from exporter.settings import OWN_SCHEMA
+
+metadata = MetaData(schema=OWN_SCHEMA)
+
+api_keys = Table(
+    "api_keys",
+    metadata,
+    Column("id", BigInteger, Identity(), primary_key=True),
+    Column("name", Text, nullable=False, unique=True),
+    # SHA-256 of the key: keys are random and high-entropy, so a fast digest is enough and
+    # lets a request find its key by index.
+    Column("digest", LargeBinary, nullable=False, unique=True),
+    Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    Column("revoked_at", DateTime(timezone=True)),
+)
+
+export_log = Table(
+    "export_log",
+    metadata,
+    Column("id", BigInteger, Identity(), primary_key=True),
+    Column("request_id", Text, nullable=False),
+    Column("key_name", Text),
+    Column("dataset", Text, nullable=False),
+    Column("format", Text, nullable=False),
+    Column("parameters", JSONB, nullable=False),
+    Column("client_addr", Text),
+    Column("started_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    Column("ended_at", DateTime(timezone=True)),
+    Column("rows", BigInteger),
+    Column("bytes", BigInteger),
+    # running, completed, failed, disconnected
+    Column("outcome", Text, nullable=False),
+    Column("error", Text),
+    Index("export_log_started_at", "started_at"),
+    Index("export_log_request_id", "request_id"),
+)

@@ -1,0 +1,47 @@
+from typing import Annotated
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+# The service's own schema: keys and the export log live here, and it is never exported.
+OWN_SCHEMA = "exporter"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="EXPORTER_", extra="ignore")
+
+    database_url: str = "postgresql://postgres@127.0.0.1:5432/postgres"
+    # Where keys and the export log are kept; defaults to database_url, so exports may read a
+    # replica while the state lives on a primary.
+    state_database_url: str | None = None
+    schemas: Annotated[tuple[str, ...], NoDecode] = ("public",)
+
+    statement_timeout_ms: int = Field(default=60_000, ge=0)
+    idle_in_transaction_timeout_ms: int = Field(default=300_000, ge=0)
+    pool_size: int = Field(default=10, ge=1)
+    # Rows per server-side cursor round trip, and bytes per HTTP chunk.
+    batch_rows: int = Field(default=5_000, ge=1)
+    chunk_bytes: int = Field(default=64 * 1024, ge=1)
+    # How long cleanup after a cancelled export may take before the connection is terminated.
+    cleanup_timeout_s: float = Field(default=2.0, gt=0)
+    max_limit: int | None = Field(default=None, ge=0)
+
+    @field_validator("schemas", mode="before")
+    @classmethod
+    def _split_schemas(cls, value: object) -> object:
+        if isinstance(value, str):
+            value = [part.strip() for part in value.split(",")]
+        if isinstance(value, list | tuple):
+            names = tuple(str(part) for part in value if str(part))
+            if not names:
+                raise ValueError("at least one schema must be exposed")
+            return names
+        return value
+
+    @property
+    def state_url(self) -> str:
+        return self.state_database_url or self.database_url
+
+    @property
+    def exposed_schemas(self) -> tuple[str, ...]:
+        return tuple(s for s in self.schemas if s != OWN_SCHEMA)

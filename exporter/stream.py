@@ -1,0 +1,111 @@
+"""source -> encoder -> chunks. Shared by the HTTP response and the CLI.
+
+`open()` does everything that can fail before the first byte: it takes a connection, opens the
+snapshot, declares the cursor and fetches the first batch. After that, a failure can only
+abort the stream; `aclose()` releases everything at once, however the export ended.
+"""
+
+import enum
+import time
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack
+from typing import Any
+
+import anyio
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from exporter.db import snapshot
+from exporter.encoders import Encoder
+from exporter.query import ExportQuery
+from exporter.settings import Settings
+from exporter.source import Source, build_sql
+
+
+class Outcome(enum.Enum):
+    COMPLETED = "completed"
+    FAILED = "failed"
+    DISCONNECTED = "disconnected"
+
+
+class ExportStream:
+    def __init__(
+        self,
+        query: ExportQuery,
+        encoder_class: type[Encoder],
+        engine: AsyncEngine,
+        settings: Settings,
+        label: str,
+    ) -> None:
+        self.query = query
+        self.encoder = encoder_class(query.columns)
+        self.engine = engine
+        self.settings = settings
+        self.label = label
+        self.rows = 0
+        self.bytes = 0
+        self.started = time.monotonic()
+        self.completed = False
+        self.error: BaseException | None = None
+        self._exit_stack = AsyncExitStack()
+        self._source: Source | None = None
+        self._first_batch: list[Any] = []
+
+    async def open(self) -> None:
+        try:
+            connection = await self._exit_stack.enter_async_context(
+                snapshot(self.engine, self.settings, self.label)
+            )
+            sql, args = build_sql(self.query, self.encoder.rendering)
+            self._source = Source(connection, sql, args, self.settings.batch_rows)
+            self._first_batch = await self._source.fetch()
+        except BaseException:
+            await self.aclose()
+            raise
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        """Yield the export as UTF-8 chunks of about `chunk_bytes`, then close."""
+        assert self._source is not None, "open() first"
+        encoder = self.encoder
+        chunk_bytes = self.settings.chunk_bytes
+        try:
+            encoder.begin()
+            batch = self._first_batch
+            self._first_batch = []
+            while batch:
+                encoder.write_rows(batch)
+                self.rows += len(batch)
+                if encoder.pending() >= chunk_bytes:
+                    yield self._take()
+                batch = await self._source.fetch()
+            encoder.end()
+            if encoder.pending():
+                yield self._take()
+            self.completed = True
+        except BaseException as exc:
+            self.error = exc
+            raise
+        finally:
+            await self.aclose()
+
+    def _take(self) -> bytes:
+        data = self.encoder.take().encode()
+        self.bytes += len(data)
+        return data
+
+    async def aclose(self) -> None:
+        """Idempotent; shielded, because it runs when the export's task is being cancelled."""
+        with anyio.CancelScope(shield=True):
+            await self._exit_stack.aclose()
+
+    @property
+    def outcome(self) -> Outcome:
+        if self.completed:
+            return Outcome.COMPLETED
+        if self.error is not None and not isinstance(self.error, anyio.get_cancelled_exc_class()):
+            if not isinstance(self.error, GeneratorExit):
+                return Outcome.FAILED
+        return Outcome.DISCONNECTED
+
+    @property
+    def elapsed_s(self) -> float:
+        return time.monotonic() - self.started
