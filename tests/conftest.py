@@ -1,0 +1,229 @@
+"""A real PostgreSQL for every test run: EXPORTER_TEST_DATABASE_URL if set, else a Docker
+container (testcontainers) if Docker answers, else an embedded server. Each run creates its
+own database and drops it at the end."""
+
+import asyncio
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import httpx
+import pytest
+from sqlalchemy.engine import make_url
+
+from exporter.auth import create_key
+from exporter.db import create_engine
+from exporter.migrate import upgrade
+
+BIG_ROWS = 1_000_000
+
+
+def _docker_answers() -> bool:
+    try:
+        import docker
+
+        docker.from_env(timeout=3).ping()
+        return True
+    except Exception:
+        return False
+
+
+@pytest.fixture(scope="session")
+def server_url() -> Iterator[str]:
+    """A PostgreSQL server URL (any database on it; tests make their own)."""
+    url = os.environ.get("EXPORTER_TEST_DATABASE_URL")
+    if url:
+        yield url
+        return
+    if _docker_answers():
+        from testcontainers.postgres import PostgresContainer
+
+        with PostgresContainer("postgres:16-alpine", driver=None) as container:
+            yield container.get_connection_url()
+        return
+    from exporter.embedded import EmbeddedPostgres
+
+    with tempfile.TemporaryDirectory(prefix="exporter-test-pg-") as data_dir:
+        postgres = EmbeddedPostgres(Path(data_dir))
+        try:
+            yield postgres.start()
+        finally:
+            postgres.stop()
+
+
+def _with_database(url: str, database: str) -> str:
+    return make_url(url).set(database=database).render_as_string(hide_password=False)
+
+
+def _asyncpg_dsn(url: str) -> str:
+    return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
+
+
+def run_sql(url: str, *statements: str) -> list[Any]:
+    """Run statements on a fresh connection; returns the rows of the last one."""
+
+    async def run() -> list[Any]:
+        conn = await asyncpg.connect(_asyncpg_dsn(url))
+        try:
+            rows: list[Any] = []
+            for statement in statements:
+                rows = await conn.fetch(statement)
+            return rows
+        finally:
+            await conn.close()
+
+    return asyncio.run(run())
+
+
+FIXTURE_SQL = [
+    """
+    CREATE TABLE public.people (
+        id integer PRIMARY KEY,
+        name text,
+        age integer,
+        score numeric(10, 3),
+        height real,
+        active boolean,
+        born date,
+        seen_at timestamptz,
+        tag uuid,
+        code char(4),
+        doc jsonb
+    )
+    """,
+    """
+    INSERT INTO public.people VALUES
+      (1, 'Ada', 36, 99.5, 1.65, true, '1815-12-10', '2024-01-01 10:00:00+00',
+       '00000000-0000-0000-0000-000000000001', 'AB', '{"a": 1}'),
+      (2, 'Bob, "the builder"', 45, 12.125, 1.8, false, '1980-02-29', NULL,
+       '00000000-0000-0000-0000-000000000002', NULL, '[1, 2]'),
+      (3, '', NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL),
+      (4, NULL, 20, -1.5, 1.7, true, '2000-01-01', '2024-06-01 12:30:00+02',
+       NULL, 'Z', 'null'),
+      (5, E'multi\\nline', 20, 100000.001, 2.1, false, '2001-01-01', '2024-06-02 00:00:00+00',
+       NULL, 'ABCD', '{"nested": {"k": [1, "x"]}}')
+    """,
+    "CREATE VIEW public.adults AS SELECT id, name, age FROM public.people WHERE age >= 21",
+    f"""
+    CREATE TABLE public.big AS
+    SELECT i AS id, 'row ' || i AS label, (i % 1000)::numeric / 7 AS amount,
+           timestamptz '2024-01-01 00:00:00+00' + i * interval '1 second' AS at
+    FROM generate_series(1, {BIG_ROWS}) AS i
+    """,
+    "ALTER TABLE public.big ADD PRIMARY KEY (id)",
+    "CREATE TABLE public.small_copy AS SELECT * FROM public.big WHERE id <= 100000",
+    "ALTER TABLE public.small_copy ADD PRIMARY KEY (id)",
+    "CREATE SCHEMA sales",
+    "CREATE TABLE sales.orders (id integer PRIMARY KEY, total numeric)",
+    "INSERT INTO sales.orders VALUES (1, 10.5), (2, 20)",
+    "ANALYZE",
+]
+
+
+@dataclass(frozen=True)
+class ExportDatabase:
+    url: str
+    key: str
+
+
+@pytest.fixture(scope="session")
+def database(server_url: str) -> Iterator[ExportDatabase]:
+    name = f"exporter_test_{uuid.uuid4().hex[:12]}"
+    run_sql(server_url, f'CREATE DATABASE "{name}"')
+    url = _with_database(server_url, name)
+    try:
+        upgrade(url)
+        run_sql(url, *FIXTURE_SQL)
+
+        async def make_key() -> str:
+            engine = create_engine(url, pool_size=1)
+            try:
+                return await create_key(engine, "tests")
+            finally:
+                await engine.dispose()
+
+        yield ExportDatabase(url=url, key=asyncio.run(make_key()))
+    finally:
+        run_sql(server_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@dataclass
+class Server:
+    """`exporter serve` in a subprocess on a real socket, as users run it."""
+
+    base_url: str
+    process: subprocess.Popen[bytes]
+    log_path: Path
+
+    def client(self, key: str | None, **kwargs: Any) -> httpx.Client:
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        return httpx.Client(base_url=self.base_url, headers=headers, timeout=60, **kwargs)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+def start_server(database_url: str, tmp_path: Path, **settings: str) -> Server:
+    port = free_port()
+    env = {**os.environ, "EXPORTER_DATABASE_URL": database_url}
+    env.update({f"EXPORTER_{name.upper()}": value for name, value in settings.items()})
+    log_path = tmp_path / f"server-{port}.log"
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "exporter", "serve", "--port", str(port)],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    server = Server(f"http://127.0.0.1:{port}", process, log_path)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"server exited early:\n{server.log()}")
+        try:
+            if httpx.get(f"{server.base_url}/healthz", timeout=1).status_code == 200:
+                return server
+        except httpx.TransportError:
+            time.sleep(0.1)
+    stop_server(server)
+    raise RuntimeError(f"server did not start:\n{server.log()}")
+
+
+def stop_server(server: Server) -> None:
+    server.process.terminate()
+    try:
+        server.process.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        server.process.kill()
+        server.process.wait()
+
+
+@pytest.fixture(scope="session")
+def server(database: ExportDatabase, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    running = start_server(database.url, tmp_path_factory.mktemp("server"))
+    try:
+        yield running
+    finally:
+        stop_server(running)
+
+
+@pytest.fixture
+def client(server: Server, database: ExportDatabase) -> Iterator[httpx.Client]:
+    with server.client(database.key) as http:
+        yield http

@@ -1,0 +1,139 @@
+import csv
+import io
+import json
+
+import httpx
+
+from tests.conftest import Server, ExportDatabase
+
+
+def test_datasets_lists_tables_and_views_with_columns(client: httpx.Client) -> None:
+    response = client.get("/datasets")
+    assert response.status_code == 200
+    datasets = {d["name"]: d for d in response.json()}
+    assert {"people", "adults", "big"} <= datasets.keys()
+    assert "api_keys" not in datasets and "export_log" not in datasets
+    assert "orders" not in datasets  # schema sales is not exposed
+    people = datasets["people"]
+    assert people["kind"] == "table"
+    assert people["primary_key"] == ["id"]
+    assert people["columns"][:4] == [
+        {"name": "id", "type": "integer"},
+        {"name": "name", "type": "text"},
+        {"name": "age", "type": "integer"},
+        {"name": "score", "type": "numeric(10,3)"},
+    ]
+    assert people["estimated_rows"] == 5
+    assert datasets["adults"]["kind"] == "view"
+
+
+def test_csv_export_streams_header_and_rows(client: httpx.Client) -> None:
+    response = client.get("/datasets/people.csv", params={"select": "id,name,age"})
+    assert response.status_code == 200
+    assert response.headers["content-type"] == "text/csv; charset=utf-8"
+    assert response.headers["cache-control"] == "no-store"
+    disposition = response.headers["content-disposition"]
+    assert disposition.startswith('attachment; filename="people-')
+    assert "filename*=UTF-8''people-" in disposition and disposition.endswith('.csv')
+    rows = list(csv.reader(io.StringIO(response.text)))
+    assert rows[0] == ["id", "name", "age"]
+    assert rows[1:3] == [["1", "Ada", "36"], ["2", 'Bob, "the builder"', "45"]]
+    assert len(rows) == 6
+
+
+def test_ndjson_export_keeps_column_order_and_json_values(client: httpx.Client) -> None:
+    response = client.get("/datasets/people.ndjson", params={"select": "doc,id,score"})
+    assert response.status_code == 200
+    assert response.headers["content-type"] == "application/x-ndjson"
+    lines = response.text.splitlines()
+    assert len(lines) == 5
+    first = json.loads(lines[0])
+    assert list(first) == ["doc", "id", "score"]
+    assert first == {"doc": {"a": 1}, "id": 1, "score": 99.5}
+    assert '"score":100000.001' in lines[4]  # the digits PostgreSQL prints
+
+
+def test_request_id_and_security_headers_on_streams(client: httpx.Client) -> None:
+    response = client.get("/datasets/people.csv", headers={"X-Request-Id": "job-42.a"})
+    assert response.headers["x-request-id"] == "job-42.a"
+    assert response.headers["x-content-type-options"] == "nosniff"
+    assert response.headers["x-frame-options"] == "DENY"
+    assert response.headers["referrer-policy"] == "no-referrer"
+    assert "default-src 'none'" in response.headers["content-security-policy"]
+    generated = client.get("/datasets", headers={"X-Request-Id": "bad id; <script>" + "x" * 200})
+    assert "script" not in generated.headers["x-request-id"]
+    assert len(generated.headers["x-request-id"]) == 32
+
+
+def test_missing_or_wrong_key_is_401(server: Server) -> None:
+    with server.client(None) as anonymous:
+        response = anonymous.get("/datasets")
+        assert response.status_code == 401
+        assert response.headers["www-authenticate"] == "Bearer"
+        assert response.headers["content-type"] == "application/problem+json"
+        assert anonymous.get("/datasets/people.csv").status_code == 401
+        assert anonymous.get("/healthz").status_code == 200
+        assert anonymous.get("/openapi.json").status_code == 200
+    with server.client("exp_not-a-real-key") as wrong:
+        response = wrong.get("/datasets/people.csv")
+        assert response.status_code == 401
+        assert response.headers["www-authenticate"].startswith("Bearer")
+
+
+def test_readyz_checks_the_database(client: httpx.Client) -> None:
+    assert client.get("/readyz").json() == {"status": "ready"}
+
+
+def test_accept_negotiates_the_export(client: httpx.Client) -> None:
+    as_json = client.get("/datasets/people")
+    assert as_json.headers["content-type"] == "application/json"
+    assert as_json.json()["name"] == "people"
+    as_csv = client.get("/datasets/people", headers={"Accept": "text/csv"})
+    assert as_csv.headers["content-type"] == "text/csv; charset=utf-8"
+    assert as_csv.text.startswith("id,name,")
+    as_ndjson = client.get(
+        "/datasets/people", headers={"Accept": "application/x-ndjson, */*;q=0.1"}
+    )
+    assert as_ndjson.headers["content-type"] == "application/x-ndjson"
+    refused = client.get("/datasets/people", headers={"Accept": "application/xml"})
+    assert refused.status_code == 406
+    assert refused.headers["content-type"] == "application/problem+json"
+    browser = client.get("/datasets/people", headers={"Accept": "text/html,*/*;q=0.8"})
+    assert browser.headers["content-type"] == "application/json"
+
+
+def test_unknown_dataset_is_404_problem(client: httpx.Client) -> None:
+    for path in ("/datasets/nope", "/datasets/nope.csv", "/datasets/api_keys.ndjson"):
+        response = client.get(path)
+        assert response.status_code == 404, path
+        assert response.headers["content-type"] == "application/problem+json"
+        assert response.json()["status"] == 404
+
+
+def test_openapi_documents_export_media_types(client: httpx.Client) -> None:
+    spec = client.get("/openapi.json").json()
+    csv_route = spec["paths"]["/datasets/{name}.csv"]["get"]
+    assert "text/csv" in csv_route["responses"]["200"]["content"]
+    ndjson_route = spec["paths"]["/datasets/{name}.ndjson"]["get"]
+    assert "application/x-ndjson" in ndjson_route["responses"]["200"]["content"]
+
+
+def test_export_log_records_completed_exports(
+    client: httpx.Client, database: ExportDatabase
+) -> None:
+    from tests.conftest import run_sql
+
+    response = client.get("/datasets/people.ndjson", params={"age": "gt.30"})
+    request_id = response.headers["x-request-id"]
+    rows = run_sql(
+        database.url,
+        "SELECT key_name, dataset, format, parameters::text, rows, bytes, outcome "
+        f"FROM exporter.export_log WHERE request_id = '{request_id}'",
+    )
+    assert len(rows) == 1
+    row = rows[0]
+    assert (row["key_name"], row["dataset"], row["format"]) == ("tests", "people", "ndjson")
+    assert json.loads(row["parameters"]) == {"age": ["gt.30"]}
+    assert row["rows"] == 2
+    assert row["bytes"] == len(response.content)
+    assert row["outcome"] == "completed"
