@@ -33,8 +33,9 @@ def run_demo(data_dir: Path, host: str, port: int, rows: int) -> int:
     from exporter.migrate import upgrade
 
     print(f"starting embedded PostgreSQL in {data_dir.resolve()} ...", file=sys.stderr)
-    with EmbeddedPostgres(data_dir.resolve()) as postgres:
-        url = postgres.start()
+    postgres = EmbeddedPostgres(data_dir.resolve())
+    url = postgres.start()
+    try:
         os.environ["EXPORTER_DATABASE_URL"] = url
         settings = Settings()
         upgrade(settings.state_url)
@@ -56,4 +57,6 @@ API docs: {base}/docs   (Ctrl-C stops the server and the embedded PostgreSQL)
             file=sys.stderr,
         )
         serve(host, port, workers=1)
+    finally:
+        postgres.stop()
     return 0

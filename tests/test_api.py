@@ -4,7 +4,7 @@ import json
 
 import httpx
 
-from tests.conftest import Server, ExportDatabase
+from tests.conftest import ExportDatabase, Server
 
 
 def test_datasets_lists_tables_and_views_with_columns(client: httpx.Client) -> None:
@@ -34,7 +34,7 @@ def test_csv_export_streams_header_and_rows(client: httpx.Client) -> None:
     assert response.headers["cache-control"] == "no-store"
     disposition = response.headers["content-disposition"]
     assert disposition.startswith('attachment; filename="people-')
-    assert "filename*=UTF-8''people-" in disposition and disposition.endswith('.csv')
+    assert "filename*=UTF-8''people-" in disposition and disposition.endswith(".csv")
     rows = list(csv.reader(io.StringIO(response.text)))
     assert rows[0] == ["id", "name", "age"]
     assert rows[1:3] == [["1", "Ada", "36"], ["2", 'Bob, "the builder"', "45"]]

@@ -1,0 +1,207 @@
+"""The streaming invariants, through `exporter serve` on a real socket: TestClient and httpx's
+ASGI transport buffer whole bodies and could show none of this."""
+
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+
+from tests.conftest import (
+    BIG_ROWS,
+    ExportDatabase,
+    Server,
+    free_port,
+    run_sql,
+    start_server,
+    stop_server,
+)
+
+
+def backend_of(database: ExportDatabase, request_id: str) -> list[dict[str, object]]:
+    rows = run_sql(
+        database.url,
+        "SELECT pid, state, backend_xid IS NOT NULL OR backend_xmin IS NOT NULL AS in_snapshot "
+        f"FROM pg_stat_activity WHERE application_name = 'exporter {request_id}'",
+    )
+    return [dict(row) for row in rows]
+
+
+def export_outcome(database: ExportDatabase, request_id: str, timeout_s: float = 5) -> str:
+    deadline = time.monotonic() + timeout_s
+    outcome = "missing"
+    while time.monotonic() < deadline:
+        rows = run_sql(
+            database.url,
+            f"SELECT outcome FROM exporter.export_log WHERE request_id = '{request_id}'",
+        )
+        outcome = rows[0]["outcome"] if rows else "missing"
+        if outcome != "running" and outcome != "missing":
+            return str(outcome)
+        time.sleep(0.05)
+    return str(outcome)
+
+
+def test_rows_leave_as_they_are_read(server: Server, database: ExportDatabase) -> None:
+    with server.client(database.key) as client:
+        with client.stream(
+            "GET", "/datasets/big.csv", headers={"X-Request-Id": "first-bytes"}
+        ) as r:
+            assert r.status_code == 200
+            raw = r.iter_raw()
+            first = next(raw)
+            assert first.startswith(b"id,label,amount,at\n1,row 1,")
+            # The first bytes are here while the export still holds its snapshot: the last
+            # rows have not been read yet. A fetch-everything export would be done by now.
+            active = backend_of(database, "first-bytes")
+            assert len(active) == 1 and active[0]["state"] in ("idle in transaction", "active")
+            rest = sum(chunk.count(b"\n") for chunk in raw)
+    assert first.count(b"\n") + rest == BIG_ROWS + 1
+    assert export_outcome(database, "first-bytes") == "completed"
+
+
+def _peak_rss_bytes(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmHWM")
+
+
+def test_memory_stays_flat(database: ExportDatabase, tmp_path: Path) -> None:
+    server = start_server(database.url, tmp_path)
+    try:
+        peaks = {}
+        with server.client(database.key) as client:
+            for dataset, rows in (("small_copy", 100_000), ("big", BIG_ROWS)):
+                for fmt in ("csv", "ndjson"):
+                    with client.stream("GET", f"/datasets/{dataset}.{fmt}") as response:
+                        lines = sum(chunk.count(b"\n") for chunk in response.iter_raw())
+                    assert lines == rows + (1 if fmt == "csv" else 0)
+                peaks[dataset] = _peak_rss_bytes(server.process.pid)
+        growth = peaks["big"] - peaks["small_copy"]
+        # Ten times the rows (about 60 MB more of CSV and NDJSON) may not cost memory.
+        assert growth < 8 * 1024 * 1024, f"peak RSS grew by {growth / 2**20:.1f} MiB"
+        assert peaks["big"] < 150 * 1024 * 1024
+    finally:
+        stop_server(server)
+
+
+@pytest.fixture
+def server_without_gc(database: ExportDatabase, tmp_path: Path) -> Iterator[Server]:
+    """A server whose cyclic garbage collector is off: cleanup must not wait for it."""
+    port = free_port()
+    log_path = tmp_path / "server-nogc.log"
+    code = (
+        "import gc, sys; gc.disable(); from exporter.cli import main; "
+        f"main(['serve', '--port', '{port}'])"
+    )
+    env = {**__import__("os").environ, "EXPORTER_DATABASE_URL": database.url}
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-c", code], env=env, stdout=log, stderr=subprocess.STDOUT
+        )
+    server = Server(f"http://127.0.0.1:{port}", process, log_path)
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            httpx.get(f"{server.base_url}/healthz", timeout=1)
+            break
+        except httpx.TransportError:
+            if time.monotonic() > deadline or process.poll() is not None:
+                stop_server(server)
+                raise RuntimeError(server.log()) from None
+            time.sleep(0.1)
+    yield server
+    stop_server(server)
+
+
+def test_disconnect_frees_the_connection_at_once(
+    server_without_gc: Server, database: ExportDatabase
+) -> None:
+    client = server_without_gc.client(database.key)
+    response = client.send(
+        client.build_request("GET", "/datasets/big.ndjson", headers={"X-Request-Id": "leaver"}),
+        stream=True,
+    )
+    assert response.status_code == 200
+    raw = response.iter_raw()  # kept: dropping the iterator would close the response
+    next(raw)
+    (backend,) = backend_of(database, "leaver")
+    response.close()
+    client.close()
+    left_at = time.monotonic()
+
+    # Within a second: no transaction, no cursor, the backend idle in the pool (or gone).
+    while time.monotonic() - left_at < 1.0:
+        state = run_sql(
+            database.url,
+            f"SELECT state, application_name FROM pg_stat_activity WHERE pid = {backend['pid']}",
+        )
+        if not state or (state[0]["state"] == "idle" and state[0]["application_name"] == ""):
+            break
+        time.sleep(0.02)
+    else:
+        pytest.fail(f"export still holds its connection 1 s after the client left: {state}")
+    assert export_outcome(database, "leaver") == "disconnected"
+    # The freed connection serves the next export.
+    with server_without_gc.client(database.key) as again:
+        assert again.get("/datasets/people.csv").status_code == 200
+
+
+def test_failure_after_first_byte_aborts_the_response(
+    server: Server, database: ExportDatabase
+) -> None:
+    with server.client(database.key) as client:
+        with client.stream("GET", "/datasets/big.csv", headers={"X-Request-Id": "killed"}) as r:
+            assert r.status_code == 200
+            raw = r.iter_raw()
+            next(raw)
+            (backend,) = backend_of(database, "killed")
+            run_sql(database.url, f"SELECT pg_terminate_backend({backend['pid']})")
+            # No terminating chunk: the client sees an incomplete transfer, never a file that
+            # looks complete.
+            with pytest.raises(httpx.RemoteProtocolError):
+                for _ in raw:
+                    pass
+    assert export_outcome(database, "killed") == "failed"
+
+
+def test_statement_timeout_after_first_byte_aborts_the_response(
+    database: ExportDatabase, tmp_path: Path
+) -> None:
+    run_sql(
+        database.url,
+        # Rows after the first hundred take a second each. The function claims to be STABLE so
+        # that the view is flattened and read in key order through the index: the first
+        # batches arrive at once, the timeout strikes later.
+        "CREATE FUNCTION public.slow_value(id bigint) RETURNS text LANGUAGE plpgsql STABLE AS "
+        "$$ BEGIN IF id > 100 THEN PERFORM pg_sleep(1); END IF; RETURN 'x'; END $$",
+        "CREATE VIEW public.slow AS SELECT id, public.slow_value(id) AS s FROM public.big",
+    )
+    server = start_server(
+        database.url, tmp_path, statement_timeout_ms="500", batch_rows="50", chunk_bytes="1"
+    )
+    try:
+        with server.client(database.key) as client:
+            headers = {"X-Request-Id": "timed-out"}
+            params = {"order": "id", "limit": "200"}
+            with client.stream("GET", "/datasets/slow.csv", params=params, headers=headers) as r:
+                assert r.status_code == 200
+                raw = r.iter_raw()
+                assert next(raw).startswith(b"id,s\n1,x\n")
+                with pytest.raises(httpx.RemoteProtocolError):
+                    for _ in raw:
+                        pass
+        assert export_outcome(database, "timed-out") == "failed"
+    finally:
+        stop_server(server)
+        run_sql(database.url, "DROP VIEW public.slow", "DROP FUNCTION public.slow_value")
+
+
+def test_server_process_is_single(server: Server) -> None:
+    # The memory test measures one process; make sure `serve` with one worker is one.
+    assert psutil.Process(server.process.pid).children() == []
