@@ -25,7 +25,7 @@ from exporter.db import Databases
 from exporter.encoders import ENCODERS, Encoder, encoder_for_media_type
 from exporter.negotiation import negotiate
 from exporter.problems import PROBLEM_MEDIA_TYPE, Problem
-from exporter.query import parse_query
+from exporter.query import ExportQuery, parse_query
 from exporter.settings import Settings
 from exporter.stream import ExportStream
 
@@ -222,22 +222,30 @@ def _parameters(params: list[tuple[str, str]]) -> dict[str, list[str]]:
     return grouped
 
 
-def _open_error(exc: BaseException, params: list[str]) -> Problem | None:
+def _open_error(exc: BaseException, query: ExportQuery) -> Problem | None:
     """A problem for a PostgreSQL refusal that happened before the first byte, if it is the
     request's fault (or the database's state), else None."""
-    if isinstance(exc, asyncpg.exceptions.DataError):
+    # The transaction is read-only and identifiers come from the catalog, so a data error or a
+    # failed domain check can only come from casting a filter value to its column's type.
+    if isinstance(
+        exc,
+        asyncpg.exceptions.DataError | asyncpg.exceptions.IntegrityConstraintViolationError,
+    ):
+        names = dict.fromkeys(f.parameter for f in query.filters)
         return Problem(
             400,
             "Invalid query parameter",
-            f"PostgreSQL rejected a value: {exc}",
-            invalid_params=[{"name": p, "reason": str(exc)} for p in params],
+            f"PostgreSQL rejected a filter value: {exc}",
+            invalid_params=[{"name": name, "reason": str(exc)} for name in names],
         )
+    # No operator or ordering for a column's type (say, `eq` on a json column).
     if isinstance(exc, asyncpg.exceptions.UndefinedFunctionError):
+        names = dict.fromkeys([f.parameter for f in query.filters] + ["order"])
         return Problem(
             400,
             "Invalid query parameter",
             f"PostgreSQL rejected the query: {exc}",
-            invalid_params=[{"name": p, "reason": str(exc)} for p in params],
+            invalid_params=[{"name": name, "reason": str(exc)} for name in names],
         )
     if isinstance(exc, asyncpg.exceptions.InsufficientPrivilegeError):
         return Problem(403, "Forbidden", str(exc))
@@ -284,7 +292,7 @@ async def _start_export(
     try:
         await stream.open()
     except Exception as exc:
-        problem = _open_error(exc, [name for name, _ in params if name not in ("limit",)])
+        problem = _open_error(exc, query)
         await audit.record_end(
             databases.state,
             export_id,

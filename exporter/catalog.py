@@ -62,7 +62,9 @@ _CATALOG_SQL = text(
            CASE WHEN c.reltuples < 0 THEN NULL ELSE c.reltuples::bigint END AS estimated_rows,
            a.attname AS column_name,
            format_type(a.atttypid, a.atttypmod) AS column_type,
-           format_type(a.atttypid, NULL) AS column_type_sql,
+           -- -1, not NULL: with NULL, char(n) and bit(n) come out as "character" and "bit",
+           -- which in a cast mean char(1) and bit(1).
+           format_type(a.atttypid, -1) AS column_type_sql,
            coalesce(bt.typname, t.typname) AS base_type,
            coalesce(pk.position, 0) AS pk_position
     FROM pg_catalog.pg_class c

@@ -1,6 +1,8 @@
 """Request parameters -> a validated ExportQuery. Pure: no I/O, catalog identifiers only."""
 
+import math
 import re
+import struct
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Literal
@@ -10,6 +12,8 @@ from exporter.catalog import Column, Dataset
 RESERVED = frozenset({"select", "order", "limit"})
 MAX_PARAMETERS = 200
 MAX_VALUE_LENGTH = 10_000
+# Far above PostgreSQL's 63-byte identifiers; a longer name is an error, and not echoed whole.
+MAX_NAME_LENGTH = 1_000
 
 Operator = Literal["eq", "neq", "gt", "gte", "lt", "lte", "like", "ilike", "in", "is"]
 COMPARISONS: dict[str, str] = {
@@ -22,12 +26,25 @@ COMPARISONS: dict[str, str] = {
 }
 IS_VALUES = frozenset({"null", "true", "false", "unknown"})
 
-_INTEGER = re.compile(r"\s*[+-]?\d+\s*")
-_NUMERIC = re.compile(r"\s*[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?\s*")
-_SPECIAL_FLOAT = re.compile(r"\s*([+-]?(inf|infinity)|nan)\s*", re.IGNORECASE)
-_UUID = re.compile(r"\{?([0-9a-fA-F]{4}-?){7}[0-9a-fA-F]{4}\}?")
-_BOOLEANS = frozenset({"t", "true", "y", "yes", "on", "1", "f", "false", "n", "no", "off", "0"})
+# re.ASCII: PostgreSQL's input functions know ASCII digits and C-locale spaces only.
+_INTEGER = re.compile(r"\s*[+-]?[0-9]+\s*", re.ASCII)
+# Unambiguous groups (integer part, fraction, exponent): no quadratic backtracking on a long
+# run of digits that fails at its end.
+_NUMERIC = re.compile(
+    r"\s*[+-]?(?:([0-9]+)(?:\.([0-9]*))?|\.([0-9]+))(?:[eE]([+-]?[0-9]+))?\s*", re.ASCII
+)
+_SPECIAL_FLOAT = re.compile(r"\s*(?:[+-]?(?:inf|infinity)|nan)\s*", re.IGNORECASE | re.ASCII)
+# uuid_in: 32 hex digits, a hyphen allowed after any group of four, braces both or neither.
+_UUID = re.compile(
+    r"(?:[0-9a-fA-F]{4}-?){7}[0-9a-fA-F]{4}|\{(?:[0-9a-fA-F]{4}-?){7}[0-9a-fA-F]{4}\}", re.ASCII
+)
+# boolin accepts these words and any unambiguous prefix of them (two letters for on/off).
+_BOOLEAN_WORDS = ("true", "false", "yes", "no", "on", "off", "1", "0")
+_PG_SPACE = " \t\n\r\f\v"
 _INTEGER_RANGES = {"int2": 2**15, "int4": 2**31, "int8": 2**63}
+_FLOAT_FORMATS = {"float4": "<f", "float8": "<d"}
+_NUMERIC_MAX_WHOLE_DIGITS = 131072
+_NUMERIC_MAX_SCALE = 16383
 
 
 class QueryError(ValueError):
@@ -78,6 +95,10 @@ def parse_query(
     seen: dict[str, str] = {}
     filters: list[Filter] = []
     for name, value in pairs:
+        if len(name) > MAX_NAME_LENGTH:
+            raise QueryError(
+                name[:100] + "...", f"parameter name longer than {MAX_NAME_LENGTH} characters"
+            )
         if len(value) > MAX_VALUE_LENGTH:
             raise QueryError(name, f"value longer than {MAX_VALUE_LENGTH} characters")
         if name in reserved:
@@ -92,9 +113,11 @@ def parse_query(
         columns = tuple(
             _column(dataset, "select", n) for n in _split_list("select", seen["select"])
         )
-        duplicates = {c.name for c in columns if columns.count(c) > 1}
-        if duplicates:
-            raise QueryError("select", f"column selected twice: {sorted(duplicates)[0]}")
+        seen_names: set[str] = set()
+        for column in columns:
+            if column.name in seen_names:
+                raise QueryError("select", f"column selected twice: {column.name}")
+            seen_names.add(column.name)
 
     if "order" in seen:
         order = tuple(_parse_order_term(dataset, t) for t in _split_list("order", seen["order"]))
@@ -117,6 +140,9 @@ def _split_list(parameter: str, text: str) -> list[str]:
     items: list[str] = []
     current: list[str] = []
     quoted = False
+    # An item that was quoted may be empty: `in.("")` matches the empty string.
+    was_quoted = False
+    empty = False
     i = 0
     while i < len(text):
         char = text[i]
@@ -129,40 +155,47 @@ def _split_list(parameter: str, text: str) -> list[str]:
             else:
                 current.append(char)
         elif char == '"':
-            quoted = True
+            quoted = was_quoted = True
         elif char == ",":
+            empty = empty or not (current or was_quoted)
             items.append("".join(current))
             current = []
+            was_quoted = False
         else:
             current.append(char)
         i += 1
     if quoted:
         raise QueryError(parameter, "unterminated double quote")
+    empty = empty or not (current or was_quoted)
     items.append("".join(current))
-    if any(item == "" for item in items):
+    if empty:
         raise QueryError(parameter, "empty item in list")
     return items
 
 
 def _parse_order_term(dataset: Dataset, term: str) -> OrderTerm:
     parts = term.split(".")
-    descending = False
+    direction: str | None = None
     nulls: Literal["first", "last"] | None = None
     # Modifiers come last; what precedes them is the column name (which may contain dots).
     while len(parts) > 1 and parts[-1] in ("asc", "desc", "nullsfirst", "nullslast"):
         modifier = parts.pop()
         if modifier in ("asc", "desc"):
-            descending = modifier == "desc"
+            if direction is not None:
+                raise QueryError("order", f"two directions in order term '{term}'")
+            direction = modifier
         else:
+            if nulls is not None:
+                raise QueryError("order", f"two nulls modifiers in order term '{term}'")
             nulls = "first" if modifier == "nullsfirst" else "last"
     column = _column(dataset, "order", ".".join(parts))
     if not column.orderable:
         raise QueryError("order", f"column '{column.name}' of type {column.type} has no order")
-    return OrderTerm(column, descending, nulls)
+    return OrderTerm(column, direction == "desc", nulls)
 
 
 def _parse_limit(text: str, max_limit: int | None) -> int:
-    if not re.fullmatch(r"\d{1,18}", text):
+    if not re.fullmatch(r"[0-9]{1,18}", text):
         raise QueryError("limit", "limit must be a non-negative integer")
     limit = int(text)
     if max_limit is not None and limit > max_limit:
@@ -180,6 +213,9 @@ def _parse_filter(dataset: Dataset, name: str, expression: str) -> Filter:
         operator, dot, value = value.partition(".")
     if not dot:
         raise QueryError(name, "a filter reads column=operator.value, e.g. id=eq.42")
+    if "\x00" in value:
+        # PostgreSQL refuses NUL in every text it reads, whatever the type.
+        raise QueryError(name, "a value may not contain a NUL character")
     if operator in COMPARISONS:
         _check_value(column, name, value)
         return Filter(column, operator, negated, value, name)  # type: ignore[arg-type]
@@ -217,20 +253,82 @@ def _check_value(column: Column, parameter: str, value: str) -> None:
     """
     base = column.base_type
     if base in _INTEGER_RANGES:
-        bound = _INTEGER_RANGES[base]
-        if not _INTEGER.fullmatch(value) or not -bound <= int(value) < bound:
-            raise QueryError(parameter, f"'{value}' is not a valid {column.type}")
+        valid = _valid_integer(value, _INTEGER_RANGES[base])
     elif base == "numeric":
-        if not (
-            _NUMERIC.fullmatch(value) or value.strip().lower() in ("nan", "infinity", "-infinity")
-        ):
-            raise QueryError(parameter, f"'{value}' is not a valid {column.type}")
-    elif base in ("float4", "float8"):
-        if not (_NUMERIC.fullmatch(value) or _SPECIAL_FLOAT.fullmatch(value)):
-            raise QueryError(parameter, f"'{value}' is not a valid {column.type}")
+        valid = _valid_numeric(value)
+    elif base in _FLOAT_FORMATS:
+        valid = _valid_float(value, _FLOAT_FORMATS[base])
     elif base == "bool":
-        if value.strip().lower() not in _BOOLEANS:
-            raise QueryError(parameter, f"'{value}' is not a valid boolean")
+        valid = _valid_boolean(value)
     elif base == "uuid":
-        if not _UUID.fullmatch(value.strip()):
-            raise QueryError(parameter, f"'{value}' is not a valid uuid")
+        valid = _UUID.fullmatch(value) is not None
+    else:
+        return
+    if not valid:
+        shown = value if len(value) <= 100 else value[:100] + "..."
+        raise QueryError(parameter, f"{shown!r} is not a valid {column.type}")
+
+
+def _valid_integer(value: str, bound: int) -> bool:
+    if not _INTEGER.fullmatch(value):
+        return False
+    number = _bounded_int(value.strip(_PG_SPACE), 19)
+    return number is not None and -bound <= number < bound
+
+
+def _bounded_int(text: str, max_digits: int) -> int | None:
+    """A signed ASCII integer of at most `max_digits` significant digits, else None (int()
+    refuses strings of more than 4300 digits, leading zeros included)."""
+    digits = text.lstrip("+-").lstrip("0") or "0"
+    if len(digits) > max_digits:
+        return None
+    return -int(digits) if text.startswith("-") else int(digits)
+
+
+def _valid_numeric(value: str) -> bool:
+    if _SPECIAL_FLOAT.fullmatch(value):
+        return True
+    match = _NUMERIC.fullmatch(value)
+    if match is None:
+        return False
+    whole, fraction, bare_fraction, exponent_text = match.groups()
+    whole = whole or ""
+    fraction = fraction or bare_fraction or ""
+    exponent = _bounded_int(exponent_text or "0", 9)
+    if exponent is None:
+        return False
+    # numeric's storage bounds: 131072 digits before the point, a display scale of 16383.
+    digits = whole + fraction
+    significant = digits.lstrip("0")
+    if significant:
+        weight = len(whole) - (len(digits) - len(significant)) + exponent
+        if weight > _NUMERIC_MAX_WHOLE_DIGITS:
+            return False
+    return max(0, len(fraction) - exponent) <= _NUMERIC_MAX_SCALE
+
+
+def _valid_float(value: str, pack_format: str) -> bool:
+    if _SPECIAL_FLOAT.fullmatch(value):
+        return True
+    if not _NUMERIC.fullmatch(value):
+        return False
+    number = float(value)
+    try:
+        (rounded,) = struct.unpack(pack_format, struct.pack(pack_format, number))
+    except OverflowError:
+        return False
+    if math.isinf(rounded):
+        return False
+    # An underflow to zero is an error in PostgreSQL, unlike a subnormal result.
+    return rounded != 0.0 or not any(c in "123456789" for c in _mantissa(value))
+
+
+def _mantissa(value: str) -> str:
+    return value.lower().partition("e")[0]
+
+
+def _valid_boolean(value: str) -> bool:
+    word = value.strip(_PG_SPACE).lower()
+    if not word.isascii() or word in ("o", ""):
+        return False
+    return any(candidate.startswith(word) for candidate in _BOOLEAN_WORDS)

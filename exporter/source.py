@@ -73,10 +73,11 @@ def _condition(f: Filter, args: list[Any]) -> str:
     if f.operator in COMPARISONS:
         value = _placeholder(args, f.value, "text")
         condition = f"{ref} {COMPARISONS[f.operator]} CAST({value} AS {type_sql})"
-    elif f.operator == "like":
-        condition = f"{ref}::text LIKE {_placeholder(args, f.value, 'text')}"
-    elif f.operator == "ilike":
-        condition = f"{ref}::text ILIKE {_placeholder(args, f.value, 'text')}"
+    elif f.operator in ("like", "ilike"):
+        # Under the database's default collation: a column's nondeterministic (say,
+        # case-insensitive) collation makes PostgreSQL before 18 refuse LIKE altogether.
+        pattern = _placeholder(args, f.value, "text")
+        condition = f'{ref}::text COLLATE "default" {f.operator.upper()} {pattern}'
     elif f.operator == "in":
         values = _placeholder(args, list(f.value), "text[]")
         condition = f"{ref} = ANY(CAST({values} AS {type_sql}[]))"
