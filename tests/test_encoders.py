@@ -1,0 +1,43 @@
+import csv
+import io
+import json
+
+from exporter.catalog import Column
+from exporter.encoders import ENCODERS, Encoder, Rendering, encoder_for_media_type
+from exporter.encoders.csv import CsvEncoder
+from exporter.encoders.ndjson import NdjsonEncoder
+
+COLUMNS = (Column("id", "integer", "integer", "int4"), Column("text", "text", "text", "text"))
+
+
+def test_registry_maps_formats_and_media_types() -> None:
+    assert set(ENCODERS) == {"csv", "ndjson"}
+    assert encoder_for_media_type("text/csv") is CsvEncoder
+    assert encoder_for_media_type("application/x-ndjson") is NdjsonEncoder
+    assert encoder_for_media_type("application/xml") is None
+    for encoder in ENCODERS.values():
+        assert issubclass(encoder, Encoder) and isinstance(encoder.rendering, Rendering)
+
+
+def test_csv_quotes_only_what_needs_it_and_reuses_one_buffer() -> None:
+    encoder = CsvEncoder(COLUMNS)
+    buffer = encoder.buffer
+    encoder.begin()
+    encoder.write_rows([("1", "plain"), ("2", 'a "quoted", comma'), ("3", "two\nlines")])
+    first = encoder.take()
+    assert first == 'id,text\n1,plain\n2,"a ""quoted"", comma"\n3,"two\nlines"\n'
+    assert list(csv.reader(io.StringIO(first)))[2] == ["2", 'a "quoted", comma']
+    assert encoder.pending() == 0
+    encoder.write_rows([("4", "é 🎉")])
+    assert encoder.take() == "4,é 🎉\n"
+    assert encoder.buffer is buffer
+
+
+def test_ndjson_joins_rendered_lines() -> None:
+    encoder = NdjsonEncoder(COLUMNS)
+    encoder.begin()
+    encoder.write_rows([])
+    assert encoder.pending() == 0
+    encoder.write_rows([('{"id":1,"text":"a"}',), ('{"id":2,"text":null}',)])
+    lines = encoder.take().splitlines()
+    assert [json.loads(line) for line in lines] == [{"id": 1, "text": "a"}, {"id": 2, "text": None}]

@@ -1,0 +1,29 @@
+import pytest
+
+from exporter.negotiation import negotiate
+
+OFFERS = ["application/json", "text/csv", "application/x-ndjson"]
+
+
+@pytest.mark.parametrize(
+    ("accept", "chosen"),
+    [
+        (None, "application/json"),
+        ("", "application/json"),
+        ("*/*", "application/json"),
+        ("text/csv", "text/csv"),
+        ("TEXT/CSV; charset=utf-8", "text/csv"),
+        ("text/*", "text/csv"),
+        ("application/*", "application/json"),
+        ("application/x-ndjson, application/json;q=0.5", "application/x-ndjson"),
+        ("text/html,application/xhtml+xml,*/*;q=0.8", "application/json"),
+        ("text/csv;q=0, */*", "application/json"),
+        ("*/*;q=0.1, text/csv;q=0", "application/json"),
+        ("application/xml", None),
+        ("text/csv;q=0", None),
+        ("garbage", None),
+        ("text/csv;q=abc, application/x-ndjson", "application/x-ndjson"),
+    ],
+)
+def test_negotiate(accept: str | None, chosen: str | None) -> None:
+    assert negotiate(accept, OFFERS) == chosen
