@@ -5,7 +5,13 @@ from pathlib import Path
 from alembic import command
 from alembic.config import Config
 
-MIGRATIONS = Path(__file__).resolve().parent.parent / "migrations"
+_PACKAGE = Path(__file__).resolve().parent
+# In a checkout (or an editable install) the scripts sit next to the package; a wheel can only
+# carry them inside it, as exporter/migrations (hatch's force-include).
+MIGRATIONS = next(
+    (path for path in (_PACKAGE.parent / "migrations", _PACKAGE / "migrations") if path.is_dir()),
+    _PACKAGE.parent / "migrations",
+)
 
 
 def alembic_config(url: str) -> Config:

@@ -20,6 +20,10 @@ def _url() -> str:
 
 
 def _migrate(connection: Connection) -> None:
+    # Several `exporter migrate` at once (replicas starting together) would race to create the
+    # schema and the tables; the lock, held to the end of the one transaction, queues them, and
+    # the later ones find nothing left to do.
+    connection.execute(text("SELECT pg_advisory_xact_lock(hashtext('exporter migrate'))"))
     # The version table lives in the own schema, which must exist before Alembic looks for it.
     connection.execute(text(f'CREATE SCHEMA IF NOT EXISTS "{OWN_SCHEMA}"'))
     context.configure(

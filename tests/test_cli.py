@@ -1,0 +1,388 @@
+"""The command line as users run it: `python -m exporter` in a subprocess, against the session's
+database, with HTTP (the `server` fixture) as the reference for what an export must contain."""
+
+import os
+import re
+import select
+import shlex
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+from alembic.script import ScriptDirectory
+
+from exporter.migrate import alembic_config
+from tests.conftest import ExportDatabase, Server, _with_database, free_port, run_sql
+
+RESERVED = ("select", "order", "limit")
+
+
+def cli_env(database_url: str, **settings: str) -> dict[str, str]:
+    # Nothing of the caller's own EXPORTER_ configuration leaks into the command under test.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EXPORTER_")}
+    env["EXPORTER_DATABASE_URL"] = database_url
+    env.update({f"EXPORTER_{name.upper()}": value for name, value in settings.items()})
+    return env
+
+
+def cli(
+    database_url: str, *args: str, cwd: Path | None = None, **settings: str
+) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run(
+        [sys.executable, "-m", "exporter", *args],
+        env=cli_env(database_url, **settings),
+        cwd=cwd,
+        capture_output=True,
+        timeout=300,
+    )
+
+
+def start_cli(database_url: str, *args: str, **settings: str) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "exporter", *args],
+        env=cli_env(database_url, **settings),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+
+
+def assert_clean_error(result: subprocess.CompletedProcess[bytes], code: int, message: str) -> None:
+    stderr = result.stderr.decode()
+    assert result.returncode == code, stderr
+    assert "Traceback" not in stderr
+    assert stderr.startswith("error: "), stderr
+    assert message in stderr
+
+
+def cli_args(params: list[tuple[str, str]]) -> list[str]:
+    """HTTP query parameters as the export command's options."""
+    args: list[str] = []
+    for name, value in params:
+        args += [f"--{name}", value] if name in RESERVED else ["--where", f"{name}={value}"]
+    return args
+
+
+# --- migrate ---------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def fresh_database(server_url: str) -> Iterator[str]:
+    name = f"exporter_cli_{uuid.uuid4().hex[:12]}"
+    run_sql(server_url, f'CREATE DATABASE "{name}"')
+    try:
+        yield _with_database(server_url, name)
+    finally:
+        run_sql(server_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def test_migrate_creates_the_schema_and_is_idempotent(fresh_database: str) -> None:
+    # The state database wins over EXPORTER_DATABASE_URL, which here leads nowhere.
+    unreachable = f"postgresql://postgres@127.0.0.1:{free_port()}/nowhere"
+    before = cli(unreachable, "keys", "list", state_database_url=fresh_database)
+    assert_clean_error(before, 2, "exporter migrate")
+
+    head = ScriptDirectory.from_config(alembic_config(fresh_database)).get_current_head()
+    for _ in range(2):
+        result = cli(unreachable, "migrate", state_database_url=fresh_database)
+        assert result.returncode == 0, result.stderr.decode()
+        assert "migrated to head" in result.stderr.decode()
+        (version,) = run_sql(fresh_database, "SELECT version_num FROM exporter.alembic_version")
+        assert version["version_num"] == head
+
+    listed = cli(unreachable, "keys", "list", state_database_url=fresh_database)
+    assert listed.returncode == 0 and listed.stdout == b""
+
+
+def test_migrate_reports_an_unreachable_database() -> None:
+    result = cli(f"postgresql://postgres@127.0.0.1:{free_port()}/nowhere", "migrate")
+    assert_clean_error(result, 2, "cannot connect to PostgreSQL")
+
+
+# --- keys ------------------------------------------------------------------------------------
+
+
+def test_key_lifecycle(database: ExportDatabase, server: Server) -> None:
+    name = f"cli-{uuid.uuid4().hex[:8]}"
+    created = cli(database.url, "keys", "create", name)
+    assert created.returncode == 0, created.stderr.decode()
+    key = created.stdout.decode().splitlines()[-1]
+    assert re.fullmatch(r"exp_[A-Za-z0-9_-]{40,}", key)
+    with server.client(key) as http:
+        assert http.get("/datasets").status_code == 200
+
+    listed = cli(database.url, "keys", "list")
+    assert listed.returncode == 0
+    output = listed.stdout.decode() + listed.stderr.decode()
+    assert re.search(rf"^{name}\tcreated .*\tactive$", output, re.MULTILINE)
+    assert "exp_" not in output  # neither this key nor any other
+
+    duplicate = cli(database.url, "keys", "create", name)
+    assert_clean_error(duplicate, 1, f"a key named '{name}' exists already")
+    assert duplicate.stdout == b""
+
+    revoked = cli(database.url, "keys", "revoke", name)
+    assert revoked.returncode == 0, revoked.stderr.decode()
+    with server.client(key) as http:
+        assert http.get("/datasets").status_code == 401
+    listed = cli(database.url, "keys", "list")
+    assert re.search(rf"^{name}\tcreated .*\trevoked ", listed.stdout.decode(), re.MULTILINE)
+
+    assert_clean_error(cli(database.url, "keys", "revoke", name), 1, "no active key named")
+    assert_clean_error(cli(database.url, "keys", "revoke", "no-such-key"), 1, "no active key")
+
+
+# --- export ----------------------------------------------------------------------------------
+
+EXPORT_CASES = [
+    ("people", []),
+    ("people", [("select", "id,name,doc,born"), ("age", "gte.20"), ("order", "born.desc")]),
+    ("people", [("id", "in.(1,2,5)"), ("name", "not.is.null"), ("order", "score.desc.nullsfirst")]),
+    ("people", [("name", 'like.*"the*'), ("select", "name,tag,seen_at,height,active,code")]),
+    ("adults", [("order", "age.desc,id")]),
+    ("small_copy", [("id", "gt.10"), ("limit", "50000")]),
+    ("big", [("id", "lte.300000"), ("select", "id,amount,at,label")]),
+]
+
+
+@pytest.mark.parametrize("export_format", ["csv", "ndjson"])
+@pytest.mark.parametrize(("dataset", "params"), EXPORT_CASES)
+def test_export_writes_what_http_sends(
+    client: httpx.Client,
+    database: ExportDatabase,
+    tmp_path: Path,
+    dataset: str,
+    params: list[tuple[str, str]],
+    export_format: str,
+) -> None:
+    expected = client.get(f"/datasets/{dataset}.{export_format}", params=tuple(params))
+    assert expected.status_code == 200, expected.text
+    target = tmp_path / f"out.{export_format}"
+    result = cli(
+        database.url,
+        "export",
+        dataset,
+        "--format",
+        export_format,
+        "-o",
+        str(target),
+        *cli_args(params),
+    )
+    assert result.returncode == 0, result.stderr.decode()
+    assert target.read_bytes() == expected.content
+    assert result.stdout == b""
+    assert f"{len(expected.content)} bytes" in result.stderr.decode()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [target.name]
+
+
+@pytest.mark.parametrize("export_format", ["csv", "ndjson"])
+def test_export_to_stdout(
+    client: httpx.Client, database: ExportDatabase, export_format: str
+) -> None:
+    params = [("select", "id,label"), ("id", "lte.20000"), ("order", "id.desc")]
+    expected = client.get(f"/datasets/big.{export_format}", params=tuple(params))
+    result = cli(
+        database.url, "export", "big", "--format", export_format, "-o", "-", *cli_args(params)
+    )
+    assert result.returncode == 0, result.stderr.decode()
+    assert result.stdout == expected.content
+    assert "20000 rows" in result.stderr.decode()
+
+
+BAD_EXPORTS = [
+    (["nope"], "no dataset named 'nope'"),
+    (["people", "--select", "id,nope"], "unknown column 'nope'"),
+    (["people", "--where", "nope=eq.1"], "unknown column 'nope'"),
+    (["people", "--where", "age"], "--where takes col=op.value"),
+    (["people", "--where", "age=about.3"], "unknown operator 'about'"),
+    (["people", "--where", "age=eq.old"], "'old' is not a valid integer"),
+    (["people", "--select", "id,id"], "column selected twice"),
+    (["people", "--limit", "-1"], "non-negative"),
+    (["people", "--format", "xlsx"], "'xlsx' is not one of csv, ndjson"),
+    # Checked by PostgreSQL only: a DataError from ExportStream.open().
+    (["people", "--where", "born=eq.notadate"], 'invalid input syntax for type date: "notadate"'),
+    (["people", "--where", "seen_at=lt.yesterday-ish"], "timestamp with time zone"),
+]
+
+
+@pytest.mark.parametrize(("args", "message"), BAD_EXPORTS)
+def test_bad_input_is_an_error_without_a_file(
+    database: ExportDatabase, tmp_path: Path, args: list[str], message: str
+) -> None:
+    result = cli(database.url, "export", *args, "-o", str(tmp_path / "out.csv"))
+    assert_clean_error(result, 2, message)
+    assert result.stdout == b""
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_unreachable_database_is_an_error_without_a_file(tmp_path: Path) -> None:
+    url = f"postgresql://postgres:secret@127.0.0.1:{free_port()}/nowhere"
+    result = cli(url, "export", "people", "-o", str(tmp_path / "out.csv"))
+    assert_clean_error(result, 2, "cannot connect to PostgreSQL at postgresql://postgres:***@")
+    assert "secret" not in result.stderr.decode()
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("database_url", "message"),
+    [
+        ("mysql://root@localhost/db", "not a PostgreSQL URL"),
+        ("::not a url::", "EXPORTER_DATABASE_URL"),
+    ],
+)
+def test_bad_configuration_is_an_error(tmp_path: Path, database_url: str, message: str) -> None:
+    result = cli(database_url, "export", "people", "-o", str(tmp_path / "out.csv"))
+    assert_clean_error(result, 2, message)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_unwritable_output_is_an_error(database: ExportDatabase, tmp_path: Path) -> None:
+    result = cli(database.url, "export", "people", "-o", str(tmp_path / "missing" / "out.csv"))
+    assert_clean_error(result, 2, "cannot write")
+    result = cli(database.url, "export", "people", "-o", str(tmp_path))
+    assert_clean_error(result, 2, "is a directory")
+    assert list(tmp_path.iterdir()) == []
+
+
+def _wait_for_rows(partial: Path, process: subprocess.Popen[bytes]) -> None:
+    deadline = time.monotonic() + 60
+    while not (partial.exists() and partial.stat().st_size > 0):
+        assert process.poll() is None, process.communicate()[1].decode()
+        assert time.monotonic() < deadline, "no rows written"
+        time.sleep(0.02)
+
+
+def test_failure_midway_leaves_no_file(database: ExportDatabase, tmp_path: Path) -> None:
+    target = tmp_path / "big.csv"
+    # Ten rows per round trip: slow enough to be caught in the middle.
+    process = start_cli(database.url, "export", "big", "-o", str(target), batch_rows="10")
+    try:
+        _wait_for_rows(target.with_name("big.csv.part"), process)
+        terminated = run_sql(
+            database.url,
+            "SELECT pg_terminate_backend(pid) AS ok FROM pg_stat_activity"
+            " WHERE datname = current_database() AND application_name = 'exporter cli'",
+        )
+        assert [row["ok"] for row in terminated] == [True]
+        _, stderr = process.communicate(timeout=60)
+    finally:
+        process.kill()
+        process.wait()
+    assert process.returncode == 1, stderr.decode()
+    assert "Traceback" not in stderr.decode()
+    assert re.search(r"^error: export failed after [\d,]+ rows: ", stderr.decode(), re.MULTILINE)
+    assert f"{target} was not written" in stderr.decode()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_ctrl_c_leaves_no_file(database: ExportDatabase, tmp_path: Path) -> None:
+    target = tmp_path / "big.csv"
+    process = start_cli(database.url, "export", "big", "-o", str(target), batch_rows="10")
+    try:
+        _wait_for_rows(target.with_name("big.csv.part"), process)
+        process.send_signal(signal.SIGINT)
+        _, stderr = process.communicate(timeout=60)
+    finally:
+        process.kill()
+        process.wait()
+    assert process.returncode == 130, stderr.decode()
+    assert "Traceback" not in stderr.decode()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_progress_on_a_terminal(database: ExportDatabase, tmp_path: Path) -> None:
+    primary, secondary = os.openpty()
+    try:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "exporter", "export", "big", "-o", str(tmp_path / "big.csv")],
+            env=cli_env(database.url, batch_rows="1000"),
+            stdout=subprocess.DEVNULL,
+            stderr=secondary,
+        )
+        os.close(secondary)
+        secondary = -1
+        shown = b""
+        while True:
+            readable, _, _ = select.select([primary], [], [], 60)
+            assert readable, "no progress for a minute"
+            try:
+                data = os.read(primary, 65536)
+            except OSError:  # EIO: the terminal's other end is closed
+                break
+            if not data:
+                break
+            shown += data
+        assert process.wait(timeout=60) == 0
+    finally:
+        os.close(primary)
+        if secondary >= 0:
+            os.close(secondary)
+    text = shown.decode()
+    # A bar against the planner's estimate while it runs, then the total and the rate.
+    assert re.search(r"\[#*\s*\]\s+\d+%\s+[\d,]+ of ~[\d,]+ rows\s+[\d,]+ rows/s", text), text
+    assert re.search(r"1,000,000 rows in [\d.]+ s, [\d,]+ rows/s", text), text
+
+
+# --- demo ------------------------------------------------------------------------------------
+
+
+def _postmaster_gone(pid: int) -> bool:
+    try:
+        return bool(psutil.Process(pid).status() == psutil.STATUS_ZOMBIE)
+    except psutil.NoSuchProcess:
+        return True
+
+
+def test_demo_serves_reuses_its_directory_and_stops_on_ctrl_c(tmp_path: Path) -> None:
+    data_dir = tmp_path / "demo"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EXPORTER_")}
+    for run in ("first", "second"):
+        port = free_port()
+        log_path = tmp_path / f"demo-{run}.log"
+        with log_path.open("wb") as log:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "exporter", "demo", "--rows", "2000"]
+                + ["--port", str(port), "--data-dir", str(data_dir)],
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        try:
+            deadline = time.monotonic() + 120
+            while "Ctrl-C stops" not in (text := log_path.read_text()):
+                assert process.poll() is None, text
+                assert time.monotonic() < deadline, text
+                time.sleep(0.1)
+            assert ("seeding the demo data (2,000 events)" in text) == (run == "first"), text
+            assert ("reusing the demo data" in text) == (run == "second"), text
+
+            # The printed commands, as pasted into a shell, answer with data.
+            commands = [shlex.split(line) for line in text.splitlines() if "  curl " in line]
+            assert len(commands) == 4, text
+            for command in commands:
+                header = command[command.index("-H") + 1]
+                name, _, value = header.partition(": ")
+                response = httpx.get(command[-1], headers={name: value}, timeout=30)
+                assert response.status_code == 200, (command[-1], response.text)
+                if command[-1].endswith("/datasets"):
+                    assert len(response.json()) == 3
+                else:  # a header and rows, or rows
+                    assert response.content.count(b"\n") >= 2, (command[-1], response.text)
+
+            postmaster = int((data_dir / "postmaster.pid").read_text().split()[0])
+            process.send_signal(signal.SIGINT)
+            assert process.wait(timeout=60) == 0, log_path.read_text()
+        finally:
+            process.kill()
+            process.wait()
+        assert "Traceback" not in log_path.read_text()
+        deadline = time.monotonic() + 10
+        while not _postmaster_gone(postmaster):
+            assert time.monotonic() < deadline, "the embedded PostgreSQL is still running"
+            time.sleep(0.1)
