@@ -1,33 +1,26 @@
 """Routes: everything that can fail is checked first; then the rows stream."""
 
 import logging
-import time
 import urllib.parse
 from collections.abc import Callable, Coroutine
-from datetime import UTC, datetime
 from typing import Annotated, Any
 
 import anyio
-import asyncpg
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import Response, StreamingResponse
+from fastapi.responses import Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel
 from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError
-from sqlalchemy.exc import TimeoutError as PoolTimeout
-from starlette.types import Receive, Scope, Send
 
-from exporter import audit
 from exporter.auth import ApiKey, authenticate
 from exporter.catalog import Dataset, find_dataset, load_datasets
 from exporter.db import Databases
 from exporter.encoders import ENCODERS, Encoder, encoder_for_media_type
 from exporter.negotiation import negotiate
 from exporter.problems import PROBLEM_MEDIA_TYPE, Problem
-from exporter.query import ExportQuery, parse_query
+from exporter.responses import ActiveExports, start_export
 from exporter.settings import Settings
-from exporter.stream import ExportStream
 
 log = logging.getLogger(__name__)
 router = APIRouter()
@@ -43,7 +36,13 @@ def _databases(request: Request) -> Databases:
     return databases
 
 
+def _active_exports(request: Request) -> ActiveExports:
+    active: ActiveExports = request.app.state.active_exports
+    return active
+
+
 SettingsDep = Annotated[Settings, Depends(_settings)]
+ActiveDep = Annotated[ActiveExports, Depends(_active_exports)]
 DatabasesDep = Annotated[Databases, Depends(_databases)]
 _bearer = HTTPBearer(auto_error=False, description="An API key from `exporter keys create`.")
 
@@ -110,7 +109,7 @@ async def healthz() -> dict[str, str]:
 async def readyz(databases: DatabasesDep) -> dict[str, str]:
     try:
         with anyio.fail_after(3):
-            for engine in {databases.exports, databases.state}:
+            for engine in (databases.catalog, databases.state):
                 async with engine.connect() as conn:
                     await conn.execute(text("SELECT 1"))
     except (TimeoutError, OSError, DBAPIError) as exc:
@@ -122,12 +121,12 @@ async def readyz(databases: DatabasesDep) -> dict[str, str]:
 async def list_datasets(
     _key: KeyDep, settings: SettingsDep, databases: DatabasesDep
 ) -> list[DatasetInfo]:
-    datasets = await load_datasets(databases.exports, settings.exposed_schemas)
+    datasets = await load_datasets(databases.catalog, settings.exposed_schemas)
     return [DatasetInfo.of(d) for d in datasets]
 
 
 async def _dataset(name: str, settings: Settings, databases: Databases) -> Dataset:
-    dataset = await find_dataset(databases.exports, settings.exposed_schemas, name)
+    dataset = await find_dataset(databases.catalog, settings.exposed_schemas, name)
     if dataset is None:
         raise Problem(404, "Not Found", f"no dataset named {name!r}")
     return dataset
@@ -150,10 +149,15 @@ def _export_endpoint(
     encoder: type[Encoder],
 ) -> Callable[..., Coroutine[Any, Any, Response]]:
     async def export(
-        name: str, request: Request, key: KeyDep, settings: SettingsDep, databases: DatabasesDep
+        name: str,
+        request: Request,
+        key: KeyDep,
+        settings: SettingsDep,
+        databases: DatabasesDep,
+        active: ActiveDep,
     ) -> Response:
         dataset = await _dataset(name, settings, databases)
-        return await _start_export(request, key, dataset, encoder, settings, databases)
+        return await start_export(request, key, dataset, encoder, settings, databases, active)
 
     export.__name__ = f"export_{encoder.format}"
     export.__doc__ = (
@@ -191,7 +195,12 @@ _DESCRIBE_OFFERS = ["application/json"] + [e.media_type for e in ENCODERS.values
     },
 )
 async def describe_dataset(
-    name: str, request: Request, key: KeyDep, settings: SettingsDep, databases: DatabasesDep
+    name: str,
+    request: Request,
+    key: KeyDep,
+    settings: SettingsDep,
+    databases: DatabasesDep,
+    active: ActiveDep,
 ) -> Any:
     chosen = negotiate(request.headers.get("accept"), _DESCRIBE_OFFERS)
     if chosen is None:
@@ -200,173 +209,4 @@ async def describe_dataset(
     encoder = encoder_for_media_type(chosen)
     if encoder is None:
         return DatasetInfo.of(dataset)
-    return await _start_export(request, key, dataset, encoder, settings, databases)
-
-
-def _attachment(dataset: str, extension: str) -> str:
-    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
-    filename = f"{dataset}-{stamp}.{extension}"
-    ascii_name = "".join(
-        c if c.isascii() and (c.isalnum() or c in "._-") else "_" for c in filename
-    )
-    return (
-        f'attachment; filename="{ascii_name}"; '
-        f"filename*=UTF-8''{urllib.parse.quote(filename, safe='')}"
-    )
-
-
-def _parameters(params: list[tuple[str, str]]) -> dict[str, list[str]]:
-    grouped: dict[str, list[str]] = {}
-    for name, value in params:
-        grouped.setdefault(name, []).append(value)
-    return grouped
-
-
-def _open_error(exc: BaseException, query: ExportQuery) -> Problem | None:
-    """A problem for a PostgreSQL refusal that happened before the first byte, if it is the
-    request's fault (or the database's state), else None."""
-    # The transaction is read-only and identifiers come from the catalog, so a data error or a
-    # failed domain check can only come from casting a filter value to its column's type.
-    if isinstance(
-        exc,
-        asyncpg.exceptions.DataError | asyncpg.exceptions.IntegrityConstraintViolationError,
-    ):
-        names = dict.fromkeys(f.parameter for f in query.filters)
-        return Problem(
-            400,
-            "Invalid query parameter",
-            f"PostgreSQL rejected a filter value: {exc}",
-            invalid_params=[{"name": name, "reason": str(exc)} for name in names],
-        )
-    # No operator or ordering for a column's type (say, `eq` on a json column).
-    if isinstance(exc, asyncpg.exceptions.UndefinedFunctionError):
-        names = dict.fromkeys([f.parameter for f in query.filters] + ["order"])
-        return Problem(
-            400,
-            "Invalid query parameter",
-            f"PostgreSQL rejected the query: {exc}",
-            invalid_params=[{"name": name, "reason": str(exc)} for name in names],
-        )
-    if isinstance(exc, asyncpg.exceptions.InsufficientPrivilegeError):
-        return Problem(403, "Forbidden", str(exc))
-    if isinstance(exc, asyncpg.exceptions.QueryCanceledError):
-        return Problem(
-            503,
-            "Service Unavailable",
-            "the query timed out before its first rows",
-            headers={"Retry-After": "30"},
-        )
-    if isinstance(exc, PoolTimeout | OSError | asyncpg.exceptions.PostgresConnectionError):
-        return Problem(
-            503,
-            "Service Unavailable",
-            "the database is not reachable",
-            headers={"Retry-After": "5"},
-        )
-    return None
-
-
-async def _start_export(
-    request: Request,
-    key: ApiKey,
-    dataset: Dataset,
-    encoder: type[Encoder],
-    settings: Settings,
-    databases: Databases,
-) -> Response:
-    params = request.query_params.multi_items()
-    query = parse_query(dataset, params, max_limit=settings.max_limit)
-    request_id = str(request.scope.get("state", {}).get("request_id", "-"))
-    stream = ExportStream(
-        query, encoder, databases.exports, settings, label=f"exporter {request_id}"
-    )
-    export_id = await audit.record_start(
-        databases.state,
-        request_id=request_id,
-        key_name=key.name,
-        dataset=dataset.name,
-        format=encoder.format,
-        parameters=_parameters(params),
-        client_addr=request.client.host if request.client else None,
-    )
-    try:
-        await stream.open()
-    except Exception as exc:
-        problem = _open_error(exc, query)
-        await audit.record_end(
-            databases.state,
-            export_id,
-            outcome="failed",
-            rows=0,
-            bytes_sent=0,
-            error=str(exc)[:1000],
-        )
-        if problem is None:
-            raise
-        raise problem from exc
-
-    async def finish(ended: ExportStream) -> None:
-        outcome = ended.outcome.value
-        error = None if ended.error is None else repr(ended.error)[:1000]
-        await audit.record_end(
-            databases.state,
-            export_id,
-            outcome=outcome,
-            rows=ended.rows,
-            bytes_sent=ended.bytes,
-            error=error if outcome == "failed" else None,
-        )
-        log.info(
-            "export %s of %s: %s, %d rows, %d bytes, %.2f s",
-            encoder.format,
-            dataset.name,
-            outcome,
-            ended.rows,
-            ended.bytes,
-            ended.elapsed_s,
-        )
-
-    headers = {
-        "Content-Disposition": _attachment(dataset.name, encoder.extension),
-        "Cache-Control": "no-store",
-    }
-    media_type = encoder.media_type + (
-        "; charset=utf-8" if encoder.media_type.startswith("text/") else ""
-    )
-    return ExportResponse(stream, finish, headers=headers, media_type=media_type)
-
-
-class ExportResponse(StreamingResponse):
-    """A StreamingResponse that releases its export the moment the response ends.
-
-    When the client leaves, Starlette cancels the task that sends the body while the body's
-    generator is paused at `yield`; left alone, that generator (and its cursor, transaction
-    and pooled connection) would wait for the garbage collector. So it is closed here,
-    explicitly, under a shield. A failure raised by the body propagates to uvicorn, which then
-    drops the connection without the terminating chunk: the client sees an incomplete file.
-    """
-
-    def __init__(
-        self,
-        stream: ExportStream,
-        on_end: Callable[[ExportStream], Coroutine[Any, Any, None]],
-        *,
-        headers: dict[str, str],
-        media_type: str,
-    ) -> None:
-        super().__init__(stream.chunks(), headers=headers, media_type=media_type)
-        self.stream = stream
-        self.on_end = on_end
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        started = time.monotonic()
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            with anyio.CancelScope(shield=True):
-                aclose = getattr(self.body_iterator, "aclose", None)
-                if aclose is not None:
-                    await aclose()
-                await self.stream.aclose()
-                log.debug("export released after %.3f s", time.monotonic() - started)
-                await self.on_end(self.stream)
+    return await start_export(request, key, dataset, encoder, settings, databases, active)

@@ -1,3 +1,4 @@
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -11,7 +12,10 @@ from exporter.middleware import (
     SecurityHeadersMiddleware,
     UnexpectedErrorMiddleware,
 )
+from exporter.responses import ActiveExports
 from exporter.settings import Settings
+
+log = logging.getLogger(__name__)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -22,9 +26,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         databases = Databases.from_settings(settings)
         app.state.databases = databases
+        app.state.active_exports = active = ActiveExports()
         try:
             yield
         finally:
+            # Exports cancelled by a shutdown still roll back and write their export log
+            # entries (shielded); the pools must outlive that.
+            left = await active.wait(settings.cleanup_timeout_s + 5)
+            if left:
+                log.warning("%d exports had not released their connections at shutdown", left)
             await databases.dispose()
 
     app = FastAPI(

@@ -50,7 +50,7 @@ def log_config() -> dict[str, Any]:
     }
 
 
-def serve(host: str, port: int, workers: int) -> None:
+def serve(host: str, port: int, workers: int, shutdown_grace_s: int = 30) -> None:
     import uvicorn
 
     uvicorn.run(
@@ -60,8 +60,8 @@ def serve(host: str, port: int, workers: int) -> None:
         port=port,
         workers=workers,
         log_config=log_config(),
-        # Exports are long; let running ones finish on shutdown for a while.
-        timeout_graceful_shutdown=30,
+        # Exports are long; running ones may finish for a while before they are cancelled.
+        timeout_graceful_shutdown=shutdown_grace_s,
     )
 
 
@@ -240,7 +240,7 @@ def _run(args: argparse.Namespace) -> int:
         return demo(args)
     settings = load_settings()
     if args.command == "serve":
-        serve(args.host, args.port, args.workers)
+        serve(args.host, args.port, args.workers, settings.shutdown_grace_s)
         return 0
     # Exports read the database; keys and migrations live in the state database.
     url = settings.database_url if args.command == "export" else settings.state_url

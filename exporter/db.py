@@ -23,37 +23,43 @@ def async_url(url: str) -> URL:
     return parsed.set(drivername="postgresql+asyncpg")
 
 
-def create_engine(url: str, pool_size: int) -> AsyncEngine:
+def create_engine(url: str, pool_size: int, pool_timeout_s: float = 30) -> AsyncEngine:
     return create_async_engine(
         async_url(url),
         pool_size=pool_size,
         max_overflow=0,
+        pool_timeout=pool_timeout_s,
         pool_pre_ping=True,
         # A connection returned by an export is reset by the export itself (see snapshot()).
         pool_reset_on_return="rollback",
     )
 
 
+# Catalog lookups, key checks and the export log get pools of their own, so that exports
+# streaming on every export connection never keep a request from being authenticated, refused
+# or logged.
+_SIDE_POOL_SIZE = 3
+
+
 @dataclass
 class Databases:
-    """The export pool and the state pool (the same engine unless a state URL is set)."""
-
-    exports: AsyncEngine
-    state: AsyncEngine
+    exports: AsyncEngine  # export snapshots only
+    catalog: AsyncEngine  # introspection of the exported database
+    state: AsyncEngine  # keys and the export log
 
     @classmethod
     def from_settings(cls, settings: Settings) -> "Databases":
-        exports = create_engine(settings.database_url, settings.pool_size)
-        if settings.state_database_url and settings.state_database_url != settings.database_url:
-            state = create_engine(settings.state_database_url, max(2, settings.pool_size // 2))
-        else:
-            state = exports
-        return cls(exports=exports, state=state)
+        return cls(
+            exports=create_engine(
+                settings.database_url, settings.pool_size, settings.pool_timeout_s
+            ),
+            catalog=create_engine(settings.database_url, _SIDE_POOL_SIZE, 10),
+            state=create_engine(settings.state_url, _SIDE_POOL_SIZE, 10),
+        )
 
     async def dispose(self) -> None:
-        await self.exports.dispose()
-        if self.state is not self.exports:
-            await self.state.dispose()
+        for engine in (self.exports, self.catalog, self.state):
+            await engine.dispose()
 
 
 @asynccontextmanager

@@ -19,11 +19,15 @@ class Settings(BaseSettings):
     statement_timeout_ms: int = Field(default=60_000, ge=0)
     idle_in_transaction_timeout_ms: int = Field(default=300_000, ge=0)
     pool_size: int = Field(default=10, ge=1)
+    # How long an export waits for a free connection before it is refused with a 503.
+    pool_timeout_s: float = Field(default=5.0, gt=0)
     # Rows per server-side cursor round trip, and bytes per HTTP chunk.
     batch_rows: int = Field(default=5_000, ge=1)
     chunk_bytes: int = Field(default=64 * 1024, ge=1)
     # How long cleanup after a cancelled export may take before the connection is terminated.
     cleanup_timeout_s: float = Field(default=2.0, gt=0)
+    # On shutdown, running exports may go on this long before they are cancelled.
+    shutdown_grace_s: int = Field(default=30, ge=0)
     max_limit: int | None = Field(default=None, ge=0)
 
     @field_validator("schemas", mode="before")

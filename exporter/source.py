@@ -4,9 +4,11 @@ through a server-side cursor, one batch at a time."""
 from collections.abc import Sequence
 from typing import Any
 
+import asyncpg
+
 from exporter.catalog import Column
 from exporter.encoders import Rendering
-from exporter.query import COMPARISONS, ExportQuery, Filter
+from exporter.query import COMPARISONS, ExportQuery, Filter, QueryError
 
 # Scalar types whose cast to text differs from their output function (what COPY writes):
 # `true::text` is 'true' where COPY writes 't', char(n) casts drop padding, inet casts add
@@ -39,7 +41,8 @@ def build_sql(query: ExportQuery, rendering: Rendering) -> tuple[str, list[Any]]
     else:
         # The lateral subquery names the object's keys and fixes their order.
         inner = ", ".join(f"{_column_ref(c)} AS {quote_ident(c.name)}" for c in query.columns)
-        select = "row_to_json(r)::text"
+        # r.*, not r: a column named "r" would make the bare name ambiguous.
+        select = "row_to_json(r.*)::text"
         from_clause = f"{relation} CROSS JOIN LATERAL (SELECT {inner}) AS r"
 
     args: list[Any] = []
@@ -85,6 +88,36 @@ def _condition(f: Filter, args: list[Any]) -> str:
         keyword = str(f.value).upper()
         return f"{ref} IS {'NOT ' if f.negated else ''}{keyword}"
     return f"NOT ({condition})" if f.negated else condition
+
+
+def _value_check(f: Filter) -> tuple[str, Any] | None:
+    """A statement that makes PostgreSQL parse a filter's value as the column's type, alone."""
+    if f.operator in COMPARISONS:
+        return f"SELECT CAST($1::text AS {f.column.type_sql})", f.value
+    if f.operator == "in":
+        return f"SELECT CAST($1::text[] AS {f.column.type_sql}[])", list(f.value)
+    if f.operator in ("like", "ilike"):
+        # A pattern ending in the escape character is an error of its own.
+        return "SELECT '' LIKE $1::text", f.value
+    return None
+
+
+async def check_filter_values(connection: Any, query: ExportQuery) -> None:
+    """Let PostgreSQL's input functions (and domain checks) judge each filter value on its own,
+    so that a rejected value is a 400 naming its parameter, and a data error in the export's
+    own query is known to be the data's fault, not the request's."""
+    for f in query.filters:
+        check = _value_check(f)
+        if check is None:
+            continue
+        sql, value = check
+        try:
+            await connection.fetchval(sql, value)
+        except (
+            asyncpg.exceptions.DataError,
+            asyncpg.exceptions.IntegrityConstraintViolationError,
+        ) as exc:
+            raise QueryError(f.parameter, f"PostgreSQL rejects the value: {exc}") from exc
 
 
 class Source:

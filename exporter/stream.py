@@ -18,7 +18,7 @@ from exporter.db import snapshot
 from exporter.encoders import Encoder
 from exporter.query import ExportQuery
 from exporter.settings import Settings
-from exporter.source import Source, build_sql
+from exporter.source import Source, build_sql, check_filter_values
 
 
 class Outcome(enum.Enum):
@@ -55,6 +55,7 @@ class ExportStream:
             connection = await self._exit_stack.enter_async_context(
                 snapshot(self.engine, self.settings, self.label)
             )
+            await check_filter_values(connection, self.query)
             sql, args = build_sql(self.query, self.encoder.rendering)
             self._source = Source(connection, sql, args, self.settings.batch_rows)
             self._first_batch = await self._source.fetch()

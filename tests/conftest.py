@@ -178,7 +178,8 @@ class Server:
 
     def client(self, key: str | None, **kwargs: Any) -> httpx.Client:
         headers = {"Authorization": f"Bearer {key}"} if key else {}
-        return httpx.Client(base_url=self.base_url, headers=headers, timeout=60, **kwargs)
+        kwargs.setdefault("timeout", 60)
+        return httpx.Client(base_url=self.base_url, headers=headers, **kwargs)
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")

@@ -1,10 +1,11 @@
 import csv
 import io
 import json
+from pathlib import Path
 
 import httpx
 
-from tests.conftest import ExportDatabase, Server
+from tests.conftest import ExportDatabase, Server, run_sql, start_server, stop_server
 
 
 def test_datasets_lists_tables_and_views_with_columns(client: httpx.Client) -> None:
@@ -137,3 +138,58 @@ def test_export_log_records_completed_exports(
     assert row["rows"] == 2
     assert row["bytes"] == len(response.content)
     assert row["outcome"] == "completed"
+
+
+def test_a_column_named_like_the_row_alias_exports(
+    client: httpx.Client, database: ExportDatabase
+) -> None:
+    run_sql(
+        database.url,
+        "CREATE TABLE public.rcol (id integer PRIMARY KEY, r text, t text)",
+        "INSERT INTO public.rcol VALUES (1, 'a', 'b')",
+    )
+    try:
+        response = client.get("/datasets/rcol.ndjson")
+        assert response.status_code == 200
+        assert response.json() == {"id": 1, "r": "a", "t": "b"}
+        assert client.get("/datasets/rcol.csv").text == "id,r,t\n1,a,b\n"
+    finally:
+        run_sql(database.url, "DROP TABLE public.rcol")
+
+
+def test_a_dataset_that_fails_to_read_is_not_blamed_on_the_request(
+    client: httpx.Client, database: ExportDatabase
+) -> None:
+    run_sql(database.url, "CREATE VIEW public.broken AS SELECT id, 1 / (id - 1) AS x FROM people")
+    try:
+        response = client.get("/datasets/broken.csv", params={"id": "gte.1"})
+        assert response.status_code == 500
+        body = response.json()
+        assert body["title"] == "Dataset could not be read"
+        assert "division by zero" in body["detail"]
+        assert "invalid-params" not in body
+        # A value PostgreSQL rejects is still the request's fault, and named.
+        bad = client.get("/datasets/people.csv", params={"born": "eq.notadate"})
+        assert bad.status_code == 400
+        assert [p["name"] for p in bad.json()["invalid-params"]] == ["born"]
+    finally:
+        run_sql(database.url, "DROP VIEW public.broken")
+
+
+def test_busy_export_pool_is_a_quick_503_and_the_rest_still_answers(
+    database: ExportDatabase, tmp_path: Path
+) -> None:
+    server = start_server(database.url, tmp_path, pool_size="1", pool_timeout_s="0.5")
+    try:
+        with server.client(database.key) as holder, server.client(database.key) as other:
+            with holder.stream("GET", "/datasets/big.csv") as streaming:
+                raw = streaming.iter_raw()
+                next(raw)
+                refused = other.get("/datasets/people.csv")
+                assert refused.status_code == 503
+                assert refused.headers["retry-after"] == "5"
+                assert refused.headers["content-type"] == "application/problem+json"
+                assert other.get("/datasets").status_code == 200
+                assert other.get("/readyz").status_code == 200
+    finally:
+        stop_server(server)

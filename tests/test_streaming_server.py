@@ -205,3 +205,55 @@ def test_statement_timeout_after_first_byte_aborts_the_response(
 def test_server_process_is_single(server: Server) -> None:
     # The memory test measures one process; make sure `serve` with one worker is one.
     assert psutil.Process(server.process.pid).children() == []
+
+
+def test_client_leaving_before_the_first_byte_frees_the_connection(
+    server: Server, database: ExportDatabase
+) -> None:
+    run_sql(
+        database.url,
+        # The first row takes 20 s; STABLE lets the view be read through the primary key.
+        "CREATE FUNCTION public.slow_first(id integer) RETURNS text LANGUAGE plpgsql STABLE AS "
+        "$$ BEGIN IF id = 1 THEN PERFORM pg_sleep(20); END IF; RETURN 'x'; END $$",
+        "CREATE VIEW public.slow_first AS SELECT id, public.slow_first(id) AS s FROM public.big",
+    )
+    try:
+        with server.client(database.key, timeout=1.0) as client:
+            with pytest.raises(httpx.ReadTimeout):
+                client.get(
+                    "/datasets/slow_first.csv",
+                    params={"order": "id"},
+                    headers={"X-Request-Id": "impatient"},
+                )
+        left_at = time.monotonic()
+        while backend_of(database, "impatient"):
+            assert time.monotonic() - left_at < 1.5, "the query outlived its client"
+            time.sleep(0.05)
+        assert export_outcome(database, "impatient") == "disconnected"
+    finally:
+        run_sql(database.url, "DROP VIEW public.slow_first", "DROP FUNCTION public.slow_first")
+
+
+def test_shutdown_cancels_running_exports_and_logs_them(
+    database: ExportDatabase, tmp_path: Path
+) -> None:
+    server = start_server(database.url, tmp_path, shutdown_grace_s="1")
+    try:
+        client = server.client(database.key)
+        request = client.build_request(
+            "GET", "/datasets/big.csv", headers={"X-Request-Id": "at-shutdown"}
+        )
+        response = client.send(request, stream=True)
+        raw = response.iter_raw()
+        next(raw)
+        assert backend_of(database, "at-shutdown")
+        server.process.terminate()
+        assert server.process.wait(timeout=15) is not None
+        with pytest.raises(httpx.RemoteProtocolError):
+            for _ in raw:
+                pass
+        client.close()
+    finally:
+        stop_server(server)
+    assert backend_of(database, "at-shutdown") == []
+    assert export_outcome(database, "at-shutdown", timeout_s=1) == "disconnected"

@@ -1,0 +1,260 @@
+"""How an HTTP export starts, streams and ends: everything that can fail before the first byte
+is done here first; then ExportResponse streams and, however it ends, releases and logs."""
+
+import logging
+import urllib.parse
+from collections.abc import Callable, Coroutine
+from datetime import UTC, datetime
+from typing import Any
+
+import anyio
+import asyncpg
+from fastapi import Request
+from fastapi.responses import Response, StreamingResponse
+from sqlalchemy.exc import TimeoutError as PoolTimeout
+from starlette.types import Receive, Scope, Send
+
+from exporter import audit
+from exporter.auth import ApiKey
+from exporter.catalog import Dataset
+from exporter.db import Databases
+from exporter.encoders import Encoder
+from exporter.problems import Problem
+from exporter.query import ExportQuery, parse_query
+from exporter.settings import Settings
+from exporter.stream import ExportStream
+
+log = logging.getLogger(__name__)
+
+# Logged (and shown by uvicorn's access log) for a request whose client left before the
+# export's first byte; nobody receives it. nginx uses the same code for the same event.
+CLIENT_CLOSED_REQUEST = 499
+
+
+class ActiveExports:
+    """The exports of this process that have not released their connection yet, so that
+    shutdown can wait for their cleanup and their export log entries."""
+
+    def __init__(self) -> None:
+        self._pending: set[anyio.Event] = set()
+
+    def begin(self) -> anyio.Event:
+        done = anyio.Event()
+        self._pending.add(done)
+        return done
+
+    def end(self, done: anyio.Event) -> None:
+        done.set()
+        self._pending.discard(done)
+
+    async def wait(self, timeout_s: float) -> int:
+        """Wait for every export to end; the number still running after timeout_s."""
+        with anyio.move_on_after(timeout_s):
+            for done in list(self._pending):
+                await done.wait()
+        return len(self._pending)
+
+
+async def start_export(
+    request: Request,
+    key: ApiKey,
+    dataset: Dataset,
+    encoder: type[Encoder],
+    settings: Settings,
+    databases: Databases,
+    active: ActiveExports,
+) -> Response:
+    params = request.query_params.multi_items()
+    query = parse_query(dataset, params, max_limit=settings.max_limit)
+    request_id = str(request.scope.get("state", {}).get("request_id", "-"))
+    stream = ExportStream(
+        query, encoder, databases.exports, settings, label=f"exporter {request_id}"
+    )
+    export_id = await audit.record_start(
+        databases.state,
+        request_id=request_id,
+        key_name=key.name,
+        dataset=dataset.name,
+        format=encoder.format,
+        parameters=_parameters(params),
+        client_addr=request.client.host if request.client else None,
+    )
+
+    async def finish(ended: ExportStream, outcome: str | None = None) -> None:
+        outcome = outcome or ended.outcome.value
+        error = None if ended.error is None else repr(ended.error)[:1000]
+        await audit.record_end(
+            databases.state,
+            export_id,
+            outcome=outcome,
+            rows=ended.rows,
+            bytes_sent=ended.bytes,
+            error=error if outcome == "failed" else None,
+        )
+        log.info(
+            "export %s of %s: %s, %d rows, %d bytes, %.2f s",
+            encoder.format,
+            dataset.name,
+            outcome,
+            ended.rows,
+            ended.bytes,
+            ended.elapsed_s,
+        )
+
+    done = active.begin()
+    try:
+        opened = await _open_unless_client_leaves(stream, request)
+    except BaseException as exc:
+        # Cancellation (a shutdown) included: the log entry must not stay "running".
+        stream.error = exc
+        with anyio.CancelScope(shield=True):
+            await finish(stream, "failed" if isinstance(exc, Exception) else "disconnected")
+        active.end(done)
+        problem = _open_error(exc, query) if isinstance(exc, Exception) else None
+        if problem is None:
+            raise
+        raise problem from exc
+    if not opened:
+        await finish(stream, "disconnected")
+        active.end(done)
+        return Response(status_code=CLIENT_CLOSED_REQUEST)
+
+    headers = {
+        "Content-Disposition": _attachment(dataset.name, encoder.extension),
+        "Cache-Control": "no-store",
+    }
+    media_type = encoder.media_type + (
+        "; charset=utf-8" if encoder.media_type.startswith("text/") else ""
+    )
+    return ExportResponse(
+        stream, finish, lambda: active.end(done), headers=headers, media_type=media_type
+    )
+
+
+async def _open_unless_client_leaves(stream: ExportStream, request: Request) -> bool:
+    """Open the stream; False if the client left first.
+
+    Under uvicorn, nothing cancels an endpoint whose client has gone: the first batch of a
+    slow query would hold its connection until it was ready. So the disconnect is watched
+    here, and opening is cancelled (the cursor, transaction and connection with it).
+    """
+    opened = False
+    failure: Exception | None = None
+    async with anyio.create_task_group() as task_group:
+
+        async def cancel_on_disconnect() -> None:
+            while (await request.receive())["type"] != "http.disconnect":
+                pass
+            task_group.cancel_scope.cancel()
+
+        task_group.start_soon(cancel_on_disconnect)
+        try:
+            await stream.open()
+            opened = True
+        except Exception as exc:
+            # Kept out of the task group, which would wrap it in an ExceptionGroup.
+            failure = exc
+        task_group.cancel_scope.cancel()
+    if failure is not None:
+        raise failure
+    return opened
+
+
+def _open_error(exc: Exception, query: ExportQuery) -> Problem | None:
+    """A problem for a failure before the first byte that is the request's fault or the
+    database's state; None for anything else (a bug: a 500 with a traceback in the log)."""
+    if isinstance(exc, asyncpg.exceptions.UndefinedFunctionError):
+        # No operator for a column's type: `eq` on a json column, say.
+        names = dict.fromkeys(f.parameter for f in query.filters)
+        return Problem(
+            400,
+            "Invalid query parameter",
+            f"PostgreSQL rejected the query: {exc}",
+            invalid_params=[{"name": name, "reason": str(exc)} for name in names],
+        )
+    if isinstance(exc, asyncpg.exceptions.InsufficientPrivilegeError):
+        return Problem(403, "Forbidden", str(exc))
+    if isinstance(exc, asyncpg.exceptions.QueryCanceledError):
+        return Problem(
+            503,
+            "Service Unavailable",
+            "the query timed out before its first rows",
+            headers={"Retry-After": "30"},
+        )
+    if isinstance(exc, PoolTimeout):
+        return Problem(
+            503,
+            "Service Unavailable",
+            "every export connection is busy; try again shortly",
+            headers={"Retry-After": "5"},
+        )
+    if isinstance(exc, OSError | asyncpg.exceptions.PostgresConnectionError):
+        return Problem(
+            503,
+            "Service Unavailable",
+            "the database is not reachable",
+            headers={"Retry-After": "5"},
+        )
+    if isinstance(exc, asyncpg.exceptions.DataError):
+        # Filter values were checked before the query ran (source.check_filter_values), so
+        # this is the data's own fault: a view dividing by zero, say.
+        return Problem(500, "Dataset could not be read", f"PostgreSQL: {exc}")
+    return None
+
+
+def _attachment(dataset: str, extension: str) -> str:
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    filename = f"{dataset}-{stamp}.{extension}"
+    ascii_name = "".join(
+        c if c.isascii() and (c.isalnum() or c in "._-") else "_" for c in filename
+    )
+    return (
+        f'attachment; filename="{ascii_name}"; '
+        f"filename*=UTF-8''{urllib.parse.quote(filename, safe='')}"
+    )
+
+
+def _parameters(params: list[tuple[str, str]]) -> dict[str, list[str]]:
+    grouped: dict[str, list[str]] = {}
+    for name, value in params:
+        grouped.setdefault(name, []).append(value)
+    return grouped
+
+
+class ExportResponse(StreamingResponse):
+    """A StreamingResponse that releases its export the moment the response ends.
+
+    When the client leaves, Starlette cancels the task that sends the body while the body's
+    generator is paused at `yield`; left alone, that generator (and its cursor, transaction
+    and pooled connection) would wait for the garbage collector. So it is closed here,
+    explicitly, under a shield. A failure raised by the body propagates to uvicorn, which then
+    drops the connection without the terminating chunk: the client sees an incomplete file.
+    """
+
+    def __init__(
+        self,
+        stream: ExportStream,
+        on_end: Callable[[ExportStream], Coroutine[Any, Any, None]],
+        on_released: Callable[[], None],
+        *,
+        headers: dict[str, str],
+        media_type: str,
+    ) -> None:
+        super().__init__(stream.chunks(), headers=headers, media_type=media_type)
+        self.stream = stream
+        self.on_end = on_end
+        self.on_released = on_released
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            with anyio.CancelScope(shield=True):
+                try:
+                    aclose = getattr(self.body_iterator, "aclose", None)
+                    if aclose is not None:
+                        await aclose()
+                    await self.stream.aclose()
+                    await self.on_end(self.stream)
+                finally:
+                    self.on_released()
