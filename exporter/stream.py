@@ -64,23 +64,40 @@ class ExportStream:
             raise
 
     async def chunks(self) -> AsyncIterator[bytes]:
-        """Yield the export as UTF-8 chunks of about `chunk_bytes`, then close."""
+        """Yield the export as UTF-8 chunks of about `chunk_bytes`, then close.
+
+        `rows` and `bytes` count what has been handed on (sent, for HTTP), not merely read.
+        """
         assert self._source is not None, "open() first"
         encoder = self.encoder
         chunk_bytes = self.settings.chunk_bytes
+        # Rows are encoded a slice at a time, each slice sized from the bytes per row seen so
+        # far to fill what the chunk still lacks: chunks stay near chunk_bytes however wide
+        # the rows are, and the buffer never holds much more than one chunk.
+        bytes_per_row = 100.0
+        encoded_rows = 0
         try:
             encoder.begin()
             batch = self._first_batch
             self._first_batch = []
             while batch:
-                encoder.write_rows(batch)
-                self.rows += len(batch)
-                if encoder.pending() >= chunk_bytes:
-                    yield self._take()
+                start = 0
+                while start < len(batch):
+                    before = encoder.pending()
+                    wanted = max(1, int((chunk_bytes - before) / bytes_per_row))
+                    part = batch[start : start + wanted]
+                    start += len(part)
+                    encoder.write_rows(part)
+                    encoded_rows += len(part)
+                    bytes_per_row = max((encoder.pending() - before) / len(part), 1.0)
+                    if encoder.pending() >= chunk_bytes:
+                        yield self._take()
+                        self.rows = encoded_rows
                 batch = await self._source.fetch()
             encoder.end()
             if encoder.pending():
                 yield self._take()
+            self.rows = encoded_rows
             self.completed = True
         except BaseException as exc:
             self.error = exc
