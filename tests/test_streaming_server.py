@@ -1,6 +1,7 @@
 """The streaming invariants, through `exporter serve` on a real socket: TestClient and httpx's
 ASGI transport buffer whole bodies and could show none of this."""
 
+import socket
 import subprocess
 import sys
 import time
@@ -207,31 +208,61 @@ def test_server_process_is_single(server: Server) -> None:
     assert psutil.Process(server.process.pid).children() == []
 
 
-def test_client_leaving_before_the_first_byte_frees_the_connection(
-    server: Server, database: ExportDatabase
-) -> None:
+@pytest.fixture
+def slow_first_view(database: ExportDatabase) -> Iterator[str]:
+    """A view whose first row takes 20 s; STABLE lets it be read through the primary key."""
     run_sql(
         database.url,
-        # The first row takes 20 s; STABLE lets the view be read through the primary key.
         "CREATE FUNCTION public.slow_first(id integer) RETURNS text LANGUAGE plpgsql STABLE AS "
         "$$ BEGIN IF id = 1 THEN PERFORM pg_sleep(20); END IF; RETURN 'x'; END $$",
         "CREATE VIEW public.slow_first AS SELECT id, public.slow_first(id) AS s FROM public.big",
     )
+    yield "/datasets/slow_first.csv?order=id"
+    run_sql(database.url, "DROP VIEW public.slow_first", "DROP FUNCTION public.slow_first")
+
+
+def _gone_within(database: ExportDatabase, request_id: str, seconds: float) -> None:
+    left_at = time.monotonic()
+    while backend_of(database, request_id):
+        assert time.monotonic() - left_at < seconds, "the query outlived its client"
+        time.sleep(0.05)
+
+
+def test_client_leaving_before_the_first_byte_frees_the_connection(
+    server: Server, database: ExportDatabase, slow_first_view: str
+) -> None:
+    with server.client(database.key, timeout=1.0) as client:
+        with pytest.raises(httpx.ReadTimeout):
+            client.get(slow_first_view, headers={"X-Request-Id": "impatient"})
+    _gone_within(database, "impatient", 1.5)
+    assert export_outcome(database, "impatient") == "disconnected"
+
+
+def test_a_killed_server_does_not_leave_its_query_running(
+    database: ExportDatabase, slow_first_view: str, tmp_path: Path
+) -> None:
+    server = start_server(database.url, tmp_path)
     try:
-        with server.client(database.key, timeout=1.0) as client:
-            with pytest.raises(httpx.ReadTimeout):
-                client.get(
-                    "/datasets/slow_first.csv",
-                    params={"order": "id"},
-                    headers={"X-Request-Id": "impatient"},
-                )
-        left_at = time.monotonic()
-        while backend_of(database, "impatient"):
-            assert time.monotonic() - left_at < 1.5, "the query outlived its client"
-            time.sleep(0.05)
-        assert export_outcome(database, "impatient") == "disconnected"
+        port = int(server.base_url.rsplit(":", 1)[1])
+        # The client stays connected: only the server's death may end the query.
+        with socket.create_connection(("127.0.0.1", port)) as connection:
+            connection.sendall(
+                f"GET {slow_first_view} HTTP/1.1\r\nHost: x\r\nX-Request-Id: orphan\r\n"
+                f"Authorization: Bearer {database.key}\r\n\r\n".encode()
+            )
+            deadline = time.monotonic() + 5
+            # Active: inside the slow first row, not between statements (where a dead
+            # client's closed socket ends the backend anyway).
+            while [b["state"] for b in backend_of(database, "orphan")] != ["active"]:
+                assert time.monotonic() < deadline, "the export did not start"
+                time.sleep(0.05)
+            time.sleep(0.2)
+            server.process.kill()
+            server.process.wait()
+        # client_connection_check_interval: PostgreSQL notices the dead client by itself.
+        _gone_within(database, "orphan", 3)
     finally:
-        run_sql(database.url, "DROP VIEW public.slow_first", "DROP FUNCTION public.slow_first")
+        stop_server(server)
 
 
 def test_shutdown_cancels_running_exports_and_logs_them(
