@@ -43,6 +43,11 @@ def build_sql(query: ExportQuery, rendering: Rendering) -> tuple[str, list[Any]]
         inner = ", ".join(f"{_column_ref(c)} AS {quote_ident(c.name)}" for c in query.columns)
         # r.*, not r: a column named "r" would make the bare name ambiguous.
         select = "row_to_json(r.*)::text"
+        if any(c.base_type in ("json", "_json") for c in query.columns):
+            # row_to_json embeds json values verbatim, with their line breaks; outside strings
+            # (where JSON escapes them) a line break is mere whitespace, and NDJSON needs one
+            # object per line.
+            select = f"replace(replace({select}, E'\\n', ' '), E'\\r', ' ')"
         from_clause = f"{relation} CROSS JOIN LATERAL (SELECT {inner}) AS r"
 
     args: list[Any] = []

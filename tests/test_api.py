@@ -193,3 +193,27 @@ def test_busy_export_pool_is_a_quick_503_and_the_rest_still_answers(
                 assert other.get("/readyz").status_code == 200
     finally:
         stop_server(server)
+
+
+def test_json_values_with_line_breaks_stay_on_one_ndjson_line(
+    client: httpx.Client, database: ExportDatabase
+) -> None:
+    run_sql(
+        database.url,
+        "CREATE TABLE public.jsonish (id integer PRIMARY KEY, j json, js json[], t text)",
+        "INSERT INTO public.jsonish VALUES "
+        "(1, E'{\"a\":\\n 1,\\r\\n\"b\": \"x\\\\ny\"}', ARRAY[E'[1,\\n2]'::json], E'two\\nlines'), "
+        "(2, NULL, NULL, NULL)",
+    )
+    try:
+        lines = client.get("/datasets/jsonish.ndjson").text.split("\n")
+        assert lines[-1] == "" and len(lines) == 3
+        assert json.loads(lines[0]) == {
+            "id": 1,
+            "j": {"a": 1, "b": "x\ny"},
+            "js": [[1, 2]],
+            "t": "two\nlines",
+        }
+        assert json.loads(lines[1]) == {"id": 2, "j": None, "js": None, "t": None}
+    finally:
+        run_sql(database.url, "DROP TABLE public.jsonish")
