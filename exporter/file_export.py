@@ -194,6 +194,9 @@ async def export_to_file(settings: Settings, args: argparse.Namespace) -> int:
             stream = ExportStream(query, encoder, engine, settings, "exporter cli")
             try:
                 await stream.open()
+            except QueryError as exc:
+                # A filter value PostgreSQL itself rejects.
+                raise CliError(f"{exc.parameter}: {exc.detail}") from None
             except Exception as exc:
                 # Everything that can fail before the first byte is the request's fault or
                 # the database's state, as with HTTP's 4xx and 503.

@@ -19,8 +19,20 @@ from exporter.query import (
 from exporter.source import build_sql
 
 
-def _column(name: str, type_: str, type_sql: str | None = None, base: str | None = None) -> Column:
-    return Column(name=name, type=type_, type_sql=type_sql or type_, base_type=base or type_)
+def _column(
+    name: str,
+    type_: str,
+    type_sql: str | None = None,
+    base: str | None = None,
+    orderable: bool = True,
+) -> Column:
+    return Column(
+        name=name,
+        type=type_,
+        type_sql=type_sql or type_,
+        base_type=base or type_,
+        orderable=orderable,
+    )
 
 
 COLUMNS = (
@@ -40,8 +52,8 @@ COLUMNS = (
     _column("flags", "bit(3)", '"bit"', "bit"),
     _column("codes", "character(2)[]", "bpchar[]", "_bpchar"),
     _column("doc", "jsonb"),
-    _column("payload", "json"),
-    _column("points", "point[]", base="_point"),
+    _column("payload", "json", orderable=False),
+    _column("points", "point[]", base="_point", orderable=False),
     _column("tags", "text[]", base="_text"),
     _column('a"b', "text"),
     _column("x; drop table people", "text"),
@@ -64,9 +76,9 @@ VIEW = Dataset(
     kind="view",
     columns=(
         _column("id", "integer", base="int4"),
-        _column("payload", "json"),
+        _column("payload", "json", orderable=False),
         _column("name", "text"),
-        _column("points", "point[]", base="_point"),
+        _column("points", "point[]", base="_point", orderable=False),
         _column("age", "integer", base="int4"),
     ),
     primary_key=(),
@@ -534,7 +546,7 @@ def test_identifiers_are_quoted() -> None:
     )
     json_sql = sql_of(*params, rendering=Rendering.JSON_ROW)
     assert json_sql.startswith(
-        'SELECT row_to_json(r)::text FROM "public"."things" AS t CROSS JOIN LATERAL '
+        'SELECT row_to_json(r.*)::text FROM "public"."things" AS t CROSS JOIN LATERAL '
         '(SELECT t."a""b" AS "a""b", t."x; drop table people" AS "x; drop table people", '
         't."a.b" AS "a.b", t."a,b" AS "a,b") AS r WHERE '
     )
@@ -561,7 +573,7 @@ def test_no_order_clause_without_orderable_columns() -> None:
         schema="public",
         relation="j",
         kind="view",
-        columns=(_column("payload", "json"),),
+        columns=(_column("payload", "json", orderable=False),),
         primary_key=(),
         estimated_rows=None,
     )
