@@ -22,6 +22,7 @@ from exporter.encoders import Encoder
 from exporter.problems import Problem
 from exporter.query import ExportQuery, parse_query
 from exporter.settings import Settings
+from exporter.source import CopyTimeout
 from exporter.stream import ExportStream
 
 log = logging.getLogger(__name__)
@@ -174,7 +175,7 @@ def _open_error(exc: Exception, query: ExportQuery) -> Problem | None:
         )
     if isinstance(exc, asyncpg.exceptions.InsufficientPrivilegeError):
         return Problem(403, "Forbidden", str(exc))
-    if isinstance(exc, asyncpg.exceptions.QueryCanceledError):
+    if isinstance(exc, asyncpg.exceptions.QueryCanceledError | CopyTimeout):
         return Problem(
             503,
             "Service Unavailable",

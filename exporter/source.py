@@ -1,6 +1,8 @@
 """The only module that runs an export's SELECT: builds it from a validated query and reads it
 through a server-side cursor, one batch at a time."""
 
+import asyncio
+import contextlib
 from collections.abc import Sequence
 from typing import Any
 
@@ -31,11 +33,53 @@ def _text_value(column: Column) -> str:
     return f"{ref}::text"
 
 
+class _Parameters:
+    """Values of a query, each behind a placeholder. A COPY statement takes no bind parameters,
+    so for COPY each value is bound to a transaction-local setting first, and the query reads it
+    back with current_setting(): values never become SQL text either way."""
+
+    def __init__(self, for_copy: bool) -> None:
+        self.for_copy = for_copy
+        self.values: list[Any] = []
+        self.casts: list[str] = []
+
+    def add(self, value: Any, cast: str) -> str:
+        self.values.append(value)
+        self.casts.append(cast)
+        n = len(self.values)
+        if self.for_copy:
+            return f"CAST(current_setting('exporter.p{n}') AS {cast})"
+        return f"${n}::{cast}"
+
+    def settings_sql(self) -> str:
+        """The statement that binds a COPY's values as settings (before the COPY)."""
+        return "SELECT " + ", ".join(
+            f"set_config('exporter.p{n}', ${n}::{cast}::text, true)"
+            for n, cast in enumerate(self.casts, start=1)
+        )
+
+
 def build_sql(query: ExportQuery, rendering: Rendering) -> tuple[str, list[Any]]:
     """SQL text from catalog identifiers (quoted) and placeholders; values only as arguments."""
+    parameters = _Parameters(for_copy=False)
+    return _build(query, rendering, parameters), parameters.values
+
+
+def build_copy(query: ExportQuery) -> tuple[str, str | None, list[Any]]:
+    """The SELECT for COPY, the statement that binds its values (None: no values) and them."""
+    parameters = _Parameters(for_copy=True)
+    sql = _build(query, Rendering.COPY, parameters)
+    return sql, parameters.settings_sql() if parameters.values else None, parameters.values
+
+
+def _build(query: ExportQuery, rendering: Rendering, parameters: _Parameters) -> str:
     dataset = query.dataset
     relation = f"{quote_ident(dataset.schema)}.{quote_ident(dataset.relation)} AS t"
-    if rendering is Rendering.TEXT_VALUES:
+    if rendering is Rendering.COPY:
+        # COPY renders every value with its output function and names the header's columns.
+        select = ", ".join(f"{_column_ref(c)} AS {quote_ident(c.name)}" for c in query.columns)
+        from_clause = relation
+    elif rendering is Rendering.TEXT_VALUES:
         select = ", ".join(_text_value(c) for c in query.columns) or "NULL"
         from_clause = relation
     else:
@@ -50,8 +94,7 @@ def build_sql(query: ExportQuery, rendering: Rendering) -> tuple[str, list[Any]]
             select = f"replace(replace({select}, E'\\n', ' '), E'\\r', ' ')"
         from_clause = f"{relation} CROSS JOIN LATERAL (SELECT {inner}) AS r"
 
-    args: list[Any] = []
-    conditions = [_condition(f, args) for f in query.filters]
+    conditions = [_condition(f, parameters) for f in query.filters]
     sql = f"SELECT {select} FROM {from_clause}"
     if conditions:
         sql += " WHERE " + " AND ".join(conditions)
@@ -63,31 +106,25 @@ def build_sql(query: ExportQuery, rendering: Rendering) -> tuple[str, list[Any]]
             for term in query.order
         )
     if query.limit is not None:
-        args.append(query.limit)
-        sql += f" LIMIT ${len(args)}::bigint"
-    return sql, args
+        sql += f" LIMIT {parameters.add(query.limit, 'bigint')}"
+    return sql
 
 
-def _placeholder(args: list[Any], value: Any, cast: str) -> str:
-    args.append(value)
-    return f"${len(args)}::{cast}"
-
-
-def _condition(f: Filter, args: list[Any]) -> str:
+def _condition(f: Filter, parameters: _Parameters) -> str:
     ref = _column_ref(f.column)
     # Values travel as text and PostgreSQL casts them with the column's own input function,
     # so a numeric keeps every digit and a timestamp its zone.
     type_sql = f.column.type_sql
     if f.operator in COMPARISONS:
-        value = _placeholder(args, f.value, "text")
+        value = parameters.add(f.value, "text")
         condition = f"{ref} {COMPARISONS[f.operator]} CAST({value} AS {type_sql})"
     elif f.operator in ("like", "ilike"):
         # Under the database's default collation: a column's nondeterministic (say,
         # case-insensitive) collation makes PostgreSQL before 18 refuse LIKE altogether.
-        pattern = _placeholder(args, f.value, "text")
+        pattern = parameters.add(f.value, "text")
         condition = f'{ref}::text COLLATE "default" {f.operator.upper()} {pattern}'
     elif f.operator == "in":
-        values = _placeholder(args, list(f.value), "text[]")
+        values = parameters.add(list(f.value), "text[]")
         condition = f"{ref} = ANY(CAST({values} AS {type_sql}[]))"
     else:  # is
         keyword = str(f.value).upper()
@@ -142,3 +179,101 @@ class Source:
             self._cursor = await self.connection.cursor(self.sql, *self.args)
         batch: list[Any] = await self._cursor.fetch(self.batch_rows)
         return batch
+
+
+class CopyTimeout(TimeoutError):
+    """PostgreSQL took longer than statement_timeout to send the next block of a COPY."""
+
+
+class CopySource:
+    """Runs the export as COPY (...) TO STDOUT and hands its output on block by block.
+
+    asyncpg delivers COPY data to a callback; a task runs the COPY, and at most two blocks
+    wait between it and the reader: while the callback waits, asyncpg reads no more from
+    PostgreSQL, so memory stays bounded and a slow client slows PostgreSQL down.
+
+    A COPY is one statement, so the transaction's statement_timeout would bound the whole
+    export; it is lifted for the COPY and applied here instead, as for a cursor's fetches: to
+    each wait for PostgreSQL's next block. And since a COPY blocked on a stalled client is
+    not idle in PostgreSQL's eyes, idle_in_transaction_session_timeout is applied here too:
+    a block that no reader takes within it ends the COPY and the transaction (and with it
+    the snapshot); the reader then fails.
+    """
+
+    def __init__(
+        self,
+        connection: Any,
+        sql: str,
+        settings_sql: str | None,
+        args: Sequence[Any],
+        options: dict[str, Any],
+        *,
+        statement_timeout_s: float | None,
+        idle_timeout_s: float | None,
+    ) -> None:
+        self.connection = connection
+        self.sql = sql
+        self.settings_sql = settings_sql
+        self.args = args
+        self.options = options
+        self.statement_timeout_s = statement_timeout_s
+        self.idle_timeout_s = idle_timeout_s
+        # Unbounded, but data blocks need one of two places; the end marker never waits.
+        self._queue: asyncio.Queue[bytes | BaseException | None] = asyncio.Queue()
+        self._places = asyncio.Semaphore(2)
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        await self.connection.execute("SET LOCAL statement_timeout = 0")
+        if self.settings_sql is not None:
+            await self.connection.fetchval(self.settings_sql, *self.args)
+        self._task = asyncio.ensure_future(self._run())
+
+    async def _run(self) -> None:
+        try:
+            await self.connection.copy_from_query(self.sql, output=self._put, **self.options)
+        except TimeoutError as exc:
+            # Nobody read for idle_timeout_s: give up the snapshot now, not when the client
+            # finally reads or leaves.
+            with contextlib.suppress(Exception):
+                await self.connection.execute("ROLLBACK")
+            self._queue.put_nowait(exc)
+            return
+        except Exception as exc:
+            self._queue.put_nowait(exc)
+            return
+        self._queue.put_nowait(None)
+
+    async def _put(self, data: bytes | bytearray) -> None:
+        if self.idle_timeout_s is None:
+            await self._places.acquire()
+        else:
+            async with asyncio.timeout(self.idle_timeout_s):
+                await self._places.acquire()
+        # Copied: asyncpg may reuse its buffer once the callback returns.
+        self._queue.put_nowait(bytes(data))
+
+    async def read(self) -> bytes | None:
+        """The next block of output; None at the end."""
+        try:
+            async with asyncio.timeout(self.statement_timeout_s):
+                item = await self._queue.get()
+        except TimeoutError:
+            raise CopyTimeout(
+                f"no data from PostgreSQL within {self.statement_timeout_s} s (statement_timeout)"
+            ) from None
+        if isinstance(item, BaseException):
+            raise item
+        if item is not None:
+            self._places.release()
+        return item
+
+    async def stop(self) -> None:
+        """Cancel the COPY if it still runs, and wait until it has let go of the connection."""
+        task, self._task = self._task, None
+        if task is None:
+            return
+        if not task.done():
+            task.cancel()
+        with contextlib.suppress(BaseException):
+            await task

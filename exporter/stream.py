@@ -15,10 +15,15 @@ import anyio
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from exporter.db import snapshot
-from exporter.encoders import Encoder
+from exporter.encoders import Encoder, Rendering
 from exporter.query import ExportQuery
 from exporter.settings import Settings
-from exporter.source import Source, build_sql, check_filter_values
+from exporter.source import CopySource, Source, build_copy, build_sql, check_filter_values
+
+
+def _seconds(milliseconds: int) -> float | None:
+    # PostgreSQL's convention: 0 means no timeout.
+    return milliseconds / 1000 if milliseconds else None
 
 
 class Outcome(enum.Enum):
@@ -48,7 +53,9 @@ class ExportStream:
         self.error: BaseException | None = None
         self._exit_stack = AsyncExitStack()
         self._source: Source | None = None
+        self._copy: CopySource | None = None
         self._first_batch: list[Any] = []
+        self._first_block: bytes | None = None
 
     async def open(self) -> None:
         try:
@@ -56,9 +63,23 @@ class ExportStream:
                 snapshot(self.engine, self.settings, self.label)
             )
             await check_filter_values(connection, self.query)
-            sql, args = build_sql(self.query, self.encoder.rendering)
-            self._source = Source(connection, sql, args, self.settings.batch_rows)
-            self._first_batch = await self._source.fetch()
+            if self.encoder.rendering is Rendering.COPY:
+                sql, settings_sql, args = build_copy(self.query)
+                self._copy = CopySource(
+                    connection,
+                    sql,
+                    settings_sql,
+                    args,
+                    self.encoder.copy_options,
+                    statement_timeout_s=_seconds(self.settings.statement_timeout_ms),
+                    idle_timeout_s=_seconds(self.settings.idle_in_transaction_timeout_ms),
+                )
+                await self._copy.start()
+                self._first_block = await self._copy.read()
+            else:
+                sql, args = build_sql(self.query, self.encoder.rendering)
+                self._source = Source(connection, sql, args, self.settings.batch_rows)
+                self._first_batch = await self._source.fetch()
         except BaseException:
             await self.aclose()
             raise
@@ -68,6 +89,10 @@ class ExportStream:
 
         `rows` and `bytes` count what has been handed on (sent, for HTTP), not merely read.
         """
+        if self._copy is not None:
+            async for chunk in self._copy_chunks(self._copy):
+                yield chunk
+            return
         assert self._source is not None, "open() first"
         encoder = self.encoder
         chunk_bytes = self.settings.chunk_bytes
@@ -105,6 +130,34 @@ class ExportStream:
         finally:
             await self.aclose()
 
+    async def _copy_chunks(self, copy: CopySource) -> AsyncIterator[bytes]:
+        chunk_bytes = self.settings.chunk_bytes
+        pending = bytearray()  # one buffer, reused: COPY's blocks are regrouped into chunks
+        records = 0
+        try:
+            block = self._first_block
+            self._first_block = None
+            while block is not None:
+                records += self.encoder.count_records(block)
+                pending += block
+                while len(pending) >= chunk_bytes:
+                    data = bytes(pending[:chunk_bytes])
+                    del pending[:chunk_bytes]
+                    self.bytes += len(data)
+                    yield data
+                self.rows = records
+                block = await copy.read()
+            if pending:
+                self.bytes += len(pending)
+                yield bytes(pending)
+            self.rows = records
+            self.completed = True
+        except BaseException as exc:
+            self.error = exc
+            raise
+        finally:
+            await self.aclose()
+
     def _take(self) -> bytes:
         data = self.encoder.take().encode()
         self.bytes += len(data)
@@ -113,6 +166,10 @@ class ExportStream:
     async def aclose(self) -> None:
         """Idempotent; shielded, because it runs when the export's task is being cancelled."""
         with anyio.CancelScope(shield=True):
+            if self._copy is not None:
+                # A COPY in flight must let go of the connection before it is reset.
+                with anyio.move_on_after(self.settings.cleanup_timeout_s):
+                    await self._copy.stop()
             await self._exit_stack.aclose()
 
     @property

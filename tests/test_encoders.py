@@ -41,3 +41,12 @@ def test_ndjson_joins_rendered_lines() -> None:
     encoder.write_rows([('{"id":1,"text":"a"}',), ('{"id":2,"text":null}',)])
     lines = encoder.take().splitlines()
     assert [json.loads(line) for line in lines] == [{"id": 1, "text": "a"}, {"id": 2, "text": None}]
+
+
+def test_csv_counts_copy_records_across_block_boundaries() -> None:
+    # As COPY writes it: quoted fields with line breaks and doubled quotes inside.
+    text = b'id,"na""me"\n1,"two\nlines"\n2,"say ""hi""\n"\n3,\n4,""\n5,"a,b"\n'
+    for size in range(1, len(text) + 1):
+        encoder = CsvEncoder(COLUMNS)
+        blocks = [text[i : i + size] for i in range(0, len(text), size)]
+        assert sum(encoder.count_records(block) for block in blocks) == 5, size

@@ -120,18 +120,20 @@ def server_without_gc(database: ExportDatabase, tmp_path: Path) -> Iterator[Serv
     stop_server(server)
 
 
+@pytest.mark.parametrize("fmt", ["csv", "ndjson"])  # COPY, and a cursor
 def test_disconnect_frees_the_connection_at_once(
-    server_without_gc: Server, database: ExportDatabase
+    server_without_gc: Server, database: ExportDatabase, fmt: str
 ) -> None:
     client = server_without_gc.client(database.key)
+    request_id = f"leaver-{fmt}"
     response = client.send(
-        client.build_request("GET", "/datasets/big.ndjson", headers={"X-Request-Id": "leaver"}),
+        client.build_request("GET", f"/datasets/big.{fmt}", headers={"X-Request-Id": request_id}),
         stream=True,
     )
     assert response.status_code == 200
     raw = response.iter_raw()  # kept: dropping the iterator would close the response
     next(raw)
-    (backend,) = backend_of(database, "leaver")
+    (backend,) = backend_of(database, request_id)
     response.close()
     client.close()
     left_at = time.monotonic()
@@ -147,7 +149,7 @@ def test_disconnect_frees_the_connection_at_once(
         time.sleep(0.02)
     else:
         pytest.fail(f"export still holds its connection 1 s after the client left: {state}")
-    assert export_outcome(database, "leaver") == "disconnected"
+    assert export_outcome(database, request_id) == "disconnected"
     # The freed connection serves the next export.
     with server_without_gc.client(database.key) as again:
         assert again.get("/datasets/people.csv").status_code == 200
@@ -176,20 +178,20 @@ def test_statement_timeout_after_first_byte_aborts_the_response(
 ) -> None:
     run_sql(
         database.url,
-        # Rows after the first hundred take a second each. The function claims to be STABLE so
-        # that the view is flattened and read in key order through the index: the first
-        # batches arrive at once, the timeout strikes later.
+        # Rows after the first 5000 (several blocks of output) take a second each. The function
+        # claims to be STABLE so that the view is flattened and read in key order through the
+        # index: the first rows arrive at once, the timeout strikes later.
         "CREATE FUNCTION public.slow_value(id bigint) RETURNS text LANGUAGE plpgsql STABLE AS "
-        "$$ BEGIN IF id > 100 THEN PERFORM pg_sleep(1); END IF; RETURN 'x'; END $$",
+        "$$ BEGIN IF id > 5000 THEN PERFORM pg_sleep(1); END IF; RETURN 'x'; END $$",
         "CREATE VIEW public.slow AS SELECT id, public.slow_value(id) AS s FROM public.big",
     )
     server = start_server(
-        database.url, tmp_path, statement_timeout_ms="500", batch_rows="50", chunk_bytes="1"
+        database.url, tmp_path, statement_timeout_ms="500", batch_rows="50", chunk_bytes="1024"
     )
     try:
         with server.client(database.key) as client:
             headers = {"X-Request-Id": "timed-out"}
-            params = {"order": "id", "limit": "200"}
+            params = {"order": "id", "limit": "6000"}
             with client.stream("GET", "/datasets/slow.csv", params=params, headers=headers) as r:
                 assert r.status_code == 200
                 raw = r.iter_raw()
@@ -288,3 +290,29 @@ def test_shutdown_cancels_running_exports_and_logs_them(
         stop_server(server)
     assert backend_of(database, "at-shutdown") == []
     assert export_outcome(database, "at-shutdown", timeout_s=1) == "disconnected"
+
+
+def test_a_stalled_client_does_not_hold_the_snapshot(
+    database: ExportDatabase, tmp_path: Path
+) -> None:
+    server = start_server(database.url, tmp_path, idle_in_transaction_timeout_ms="1000")
+    try:
+        for fmt in ("csv", "ndjson"):
+            request_id = f"stalled-{fmt}"
+            with server.client(database.key) as client:
+                headers = {"X-Request-Id": request_id}
+                with client.stream("GET", f"/datasets/big.{fmt}", headers=headers) as r:
+                    raw = r.iter_raw()
+                    next(raw)
+                    # The client stops reading; within the timeout (and a margin) the export
+                    # gives up its transaction, and the download ends incomplete.
+                    stalled_at = time.monotonic()
+                    while backend_of(database, request_id):
+                        assert time.monotonic() - stalled_at < 4, f"{fmt} snapshot still held"
+                        time.sleep(0.1)
+                    with pytest.raises(httpx.RemoteProtocolError):
+                        for _ in raw:
+                            pass
+            assert export_outcome(database, request_id) == "failed"
+    finally:
+        stop_server(server)

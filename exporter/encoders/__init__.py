@@ -20,6 +20,9 @@ class Rendering(enum.Enum):
     # One text column per row: the whole row as a JSON object rendered by PostgreSQL,
     # keys in column order.
     JSON_ROW = "json_row"
+    # The whole output written by PostgreSQL's COPY ... TO STDOUT, where that is exactly the
+    # format wanted; the encoder passes the bytes on and counts the records in them.
+    COPY = "copy"
 
 
 class Encoder:
@@ -36,6 +39,13 @@ class Encoder:
         """Write what precedes the rows (a header, say)."""
 
     def write_rows(self, rows: Sequence[Sequence[Any]]) -> None:
+        raise NotImplementedError
+
+    # For Rendering.COPY: the options of COPY ... TO STDOUT, and a count of the records that
+    # end in a block of its output (blocks arrive in order).
+    copy_options: ClassVar[dict[str, Any]] = {}
+
+    def count_records(self, data: bytes) -> int:
         raise NotImplementedError
 
     def end(self) -> None:
