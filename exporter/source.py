@@ -186,9 +186,9 @@ class CopyTimeout(TimeoutError):
 
 
 class CopySource:
-    """Runs the export as COPY (...) TO STDOUT and hands its output on block by block.
+    """Runs the export as COPY (...) TO STDOUT and hands its output on in chunks.
 
-    asyncpg delivers COPY data to a callback; a task runs the COPY, and at most two blocks
+    asyncpg delivers COPY data to a callback; a task runs the COPY, and at most two chunks
     wait between it and the reader: while the callback waits, asyncpg reads no more from
     PostgreSQL, so memory stays bounded and a slow client slows PostgreSQL down.
 
@@ -208,6 +208,7 @@ class CopySource:
         args: Sequence[Any],
         options: dict[str, Any],
         *,
+        chunk_bytes: int,
         statement_timeout_s: float | None,
         idle_timeout_s: float | None,
     ) -> None:
@@ -216,12 +217,15 @@ class CopySource:
         self.settings_sql = settings_sql
         self.args = args
         self.options = options
+        self.chunk_bytes = chunk_bytes
+        self._buffer = bytearray()
         self.statement_timeout_s = statement_timeout_s
         self.idle_timeout_s = idle_timeout_s
         # Unbounded, but data blocks need one of two places; the end marker never waits.
         self._queue: asyncio.Queue[bytes | BaseException | None] = asyncio.Queue()
         self._places = asyncio.Semaphore(2)
         self._task: asyncio.Task[None] | None = None
+        self.rows: int | None = None  # once the COPY has completed
 
     async def start(self) -> None:
         await self.connection.execute("SET LOCAL statement_timeout = 0")
@@ -231,7 +235,14 @@ class CopySource:
 
     async def _run(self) -> None:
         try:
-            await self.connection.copy_from_query(self.sql, output=self._put, **self.options)
+            status = await self.connection.copy_from_query(
+                self.sql, output=self._put, **self.options
+            )
+            # "COPY <rows>": the exact count, whatever the data holds.
+            self.rows = int(str(status).rpartition(" ")[2])
+            if self._buffer:
+                self._queue.put_nowait(bytes(self._buffer))
+                self._buffer.clear()
         except TimeoutError as exc:
             # Nobody read for idle_timeout_s: give up the snapshot now, not when the client
             # finally reads or leaves.
@@ -245,16 +256,22 @@ class CopySource:
         self._queue.put_nowait(None)
 
     async def _put(self, data: bytes | bytearray) -> None:
-        if self.idle_timeout_s is None:
-            await self._places.acquire()
-        else:
-            async with asyncio.timeout(self.idle_timeout_s):
+        # COPY's blocks (a few KiB to a few hundred) are regrouped into chunks of chunk_bytes
+        # in one reused buffer: two copies of the data in all.
+        self._buffer += data
+        while len(self._buffer) >= self.chunk_bytes:
+            if self.idle_timeout_s is None:
                 await self._places.acquire()
-        # Copied: asyncpg may reuse its buffer once the callback returns.
-        self._queue.put_nowait(bytes(data))
+            else:
+                async with asyncio.timeout(self.idle_timeout_s):
+                    await self._places.acquire()
+            with memoryview(self._buffer) as view:
+                chunk = bytes(view[: self.chunk_bytes])
+            del self._buffer[: self.chunk_bytes]
+            self._queue.put_nowait(chunk)
 
     async def read(self) -> bytes | None:
-        """The next block of output; None at the end."""
+        """The next chunk of output; None at the end."""
         try:
             async with asyncio.timeout(self.statement_timeout_s):
                 item = await self._queue.get()

@@ -71,6 +71,7 @@ class ExportStream:
                     settings_sql,
                     args,
                     self.encoder.copy_options,
+                    chunk_bytes=self.settings.chunk_bytes,
                     statement_timeout_s=_seconds(self.settings.statement_timeout_ms),
                     idle_timeout_s=_seconds(self.settings.idle_in_transaction_timeout_ms),
                 )
@@ -131,26 +132,17 @@ class ExportStream:
             await self.aclose()
 
     async def _copy_chunks(self, copy: CopySource) -> AsyncIterator[bytes]:
-        chunk_bytes = self.settings.chunk_bytes
-        pending = bytearray()  # one buffer, reused: COPY's blocks are regrouped into chunks
         records = 0
         try:
-            block = self._first_block
+            chunk = self._first_block
             self._first_block = None
-            while block is not None:
-                records += self.encoder.count_records(block)
-                pending += block
-                while len(pending) >= chunk_bytes:
-                    data = bytes(pending[:chunk_bytes])
-                    del pending[:chunk_bytes]
-                    self.bytes += len(data)
-                    yield data
+            while chunk is not None:
+                records += self.encoder.count_records(chunk)
+                self.bytes += len(chunk)
+                yield chunk
                 self.rows = records
-                block = await copy.read()
-            if pending:
-                self.bytes += len(pending)
-                yield bytes(pending)
-            self.rows = records
+                chunk = await copy.read()
+            self.rows = copy.rows if copy.rows is not None else records
             self.completed = True
         except BaseException as exc:
             self.error = exc

@@ -122,8 +122,6 @@ def test_openapi_documents_export_media_types(client: httpx.Client) -> None:
 def test_export_log_records_completed_exports(
     client: httpx.Client, database: ExportDatabase
 ) -> None:
-    from tests.conftest import run_sql
-
     response = client.get("/datasets/people.ndjson", params={"age": "gt.30"})
     request_id = response.headers["x-request-id"]
     rows = run_sql(
@@ -138,6 +136,15 @@ def test_export_log_records_completed_exports(
     assert row["rows"] == 2
     assert row["bytes"] == len(response.content)
     assert row["outcome"] == "completed"
+    # CSV through COPY: rows as COPY counts them, though a field holds a line break.
+    response = client.get("/datasets/people.csv")
+    assert b"multi\nline" in response.content
+    (logged,) = run_sql(
+        database.url,
+        "SELECT rows, bytes FROM exporter.export_log "
+        f"WHERE request_id = '{response.headers['x-request-id']}'",
+    )
+    assert (logged["rows"], logged["bytes"]) == (5, len(response.content))
 
 
 def test_a_column_named_like_the_row_alias_exports(

@@ -41,8 +41,9 @@ class Encoder:
     def write_rows(self, rows: Sequence[Sequence[Any]]) -> None:
         raise NotImplementedError
 
-    # For Rendering.COPY: the options of COPY ... TO STDOUT, and a count of the records that
-    # end in a block of its output (blocks arrive in order).
+    # For Rendering.COPY: the options of COPY ... TO STDOUT, and a running count of the records
+    # that end in a block of its output (blocks arrive in order), for progress; COPY's own
+    # count replaces it when the export completes.
     copy_options: ClassVar[dict[str, Any]] = {}
 
     def count_records(self, data: bytes) -> int:
