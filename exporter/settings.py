@@ -21,6 +21,9 @@ class Settings(BaseSettings):
     pool_size: int = Field(default=10, ge=1)
     # How long an export waits for a free connection before it is refused with a 503.
     pool_timeout_s: float = Field(default=5.0, gt=0)
+    # Exports whose format COPY writes exactly run as COPY (the fastest way out of
+    # PostgreSQL); false reads every export through a server-side cursor instead.
+    use_copy: bool = True
     # Rows per server-side cursor round trip, and bytes per HTTP chunk.
     batch_rows: int = Field(default=5_000, ge=1)
     chunk_bytes: int = Field(default=64 * 1024, ge=1)

@@ -65,17 +65,20 @@ def build_sql(query: ExportQuery, rendering: Rendering) -> tuple[str, list[Any]]
     return _build(query, rendering, parameters), parameters.values
 
 
-def build_copy(query: ExportQuery) -> tuple[str, str | None, list[Any]]:
+def build_copy(query: ExportQuery, rendering: Rendering) -> tuple[str, str | None, list[Any]]:
     """The SELECT for COPY, the statement that binds its values (None: no values) and them."""
     parameters = _Parameters(for_copy=True)
-    sql = _build(query, Rendering.COPY, parameters)
+    if rendering is Rendering.TEXT_VALUES:
+        # COPY writes each value's text form itself, with the output function.
+        rendering = Rendering.COLUMNS
+    sql = _build(query, rendering, parameters)
     return sql, parameters.settings_sql() if parameters.values else None, parameters.values
 
 
 def _build(query: ExportQuery, rendering: Rendering, parameters: _Parameters) -> str:
     dataset = query.dataset
     relation = f"{quote_ident(dataset.schema)}.{quote_ident(dataset.relation)} AS t"
-    if rendering is Rendering.COPY:
+    if rendering is Rendering.COLUMNS:
         # COPY renders every value with its output function and names the header's columns.
         select = ", ".join(f"{_column_ref(c)} AS {quote_ident(c.name)}" for c in query.columns)
         from_clause = relation

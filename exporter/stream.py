@@ -15,7 +15,7 @@ import anyio
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from exporter.db import snapshot
-from exporter.encoders import Encoder, Rendering
+from exporter.encoders import Encoder
 from exporter.query import ExportQuery
 from exporter.settings import Settings
 from exporter.source import CopySource, Source, build_copy, build_sql, check_filter_values
@@ -63,14 +63,15 @@ class ExportStream:
                 snapshot(self.engine, self.settings, self.label)
             )
             await check_filter_values(connection, self.query)
-            if self.encoder.rendering is Rendering.COPY:
-                sql, settings_sql, args = build_copy(self.query)
+            copy_options = self.encoder.copy_options
+            if copy_options is not None and self.settings.use_copy:
+                sql, settings_sql, args = build_copy(self.query, self.encoder.rendering)
                 self._copy = CopySource(
                     connection,
                     sql,
                     settings_sql,
                     args,
-                    self.encoder.copy_options,
+                    copy_options,
                     chunk_bytes=self.settings.chunk_bytes,
                     statement_timeout_s=_seconds(self.settings.statement_timeout_ms),
                     idle_timeout_s=_seconds(self.settings.idle_in_transaction_timeout_ms),

@@ -72,8 +72,9 @@ def _peak_rss_bytes(pid: int) -> int:
     raise AssertionError("no VmHWM")
 
 
-def test_memory_stays_flat(database: ExportDatabase, tmp_path: Path) -> None:
-    server = start_server(database.url, tmp_path)
+@pytest.mark.parametrize("use_copy", ["true", "false"])
+def test_memory_stays_flat(database: ExportDatabase, tmp_path: Path, use_copy: str) -> None:
+    server = start_server(database.url, tmp_path, use_copy=use_copy)
     try:
         peaks = {}
         with server.client(database.key) as client:
@@ -91,16 +92,23 @@ def test_memory_stays_flat(database: ExportDatabase, tmp_path: Path) -> None:
         stop_server(server)
 
 
-@pytest.fixture
-def server_without_gc(database: ExportDatabase, tmp_path: Path) -> Iterator[Server]:
-    """A server whose cyclic garbage collector is off: cleanup must not wait for it."""
+@pytest.fixture(params=["copy", "cursor"])
+def server_without_gc(
+    database: ExportDatabase, tmp_path: Path, request: pytest.FixtureRequest
+) -> Iterator[Server]:
+    """A server whose cyclic garbage collector is off: cleanup must not wait for it. Exports
+    run as COPY, or through a cursor."""
     port = free_port()
     log_path = tmp_path / "server-nogc.log"
     code = (
         "import gc, sys; gc.disable(); from exporter.cli import main; "
         f"main(['serve', '--port', '{port}'])"
     )
-    env = {**__import__("os").environ, "EXPORTER_DATABASE_URL": database.url}
+    env = {
+        **__import__("os").environ,
+        "EXPORTER_DATABASE_URL": database.url,
+        "EXPORTER_USE_COPY": str(request.param == "copy"),
+    }
     with log_path.open("wb") as log:
         process = subprocess.Popen(
             [sys.executable, "-c", code], env=env, stdout=log, stderr=subprocess.STDOUT
@@ -120,7 +128,7 @@ def server_without_gc(database: ExportDatabase, tmp_path: Path) -> Iterator[Serv
     stop_server(server)
 
 
-@pytest.mark.parametrize("fmt", ["csv", "ndjson"])  # COPY, and a cursor
+@pytest.mark.parametrize("fmt", ["csv", "ndjson"])
 def test_disconnect_frees_the_connection_at_once(
     server_without_gc: Server, database: ExportDatabase, fmt: str
 ) -> None:
@@ -173,8 +181,9 @@ def test_failure_after_first_byte_aborts_the_response(
     assert export_outcome(database, "killed") == "failed"
 
 
+@pytest.mark.parametrize("use_copy", ["true", "false"])
 def test_statement_timeout_after_first_byte_aborts_the_response(
-    database: ExportDatabase, tmp_path: Path
+    database: ExportDatabase, tmp_path: Path, use_copy: str
 ) -> None:
     run_sql(
         database.url,
@@ -186,7 +195,12 @@ def test_statement_timeout_after_first_byte_aborts_the_response(
         "CREATE VIEW public.slow AS SELECT id, public.slow_value(id) AS s FROM public.big",
     )
     server = start_server(
-        database.url, tmp_path, statement_timeout_ms="500", batch_rows="50", chunk_bytes="1024"
+        database.url,
+        tmp_path,
+        statement_timeout_ms="500",
+        batch_rows="50",
+        chunk_bytes="1024",
+        use_copy=use_copy,
     )
     try:
         with server.client(database.key) as client:
@@ -292,10 +306,13 @@ def test_shutdown_cancels_running_exports_and_logs_them(
     assert export_outcome(database, "at-shutdown", timeout_s=1) == "disconnected"
 
 
+@pytest.mark.parametrize("use_copy", ["true", "false"])
 def test_a_stalled_client_does_not_hold_the_snapshot(
-    database: ExportDatabase, tmp_path: Path
+    database: ExportDatabase, tmp_path: Path, use_copy: str
 ) -> None:
-    server = start_server(database.url, tmp_path, idle_in_transaction_timeout_ms="1000")
+    server = start_server(
+        database.url, tmp_path, idle_in_transaction_timeout_ms="1000", use_copy=use_copy
+    )
     try:
         for fmt in ("csv", "ndjson"):
             request_id = f"stalled-{fmt}"

@@ -20,9 +20,9 @@ class Rendering(enum.Enum):
     # One text column per row: the whole row as a JSON object rendered by PostgreSQL,
     # keys in column order.
     JSON_ROW = "json_row"
-    # The whole output written by PostgreSQL's COPY ... TO STDOUT, where that is exactly the
-    # format wanted; the encoder passes the bytes on and counts the records in them.
-    COPY = "copy"
+    # The columns as they are: what a COPY of TEXT_VALUES selects, since COPY writes every
+    # value's text form itself.
+    COLUMNS = "columns"
 
 
 class Encoder:
@@ -41,10 +41,12 @@ class Encoder:
     def write_rows(self, rows: Sequence[Sequence[Any]]) -> None:
         raise NotImplementedError
 
-    # For Rendering.COPY: the options of COPY ... TO STDOUT, and a running count of the records
-    # that end in a block of its output (blocks arrive in order), for progress; COPY's own
-    # count replaces it when the export completes.
-    copy_options: ClassVar[dict[str, Any]] = {}
+    # Where PostgreSQL's COPY (...) TO STDOUT with these options writes exactly the encoder's
+    # format, the export runs as that COPY and the encoder only passes its output on (at the
+    # speed of COPY), keeping a running count of the records that end in each chunk (chunks
+    # arrive in order) for progress; COPY's own count replaces it when the export completes.
+    # None: rows come through a cursor and write_rows.
+    copy_options: ClassVar[dict[str, Any] | None] = None
 
     def count_records(self, data: bytes) -> int:
         raise NotImplementedError

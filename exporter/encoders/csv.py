@@ -11,15 +11,15 @@ class CsvEncoder(Encoder):
     only where needed, an empty unquoted field for NULL and `""` for the empty string, `\\n`
     line ends, every value in PostgreSQL's own text form.
 
-    PostgreSQL writes it (Rendering.COPY): that is exact by definition and runs at the speed
-    of COPY. The row methods below (a csv.writer on the reused buffer) are for options that
-    COPY cannot express.
+    PostgreSQL writes it (COPY ... (FORMAT csv, HEADER)): that is exact by definition and runs
+    at the speed of COPY. The row methods below (a csv.writer on the reused buffer) are for
+    options that COPY cannot express.
     """
 
     format = "csv"
     media_type = "text/csv"
     extension = "csv"
-    rendering = Rendering.COPY
+    rendering = Rendering.TEXT_VALUES
     copy_options = {"format": "csv", "header": True}
 
     def __init__(self, columns: Sequence[Column]) -> None:
