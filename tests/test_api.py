@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 import httpx
+import pytest
 
 from tests.conftest import ExportDatabase, Server, run_sql, start_server, stop_server
 
@@ -242,3 +243,24 @@ def test_cursor_and_copy_exports_agree(
             assert b'\n3,"",' in client.get("/datasets/people.csv").content
     finally:
         stop_server(cursor_server)
+
+
+def test_a_line_break_that_would_split_an_ndjson_line_fails_the_export(
+    client: httpx.Client, database: ExportDatabase, tmp_path: Path
+) -> None:
+    run_sql(
+        database.url,
+        "CREATE TYPE public.wrapped AS (doc json)",
+        "CREATE TABLE public.wrapping (id integer PRIMARY KEY, w public.wrapped)",
+        "INSERT INTO public.wrapping VALUES (1, ROW(E'{\"a\":\\n1}'::json))",
+    )
+    cursor_server = start_server(database.url, tmp_path, use_copy="false")
+    try:
+        with cursor_server.client(database.key) as through_cursor:
+            for http in (client, through_cursor):
+                with http.stream("GET", "/datasets/wrapping.ndjson?limit=5000") as response:
+                    with pytest.raises(httpx.RemoteProtocolError):
+                        response.read()
+    finally:
+        stop_server(cursor_server)
+        run_sql(database.url, "DROP TABLE public.wrapping", "DROP TYPE public.wrapped")

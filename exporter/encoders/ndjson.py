@@ -22,11 +22,18 @@ class NdjsonEncoder(Encoder):
     copy_options = {"format": "csv", "delimiter": "\x02", "quote": "\x01"}
 
     def count_records(self, data: bytes) -> int:
+        # COPY quotes a field (with \x01) only if it holds a line break: a json value inside a
+        # composite type, say, which the source does not clean. That line would be split in
+        # two, so the export fails instead of delivering a corrupt file.
+        if b"\x01" in data:
+            raise ValueError("a rendered row holds a line break; cannot write it as NDJSON")
         return data.count(b"\n")
 
     def write_rows(self, rows: Sequence[Sequence[Any]]) -> None:
         if not rows:
             return
-        write = self.buffer.write
-        write("\n".join([row[0] for row in rows]))
-        write("\n")
+        lines = "\n".join([row[0] for row in rows])
+        if lines.count("\n") != len(rows) - 1:
+            raise ValueError("a rendered row holds a line break; cannot write it as NDJSON")
+        self.buffer.write(lines)
+        self.buffer.write("\n")
