@@ -60,6 +60,8 @@ def serve(host: str, port: int, workers: int, shutdown_grace_s: int = 30) -> Non
         port=port,
         workers=workers,
         log_config=log_config(),
+        # No WebSocket routes: importing a WebSocket implementation would only cost memory.
+        ws="none",
         # Exports are long; running ones may finish for a while before they are cancelled.
         timeout_graceful_shutdown=shutdown_grace_s,
     )
