@@ -86,16 +86,17 @@ class ExportStream:
             await self.aclose()
             raise
 
-    async def chunks(self) -> AsyncIterator[bytes]:
-        """Yield the export as UTF-8 chunks of about `chunk_bytes`, then close.
+    def chunks(self) -> AsyncIterator[bytes]:
+        """The export as UTF-8 chunks of about `chunk_bytes`; closing it closes the stream.
 
         `rows` and `bytes` count what has been handed on (sent, for HTTP), not merely read.
         """
         if self._copy is not None:
-            async for chunk in self._copy_chunks(self._copy):
-                yield chunk
-            return
+            return self._copy_chunks(self._copy)
         assert self._source is not None, "open() first"
+        return self._row_chunks(self._source)
+
+    async def _row_chunks(self, source: Source) -> AsyncIterator[bytes]:
         encoder = self.encoder
         chunk_bytes = self.settings.chunk_bytes
         # Rows are encoded a slice at a time, each slice sized from the bytes per row seen so
@@ -120,7 +121,7 @@ class ExportStream:
                     if encoder.pending() >= chunk_bytes:
                         yield self._take()
                         self.rows = encoded_rows
-                batch = await self._source.fetch()
+                batch = await source.fetch()
             encoder.end()
             if encoder.pending():
                 yield self._take()
