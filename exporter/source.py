@@ -1,5 +1,5 @@
 """The only module that runs an export's SELECT: builds it from a validated query and reads it
-through a server-side cursor, one batch at a time."""
+as COPY (...) TO STDOUT, chunk by chunk, or through a server-side cursor, batch by batch."""
 
 import asyncio
 import contextlib
