@@ -7,6 +7,7 @@ from fastapi import FastAPI
 from exporter import __version__, problems
 from exporter.api import router
 from exporter.db import Databases
+from exporter.memory import release_free_memory
 from exporter.middleware import (
     RequestIdMiddleware,
     SecurityHeadersMiddleware,
@@ -27,6 +28,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         databases = Databases.from_settings(settings)
         app.state.databases = databases
         app.state.active_exports = active = ActiveExports()
+        release_free_memory()
         try:
             yield
         finally:

@@ -19,6 +19,7 @@ from exporter.auth import ApiKey
 from exporter.catalog import Dataset
 from exporter.db import Databases
 from exporter.encoders import Encoder
+from exporter.memory import release_free_memory
 from exporter.problems import Problem
 from exporter.query import ExportQuery, parse_query
 from exporter.settings import Settings
@@ -259,3 +260,4 @@ class ExportResponse(StreamingResponse):
                     await self.on_end(self.stream)
                 finally:
                     self.on_released()
+                    release_free_memory()
