@@ -50,4 +50,3 @@ def test_csv_counts_lines_after_the_header_across_block_boundaries() -> None:
         blocks = [text[i : i + size] for i in range(0, len(text), size)]
         # The line break inside a field counts: an export's exact count comes from COPY.
         assert sum(encoder.count_records(block) for block in blocks) == 4, size
-
