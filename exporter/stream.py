@@ -5,6 +5,7 @@ snapshot, declares the cursor and fetches the first batch. After that, a failure
 abort the stream; `aclose()` releases everything at once, however the export ended.
 """
 
+import contextlib
 import enum
 import time
 from collections.abc import AsyncIterator
@@ -104,7 +105,7 @@ class ExportStream:
         # the rows are, and the buffer never holds much more than one chunk.
         bytes_per_row = 100.0
         encoded_rows = 0
-        try:
+        async with self._ending():
             encoder.begin()
             batch = self._first_batch
             self._first_batch = []
@@ -127,15 +128,10 @@ class ExportStream:
                 yield self._take()
             self.rows = encoded_rows
             self.completed = True
-        except BaseException as exc:
-            self.error = exc
-            raise
-        finally:
-            await self.aclose()
 
     async def _copy_chunks(self, copy: CopySource) -> AsyncIterator[bytes]:
         records = 0
-        try:
+        async with self._ending():
             chunk = self._first_block
             self._first_block = None
             while chunk is not None:
@@ -146,6 +142,12 @@ class ExportStream:
                 chunk = await copy.read()
             self.rows = copy.rows if copy.rows is not None else records
             self.completed = True
+
+    @contextlib.asynccontextmanager
+    async def _ending(self) -> AsyncIterator[None]:
+        """Note how the export ended (an error, or the consumer closing it) and release it."""
+        try:
+            yield
         except BaseException as exc:
             self.error = exc
             raise
