@@ -28,8 +28,8 @@ from exporter.stream import ExportStream
 
 log = logging.getLogger(__name__)
 
-# Logged (and shown by uvicorn's access log) for a request whose client left before the
-# export's first byte; nobody receives it. nginx uses the same code for the same event.
+# The answer to a request whose client left before the export's first byte: nobody receives
+# it (uvicorn drops it, unlogged); nginx uses the same code for the same event.
 CLIENT_CLOSED_REQUEST = 499
 
 

@@ -56,7 +56,7 @@ class ExportStream:
         self._source: Source | None = None
         self._copy: CopySource | None = None
         self._first_batch: list[Any] = []
-        self._first_block: bytes | None = None
+        self._first_chunk: bytes | None = None
 
     async def open(self) -> None:
         try:
@@ -78,7 +78,7 @@ class ExportStream:
                     idle_timeout_s=_seconds(self.settings.idle_in_transaction_timeout_ms),
                 )
                 await self._copy.start()
-                self._first_block = await self._copy.read()
+                self._first_chunk = await self._copy.read()
             else:
                 sql, args = build_sql(self.query, self.encoder.rendering)
                 self._source = Source(connection, sql, args, self.settings.batch_rows)
@@ -132,8 +132,8 @@ class ExportStream:
     async def _copy_chunks(self, copy: CopySource) -> AsyncIterator[bytes]:
         records = 0
         async with self._ending():
-            chunk = self._first_block
-            self._first_block = None
+            chunk = self._first_chunk
+            self._first_chunk = None
             while chunk is not None:
                 records += self.encoder.count_records(chunk)
                 self.bytes += len(chunk)

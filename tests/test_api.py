@@ -1,12 +1,22 @@
+import asyncio
 import csv
 import io
 import json
 from pathlib import Path
+from typing import Any
 
+import asyncpg
 import httpx
 import pytest
 
-from tests.conftest import ExportDatabase, Server, run_sql, start_server, stop_server
+from tests.conftest import (
+    ExportDatabase,
+    Server,
+    _asyncpg_dsn,
+    run_sql,
+    start_server,
+    stop_server,
+)
 
 
 def test_datasets_lists_tables_and_views_with_columns(client: httpx.Client) -> None:
@@ -264,3 +274,27 @@ def test_a_line_break_that_would_split_an_ndjson_line_fails_the_export(
     finally:
         stop_server(cursor_server)
         run_sql(database.url, "DROP TABLE public.wrapping", "DROP TYPE public.wrapped")
+
+
+def test_csv_loads_back_with_copy_into_an_identical_table(
+    client: httpx.Client, database: ExportDatabase
+) -> None:
+    exported = client.get("/datasets/people.csv").content
+
+    async def load_back() -> list[Any]:
+        conn = await asyncpg.connect(_asyncpg_dsn(database.url))
+        try:
+            await conn.execute("CREATE TEMP TABLE people_again (LIKE public.people)")
+            await conn.copy_to_table(
+                "people_again", source=io.BytesIO(exported), format="csv", header=True
+            )
+            # Row for row, NULLs included: IS DISTINCT FROM treats NULL = NULL as equal.
+            differences: list[Any] = await conn.fetch(
+                "SELECT * FROM public.people p FULL JOIN people_again a ON p.id = a.id "
+                "WHERE p IS DISTINCT FROM a"
+            )
+            return differences
+        finally:
+            await conn.close()
+
+    assert asyncio.run(load_back()) == []
