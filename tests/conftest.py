@@ -134,6 +134,22 @@ FIXTURE_SQL = [
 ]
 
 
+def logged_export(url: str, request_id: str, timeout_s: float = 5) -> dict[str, Any]:
+    """The export log entry of a request, once it has ended: the client may hold the whole
+    response a moment before the server has written how it ended."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        rows = run_sql(
+            url,
+            "SELECT key_name, dataset, format, parameters::text, rows, bytes, outcome "
+            f"FROM exporter.export_log WHERE request_id = '{request_id}'",
+        )
+        if (rows and rows[0]["outcome"] != "running") or time.monotonic() > deadline:
+            assert len(rows) == 1, rows
+            return dict(rows[0])
+        time.sleep(0.05)
+
+
 @dataclass(frozen=True)
 class ExportDatabase:
     url: str

@@ -13,6 +13,7 @@ from tests.conftest import (
     ExportDatabase,
     Server,
     _asyncpg_dsn,
+    logged_export,
     run_sql,
     start_server,
     stop_server,
@@ -134,14 +135,7 @@ def test_export_log_records_completed_exports(
     client: httpx.Client, database: ExportDatabase
 ) -> None:
     response = client.get("/datasets/people.ndjson", params={"age": "gt.30"})
-    request_id = response.headers["x-request-id"]
-    rows = run_sql(
-        database.url,
-        "SELECT key_name, dataset, format, parameters::text, rows, bytes, outcome "
-        f"FROM exporter.export_log WHERE request_id = '{request_id}'",
-    )
-    assert len(rows) == 1
-    row = rows[0]
+    row = logged_export(database.url, response.headers["x-request-id"])
     assert (row["key_name"], row["dataset"], row["format"]) == ("tests", "people", "ndjson")
     assert json.loads(row["parameters"]) == {"age": ["gt.30"]}
     assert row["rows"] == 2
@@ -150,11 +144,7 @@ def test_export_log_records_completed_exports(
     # CSV through COPY: rows as COPY counts them, though a field holds a line break.
     response = client.get("/datasets/people.csv")
     assert b"multi\nline" in response.content
-    (logged,) = run_sql(
-        database.url,
-        "SELECT rows, bytes FROM exporter.export_log "
-        f"WHERE request_id = '{response.headers['x-request-id']}'",
-    )
+    logged = logged_export(database.url, response.headers["x-request-id"])
     assert (logged["rows"], logged["bytes"]) == (5, len(response.content))
 
 

@@ -5,6 +5,7 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from tests.conftest import (
     ExportDatabase,
     Server,
     free_port,
+    logged_export,
     run_sql,
     start_server,
     stop_server,
@@ -33,18 +35,7 @@ def backend_of(database: ExportDatabase, request_id: str) -> list[dict[str, obje
 
 
 def export_outcome(database: ExportDatabase, request_id: str, timeout_s: float = 5) -> str:
-    deadline = time.monotonic() + timeout_s
-    outcome = "missing"
-    while time.monotonic() < deadline:
-        rows = run_sql(
-            database.url,
-            f"SELECT outcome FROM exporter.export_log WHERE request_id = '{request_id}'",
-        )
-        outcome = rows[0]["outcome"] if rows else "missing"
-        if outcome != "running" and outcome != "missing":
-            return str(outcome)
-        time.sleep(0.05)
-    return str(outcome)
+    return str(logged_export(database.url, request_id, timeout_s)["outcome"])
 
 
 def test_rows_leave_as_they_are_read(server: Server, database: ExportDatabase) -> None:
@@ -133,7 +124,8 @@ def test_disconnect_frees_the_connection_at_once(
     server_without_gc: Server, database: ExportDatabase, fmt: str
 ) -> None:
     client = server_without_gc.client(database.key)
-    request_id = f"leaver-{fmt}"
+    # Unique per run: the same test runs once per transport on the same database.
+    request_id = f"leaver-{fmt}-{uuid.uuid4().hex[:8]}"
     response = client.send(
         client.build_request("GET", f"/datasets/big.{fmt}", headers={"X-Request-Id": request_id}),
         stream=True,
@@ -204,7 +196,7 @@ def test_statement_timeout_after_first_byte_aborts_the_response(
     )
     try:
         with server.client(database.key) as client:
-            headers = {"X-Request-Id": "timed-out"}
+            headers = {"X-Request-Id": f"timed-out-{use_copy}"}
             params = {"order": "id", "limit": "6000"}
             with client.stream("GET", "/datasets/slow.csv", params=params, headers=headers) as r:
                 assert r.status_code == 200
@@ -213,7 +205,7 @@ def test_statement_timeout_after_first_byte_aborts_the_response(
                 with pytest.raises(httpx.RemoteProtocolError):
                     for _ in raw:
                         pass
-        assert export_outcome(database, "timed-out") == "failed"
+        assert export_outcome(database, f"timed-out-{use_copy}") == "failed"
     finally:
         stop_server(server)
         run_sql(database.url, "DROP VIEW public.slow", "DROP FUNCTION public.slow_value")
@@ -315,7 +307,7 @@ def test_a_stalled_client_does_not_hold_the_snapshot(
     )
     try:
         for fmt in ("csv", "ndjson"):
-            request_id = f"stalled-{fmt}"
+            request_id = f"stalled-{fmt}-{use_copy}"
             with server.client(database.key) as client:
                 headers = {"X-Request-Id": request_id}
                 with client.stream("GET", f"/datasets/big.{fmt}", headers=headers) as r:
