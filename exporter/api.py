@@ -10,12 +10,10 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel
-from sqlalchemy import text
-from sqlalchemy.exc import DBAPIError
 
 from exporter.auth import ApiKey, authenticate
 from exporter.catalog import Dataset, find_dataset, load_datasets
-from exporter.db import Databases
+from exporter.db import UNREACHABLE, Databases
 from exporter.encoders import ENCODERS, Encoder, encoder_for_media_type
 from exporter.negotiation import negotiate
 from exporter.problems import PROBLEM_MEDIA_TYPE, Problem
@@ -109,10 +107,10 @@ async def healthz() -> dict[str, str]:
 async def readyz(databases: DatabasesDep) -> dict[str, str]:
     try:
         with anyio.fail_after(3):
-            for engine in (databases.catalog, databases.state):
-                async with engine.connect() as conn:
-                    await conn.execute(text("SELECT 1"))
-    except (TimeoutError, OSError, DBAPIError) as exc:
+            for pool in (databases.catalog, databases.state):
+                async with pool.connection() as connection:
+                    await connection.fetchval("SELECT 1")
+    except (TimeoutError, *UNREACHABLE) as exc:
         raise Problem(503, "Service Unavailable", "database unreachable") from exc
     return {"status": "ready"}
 

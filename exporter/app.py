@@ -25,7 +25,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        databases = Databases.from_settings(settings)
+        databases = await Databases.open(settings)
         app.state.databases = databases
         app.state.active_exports = active = ActiveExports()
         release_free_memory()
@@ -37,7 +37,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             left = await active.wait(settings.cleanup_timeout_s + 5)
             if left:
                 log.warning("%d exports had not released their connections at shutdown", left)
-            await databases.dispose()
+            await databases.close()
 
     app = FastAPI(
         title="exporter",

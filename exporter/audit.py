@@ -1,19 +1,18 @@
 """The export log: one row per export, written when it starts and completed when it ends."""
 
+import json
 import logging
 from typing import Any
 
 import anyio
-from sqlalchemy import func, insert, update
-from sqlalchemy.ext.asyncio import AsyncEngine
 
-from exporter.models import export_log
+from exporter.db import Pool
 
 log = logging.getLogger(__name__)
 
 
 async def record_start(
-    engine: AsyncEngine,
+    pool: Pool,
     *,
     request_id: str,
     key_name: str | None,
@@ -22,25 +21,23 @@ async def record_start(
     parameters: dict[str, Any],
     client_addr: str | None,
 ) -> int:
-    async with engine.begin() as conn:
-        result = await conn.execute(
-            insert(export_log)
-            .values(
-                request_id=request_id,
-                key_name=key_name,
-                dataset=dataset,
-                format=format,
-                parameters=parameters,
-                client_addr=client_addr,
-                outcome="running",
-            )
-            .returning(export_log.c.id)
+    async with pool.connection() as connection:
+        export_id = await connection.fetchval(
+            "INSERT INTO exporter.export_log"
+            " (request_id, key_name, dataset, format, parameters, client_addr, outcome)"
+            " VALUES ($1, $2, $3, $4, $5::jsonb, $6, 'running') RETURNING id",
+            request_id,
+            key_name,
+            dataset,
+            format,
+            json.dumps(parameters),
+            client_addr,
         )
-        return int(result.scalar_one())
+    return int(export_id)
 
 
 async def record_end(
-    engine: AsyncEngine,
+    pool: Pool,
     export_id: int,
     *,
     outcome: str,
@@ -51,17 +48,17 @@ async def record_end(
     # Runs while the request is being torn down (the client may have left): shielded, bounded.
     with anyio.CancelScope(shield=True), anyio.move_on_after(5):
         try:
-            async with engine.begin() as conn:
-                await conn.execute(
-                    update(export_log)
-                    .where(export_log.c.id == export_id)
-                    .values(
-                        outcome=outcome,
-                        rows=rows,
-                        bytes=bytes_sent,
-                        error=error,
-                        ended_at=func.clock_timestamp(),
-                    )
+            async with pool.connection() as connection:
+                await connection.execute(
+                    "UPDATE exporter.export_log"
+                    " SET outcome = $2, rows = $3, bytes = $4, error = $5,"
+                    " ended_at = clock_timestamp()"
+                    " WHERE id = $1",
+                    export_id,
+                    outcome,
+                    rows,
+                    bytes_sent,
+                    error,
                 )
         except Exception:
             log.exception("could not complete export log entry %s", export_id)

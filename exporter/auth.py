@@ -6,11 +6,9 @@ import secrets
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import insert, select, update
-from sqlalchemy.exc import IntegrityError
-from sqlalchemy.ext.asyncio import AsyncEngine
+import asyncpg
 
-from exporter.models import api_keys
+from exporter.db import Pool
 
 KEY_PREFIX = "exp_"
 
@@ -40,50 +38,48 @@ def digest(key: str) -> bytes:
     return hashlib.sha256(key.encode()).digest()
 
 
-async def create_key(engine: AsyncEngine, name: str) -> str:
+async def create_key(pool: Pool, name: str) -> str:
     key = new_key()
     try:
-        async with engine.begin() as conn:
-            await conn.execute(insert(api_keys).values(name=name, digest=digest(key)))
-    except IntegrityError as exc:
+        async with pool.connection() as connection:
+            await connection.execute(
+                "INSERT INTO exporter.api_keys (name, digest) VALUES ($1, $2)", name, digest(key)
+            )
+    except asyncpg.exceptions.UniqueViolationError as exc:
         raise KeyExists(f"a key named {name!r} exists already") from exc
     return key
 
 
-async def list_keys(engine: AsyncEngine) -> list[KeyInfo]:
-    async with engine.connect() as conn:
-        result = await conn.execute(
-            select(api_keys.c.name, api_keys.c.created_at, api_keys.c.revoked_at).order_by(
-                api_keys.c.name
-            )
+async def list_keys(pool: Pool) -> list[KeyInfo]:
+    async with pool.connection() as connection:
+        rows = await connection.fetch(
+            "SELECT name, created_at, revoked_at FROM exporter.api_keys ORDER BY name"
         )
-        return [KeyInfo(row.name, row.created_at, row.revoked_at) for row in result]
+    return [KeyInfo(row["name"], row["created_at"], row["revoked_at"]) for row in rows]
 
 
-async def revoke_key(engine: AsyncEngine, name: str) -> bool:
-    async with engine.begin() as conn:
-        result = await conn.execute(
-            update(api_keys)
-            .where(api_keys.c.name == name, api_keys.c.revoked_at.is_(None))
-            .values(revoked_at=datetime.now().astimezone())
+async def revoke_key(pool: Pool, name: str) -> bool:
+    async with pool.connection() as connection:
+        status = await connection.execute(
+            "UPDATE exporter.api_keys SET revoked_at = now()"
+            " WHERE name = $1 AND revoked_at IS NULL",
+            name,
         )
-        return bool(result.rowcount)
+    return bool(status != "UPDATE 0")
 
 
-async def authenticate(engine: AsyncEngine, key: str) -> ApiKey | None:
+async def authenticate(pool: Pool, key: str) -> ApiKey | None:
     """The key's record, or None. The lookup is by digest; the final comparison is in
     constant time, so a near-miss takes as long as a far miss."""
     if not key.startswith(KEY_PREFIX) or len(key) > 200:
         return None
     wanted = digest(key)
-    async with engine.connect() as conn:
-        row = (
-            await conn.execute(
-                select(api_keys.c.id, api_keys.c.name, api_keys.c.digest).where(
-                    api_keys.c.digest == wanted, api_keys.c.revoked_at.is_(None)
-                )
-            )
-        ).first()
-    if row is None or not hmac.compare_digest(bytes(row.digest), wanted):
+    async with pool.connection() as connection:
+        row = await connection.fetchrow(
+            "SELECT id, name, digest FROM exporter.api_keys"
+            " WHERE digest = $1 AND revoked_at IS NULL",
+            wanted,
+        )
+    if row is None or not hmac.compare_digest(bytes(row["digest"]), wanted):
         return None
-    return ApiKey(id=row.id, name=row.name)
+    return ApiKey(id=row["id"], name=row["name"])

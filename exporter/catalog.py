@@ -2,9 +2,7 @@
 
 from dataclasses import dataclass
 
-from sqlalchemy import text
-from sqlalchemy.ext.asyncio import AsyncEngine
-
+from exporter.db import Pool
 from exporter.settings import OWN_SCHEMA
 
 KINDS = {
@@ -57,8 +55,7 @@ class Dataset:
 # coercion (varchar -> text_ops) or a polymorphic class (enum, range, multirange, array,
 # composite); and, since arrays and records compare element by element, the same recursively
 # for an array's element type and for every attribute of a composite type.
-_CATALOG_SQL = text(
-    """
+_CATALOG_SQL = """
     WITH RECURSIVE columns AS MATERIALIZED (
         SELECT n.nspname AS schema, c.relname AS relation, c.relkind::text AS kind,
                CASE WHEN c.reltuples < 0 THEN NULL ELSE c.reltuples::bigint END
@@ -81,10 +78,10 @@ _CATALOG_SQL = text(
         ) pk ON true
         WHERE c.relkind IN ('r', 'p', 'v', 'm', 'f')
           AND NOT c.relispartition
-          AND n.nspname = ANY(CAST(:schemas AS text[]))
-          AND n.nspname <> CAST(:own_schema AS text)
+          AND n.nspname = ANY($1::text[])
+          AND n.nspname <> $2::text
           AND has_schema_privilege(n.oid, 'USAGE')
-          AND (CAST(:relation AS text) IS NULL OR c.relname = CAST(:relation AS text))
+          AND ($3::text IS NULL OR c.relname = $3::text)
     ),
     -- For each column type, the types its ordering involves: itself and the domains below it
     -- down to the base type (own), and then the element type of an array and the attribute
@@ -188,8 +185,7 @@ _CATALOG_SQL = text(
     FROM columns c
     JOIN types ON types.column_type = c.atttypid
     ORDER BY c.schema, c.relation, c.attnum
-    """
-)
+"""
 
 
 def dataset_name(schema: str, relation: str, schemas: tuple[str, ...]) -> str:
@@ -198,16 +194,12 @@ def dataset_name(schema: str, relation: str, schemas: tuple[str, ...]) -> str:
 
 
 async def load_datasets(
-    engine: AsyncEngine, schemas: tuple[str, ...], relation: str | None = None
+    pool: Pool, schemas: tuple[str, ...], relation: str | None = None
 ) -> list[Dataset]:
     """Introspect the exposed schemas; with `relation`, only relations of that name."""
     exposed = [s for s in schemas if s != OWN_SCHEMA]
-    async with engine.connect() as conn:
-        result = await conn.execute(
-            _CATALOG_SQL,
-            {"schemas": exposed, "own_schema": OWN_SCHEMA, "relation": relation},
-        )
-        rows = result.mappings().all()
+    async with pool.connection() as connection:
+        rows = await connection.fetch(_CATALOG_SQL, exposed, OWN_SCHEMA, relation)
 
     grouped: dict[tuple[str, str], list[dict[str, object]]] = {}
     for row in rows:
@@ -245,7 +237,7 @@ async def load_datasets(
     return datasets
 
 
-async def find_dataset(engine: AsyncEngine, schemas: tuple[str, ...], name: str) -> Dataset | None:
+async def find_dataset(pool: Pool, schemas: tuple[str, ...], name: str) -> Dataset | None:
     exposed = tuple(s for s in schemas if s != OWN_SCHEMA)
     if len(exposed) == 1:
         relation = name
@@ -253,7 +245,7 @@ async def find_dataset(engine: AsyncEngine, schemas: tuple[str, ...], name: str)
         schema, dot, relation = name.partition(".")
         if not dot or schema not in exposed:
             return None
-    for dataset in await load_datasets(engine, exposed, relation):
+    for dataset in await load_datasets(pool, exposed, relation):
         if dataset.name == name:
             return dataset
     return None

@@ -70,9 +70,8 @@ def serve(host: str, port: int, workers: int, shutdown_grace_s: int = 30) -> Non
 def load_settings() -> Settings:
     """Settings from the environment, or a CliError that names the variable at fault."""
     from pydantic import ValidationError
-    from sqlalchemy.exc import ArgumentError
 
-    from exporter.db import async_url
+    from exporter.db import connect_url
 
     try:
         settings = Settings()
@@ -88,19 +87,10 @@ def load_settings() -> Settings:
     ]:
         try:
             if url is not None:
-                async_url(url)
-        except (ValueError, ArgumentError) as exc:
+                connect_url(url)
+        except ValueError as exc:
             raise CliError(f"invalid configuration: {variable}: {exc}") from None
     return settings
-
-
-def display_url(url: str) -> str:
-    from sqlalchemy.engine import make_url
-
-    try:
-        return make_url(url).render_as_string(hide_password=True)
-    except Exception:
-        return "the configured URL"
 
 
 # SQLSTATE classes that mean "cannot reach or log in to the database": connection exception,
@@ -113,29 +103,30 @@ def database_error(exc: BaseException, url: str) -> CliError | None:
     """A one-line CliError for a failure to reach or use PostgreSQL, or None if `exc` is
     something else (a bug, which should keep its traceback)."""
     import asyncpg
-    from sqlalchemy.exc import DBAPIError
-    from sqlalchemy.exc import TimeoutError as PoolTimeout
 
-    cause: BaseException = exc
-    if isinstance(exc, DBAPIError) and exc.orig is not None:
-        # SQLAlchemy wraps its adapter's error, which wraps asyncpg's.
-        cause = exc.orig.__cause__ or exc.orig
-    sqlstate = str(getattr(cause, "sqlstate", "") or "")
+    from exporter.db import PoolTimeout, display_url
+
+    orig = getattr(exc, "orig", None)
+    if isinstance(orig, BaseException):
+        # Migrations run through SQLAlchemy, which wraps its adapter's error, which wraps
+        # asyncpg's.
+        exc = orig.__cause__ or orig
+    sqlstate = str(getattr(exc, "sqlstate", "") or "")
     if (
-        isinstance(cause, OSError | PoolTimeout | asyncpg.exceptions.PostgresConnectionError)
+        isinstance(exc, OSError | PoolTimeout | asyncpg.exceptions.PostgresConnectionError)
         or sqlstate.startswith(_CONNECTION_SQLSTATES)
-        or (isinstance(cause, asyncpg.exceptions.InterfaceError) and "connect" in str(cause))
+        or (isinstance(exc, asyncpg.exceptions.InterfaceError) and "connect" in str(exc))
     ):
-        lost = isinstance(cause, asyncpg.exceptions.ConnectionDoesNotExistError) or sqlstate in (
+        lost = isinstance(exc, asyncpg.exceptions.ConnectionDoesNotExistError) or sqlstate in (
             "57P01",  # admin_shutdown: pg_terminate_backend() or a server shutting down
             "57P02",
         )
         doing = "lost the connection to" if lost else "cannot connect to"
-        return CliError(f"{doing} PostgreSQL at {display_url(url)}: {cause}")
-    if isinstance(cause, asyncpg.exceptions.UndefinedTableError):
-        return CliError(f"PostgreSQL: {cause} (has `exporter migrate` run on this database?)")
-    if isinstance(cause, asyncpg.exceptions.PostgresError) or isinstance(exc, DBAPIError):
-        return CliError(f"PostgreSQL rejected the request: {cause}")
+        return CliError(f"{doing} PostgreSQL at {display_url(url)}: {exc}")
+    if isinstance(exc, asyncpg.exceptions.UndefinedTableError):
+        return CliError(f"PostgreSQL: {exc} (has `exporter migrate` run on this database?)")
+    if isinstance(exc, asyncpg.exceptions.PostgresError):
+        return CliError(f"PostgreSQL rejected the request: {exc}")
     return None
 
 
@@ -153,32 +144,32 @@ def migrate(settings: Settings) -> None:
 
 async def _keys(settings: Settings, action: str, name: str | None) -> int:
     from exporter.auth import KeyExists, create_key, list_keys, revoke_key
-    from exporter.db import create_engine
+    from exporter.db import Pool
 
     if name is not None and not name.strip():
         raise CliError("a key needs a non-empty name")
-    engine = create_engine(settings.state_url, pool_size=1)
+    pool = await Pool.open(settings.state_url, size=1)
     try:
         if action == "create":
             assert name is not None
             try:
-                key = await create_key(engine, name)
+                key = await create_key(pool, name)
             except KeyExists as exc:
                 raise CliError(str(exc), FAILED) from None
             print(f"created key {name!r}; it is shown once, store it now:", file=sys.stderr)
             print(key)
         elif action == "list":
-            for info in await list_keys(engine):
+            for info in await list_keys(pool):
                 state = f"revoked {info.revoked_at:%Y-%m-%d %H:%M}" if info.revoked_at else "active"
                 print(f"{info.name}\tcreated {info.created_at:%Y-%m-%d %H:%M}\t{state}")
         else:
             assert name is not None
-            if not await revoke_key(engine, name):
+            if not await revoke_key(pool, name):
                 raise CliError(f"no active key named {name!r}", FAILED)
             print(f"revoked {name!r}", file=sys.stderr)
         return 0
     finally:
-        await engine.dispose()
+        await pool.close()
 
 
 def demo(args: argparse.Namespace) -> int:
@@ -210,7 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("export", help="export a dataset to a file, as the HTTP API does")
     p.add_argument("dataset")
     # Checked against the encoder registry in export_to_file: importing it here would make every
-    # command, --help included, pay for SQLAlchemy's import.
+    # command, --help included, pay for FastAPI's and asyncpg's imports.
     p.add_argument("--format", default="csv", help="csv (default) or ndjson")
     p.add_argument(
         "-o",

@@ -1,38 +1,119 @@
-"""Connection pools, and the snapshot every export reads from."""
+"""Connection pools, and the snapshot every export reads from.
 
+The serving process talks to PostgreSQL through asyncpg alone. SQLAlchemy owns the schema
+(models.py, Alembic) but is never imported to serve: it cost 23 MiB of every worker's
+80 MB budget (the benchmark issue), for statements that are a few lines of SQL each.
+"""
+
+import asyncio
 import logging
+import urllib.parse
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import anyio
-from sqlalchemy.engine import URL, make_url
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+import asyncpg
 
 from exporter.settings import Settings
 
 log = logging.getLogger(__name__)
 
+# Connection errors: the server is down, refuses us, or went away mid-statement.
+UNREACHABLE = (
+    OSError,
+    asyncpg.exceptions.PostgresConnectionError,
+    asyncpg.exceptions.CannotConnectNowError,
+    asyncpg.exceptions.ConnectionDoesNotExistError,
+)
 
-def async_url(url: str) -> URL:
-    """Accept the `postgresql://` URLs users write and point SQLAlchemy at asyncpg."""
-    parsed = make_url(url)
-    if parsed.get_backend_name() not in ("postgresql", "postgres"):
-        raise ValueError(f"not a PostgreSQL URL: {parsed.render_as_string(hide_password=True)}")
-    return parsed.set(drivername="postgresql+asyncpg")
+
+class PoolTimeout(TimeoutError):
+    """No connection of the pool became free within its timeout."""
 
 
-def create_engine(url: str, pool_size: int, pool_timeout_s: float = 30) -> AsyncEngine:
-    return create_async_engine(
-        async_url(url),
-        pool_size=pool_size,
-        max_overflow=0,
-        pool_timeout=pool_timeout_s,
-        pool_pre_ping=True,
-        # A connection returned by an export is reset by the export itself (see snapshot()).
-        pool_reset_on_return="rollback",
-    )
+def connect_url(url: str) -> str:
+    """The `postgresql://` URL asyncpg takes, from what users write (SQLAlchemy's
+    `postgresql+asyncpg://` included); ValueError for anything else."""
+    scheme, colon, rest = url.partition("://")
+    backend = scheme.partition("+")[0].lower()
+    if not colon or backend not in ("postgresql", "postgres"):
+        raise ValueError(
+            f"not a PostgreSQL URL (postgresql://user@host:port/database): {display_url(url)}"
+        )
+    try:
+        urllib.parse.urlsplit(url).port  # noqa: B018 - parsing is the check
+    except ValueError as exc:
+        raise ValueError(f"{exc}: {display_url(url)}") from None
+    return f"postgresql://{rest}"
+
+
+def display_url(url: str) -> str:
+    """The URL with its password masked, for messages."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+        if parts.password is None:
+            return url
+        netloc = parts.netloc.rpartition("@")
+        user = parts.username or ""
+        return urllib.parse.urlunsplit(parts._replace(netloc=f"{user}:***@{netloc[2]}"))
+    except ValueError:
+        return "the configured URL"
+
+
+class Pool:
+    """An asyncpg pool that refuses with PoolTimeout once `timeout_s` has passed without a
+    free connection. Connections are made on demand: a server that is down at start-up
+    fails requests, not the start."""
+
+    def __init__(self, pool: Any, timeout_s: float) -> None:
+        self._pool = pool
+        self.timeout_s = timeout_s
+
+    @classmethod
+    async def open(
+        cls, url: str, size: int, timeout_s: float = 10, *, cache_statements: bool = True
+    ) -> "Pool":
+        pool = await asyncpg.create_pool(
+            connect_url(url),
+            min_size=0,
+            max_size=size,
+            # Connecting (not waiting for a free connection) gives up after this long.
+            timeout=10,
+            # Exports read tables whose definitions change between exports; a cached
+            # statement would then fail ("cached plan must not change result type") inside
+            # the snapshot's transaction, where asyncpg cannot retry it.
+            statement_cache_size=100 if cache_statements else 0,
+            server_settings={"application_name": "exporter"},
+        )
+        return cls(pool, timeout_s)
+
+    async def acquire(self) -> Any:
+        try:
+            return await self._pool.acquire(timeout=self.timeout_s)
+        except TimeoutError:
+            raise PoolTimeout(f"no free connection within {self.timeout_s} s") from None
+
+    async def release(self, connection: Any) -> None:
+        # asyncpg resets the connection (rolling back what is open) or, failing that, closes
+        # it; either way under its own shield.
+        await self._pool.release(connection, timeout=5)
+
+    @asynccontextmanager
+    async def connection(self) -> AsyncIterator[Any]:
+        connection = await self.acquire()
+        try:
+            yield connection
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self.release(connection)
+
+    async def close(self, timeout_s: float = 5) -> None:
+        try:
+            await asyncio.wait_for(self._pool.close(), timeout_s)
+        except TimeoutError:
+            self._pool.terminate()
 
 
 # Catalog lookups, key checks and the export log get pools of their own, so that exports
@@ -43,41 +124,40 @@ _SIDE_POOL_SIZE = 3
 
 @dataclass
 class Databases:
-    exports: AsyncEngine  # export snapshots only
-    catalog: AsyncEngine  # introspection of the exported database
-    state: AsyncEngine  # keys and the export log
+    exports: Pool  # export snapshots only
+    catalog: Pool  # introspection of the exported database
+    state: Pool  # keys and the export log
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> "Databases":
+    async def open(cls, settings: Settings) -> "Databases":
         return cls(
-            exports=create_engine(
-                settings.database_url, settings.pool_size, settings.pool_timeout_s
+            exports=await Pool.open(
+                settings.database_url,
+                settings.pool_size,
+                settings.pool_timeout_s,
+                cache_statements=False,
             ),
-            catalog=create_engine(settings.database_url, _SIDE_POOL_SIZE, 10),
-            state=create_engine(settings.state_url, _SIDE_POOL_SIZE, 10),
+            catalog=await Pool.open(settings.database_url, _SIDE_POOL_SIZE),
+            state=await Pool.open(settings.state_url, _SIDE_POOL_SIZE),
         )
 
-    async def dispose(self) -> None:
-        for engine in (self.exports, self.catalog, self.state):
-            await engine.dispose()
+    async def close(self) -> None:
+        for pool in (self.exports, self.catalog, self.state):
+            await pool.close()
 
 
 @asynccontextmanager
-async def snapshot(
-    engine: AsyncEngine, settings: Settings, application_name: str
-) -> AsyncIterator[Any]:
+async def snapshot(pool: Pool, settings: Settings, application_name: str) -> AsyncIterator[Any]:
     """Yield an asyncpg connection inside a REPEATABLE READ READ ONLY transaction.
 
     On the way out, however the export ended (including cancellation because the client left),
     the transaction is rolled back under a shield with a bound; a connection that cannot be
-    reset in time is terminated and dropped from the pool, never handed to the next export.
+    reset in time is terminated, never handed to the next export.
     """
-    conn = await engine.connect()
-    raw_connection: Any = None
+    connection = await pool.acquire()
     try:
-        raw_connection = (await conn.get_raw_connection()).driver_connection
-        await raw_connection.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
-        await raw_connection.fetchval(
+        await connection.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+        await connection.fetchval(
             "SELECT set_config('statement_timeout', $1, true),"
             " set_config('idle_in_transaction_session_timeout', $2, true),"
             " set_config('application_name', $3, true),"
@@ -89,24 +169,23 @@ async def snapshot(
             str(settings.idle_in_transaction_timeout_ms),
             application_name[:63],
         )
-        yield raw_connection
+        yield connection
     finally:
         with anyio.CancelScope(shield=True):
-            await _release(conn, raw_connection, settings.cleanup_timeout_s)
+            await _release(pool, connection, settings.cleanup_timeout_s)
 
 
-async def _release(conn: AsyncConnection, raw_connection: Any, timeout_s: float) -> None:
+async def _release(pool: Pool, connection: Any, timeout_s: float) -> None:
     reset = False
-    if raw_connection is not None and not raw_connection.is_closed():
+    if not connection.is_closed():
         with anyio.move_on_after(timeout_s):
             try:
                 # ROLLBACK also closes the cursor; nothing of the export outlives it.
-                await raw_connection.execute("ROLLBACK")
+                await connection.execute("ROLLBACK")
                 reset = True
             except Exception as exc:  # the connection is being thrown away anyway
                 log.warning("could not reset export connection: %s", exc)
     if not reset:
-        if raw_connection is not None:
-            raw_connection.terminate()
-        await conn.invalidate()
-    await conn.close()
+        # The pool replaces a closed connection with a new one on demand.
+        connection.terminate()
+    await pool.release(connection)

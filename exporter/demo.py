@@ -1,7 +1,6 @@
 """Demo data: a million-row table of mixed types, a small one, and a view."""
 
-from sqlalchemy import text
-from sqlalchemy.ext.asyncio import AsyncEngine
+from exporter.db import Pool
 
 SEED_SQL = [
     """
@@ -47,7 +46,7 @@ SEED_SQL = [
            jsonb_build_object('session', md5(i::text), 'items', i % 5),
            CASE i % 5 WHEN 0 THEN NULL WHEN 1 THEN '' WHEN 2 THEN 'says "hi", twice'
                       ELSE 'line one' || chr(10) || 'line two' END
-    FROM generate_series(1, :rows) AS i
+    FROM generate_series(1, $1::integer) AS i
     """,
     # After the rows: one index build is faster than a million index insertions.
     "ALTER TABLE public.events ADD PRIMARY KEY (id)",
@@ -62,26 +61,26 @@ SEED_SQL = [
 ]
 
 
-_SEEDED = text("SELECT to_regclass('public.events') IS NOT NULL")
+_SEEDED = "SELECT to_regclass('public.events') IS NOT NULL"
 
 
-async def is_seeded(engine: AsyncEngine) -> bool:
-    async with engine.connect() as conn:
-        return bool(await conn.scalar(_SEEDED))
+async def is_seeded(pool: Pool) -> bool:
+    async with pool.connection() as connection:
+        return bool(await connection.fetchval(_SEEDED))
 
 
-async def seed(engine: AsyncEngine, rows: int = 1_000_000) -> bool:
+async def seed(pool: Pool, rows: int = 1_000_000) -> bool:
     """Create and fill the demo tables unless they exist; True if it did.
 
     One transaction: a seed that is interrupted leaves nothing, and the next run starts over;
     one that completed is reused as it is (its row count included).
     """
-    async with engine.begin() as conn:
-        if await conn.scalar(_SEEDED):
+    async with pool.connection() as connection, connection.transaction():
+        if await connection.fetchval(_SEEDED):
             return False
         for statement in SEED_SQL:
-            if ":rows" in statement:
-                await conn.execute(text(statement), {"rows": rows})
+            if "$1" in statement:
+                await connection.execute(statement, rows)
             else:
-                await conn.execute(text(statement))
+                await connection.execute(statement)
     return True

@@ -17,26 +17,23 @@ from exporter.settings import Settings
 
 
 async def _prepare(settings: Settings, data_dir: Path, rows: int) -> str:
-    from sqlalchemy import delete
-
     from exporter.auth import create_key
-    from exporter.db import create_engine
+    from exporter.db import Pool
     from exporter.demo import is_seeded, seed
-    from exporter.models import api_keys
 
-    engine = create_engine(settings.database_url, pool_size=1)
+    pool = await Pool.open(settings.database_url, size=1)
     try:
-        if await is_seeded(engine):
+        if await is_seeded(pool):
             print(f"reusing the demo data in {data_dir}", file=sys.stderr)
         else:
             print(f"seeding the demo data ({rows:,} events) ...", file=sys.stderr)
-            await seed(engine, rows)
+            await seed(pool, rows)
         # Keys are shown once; a demo run replaces its key rather than reusing a lost one.
-        async with engine.begin() as conn:
-            await conn.execute(delete(api_keys).where(api_keys.c.name == "demo"))
-        return await create_key(engine, "demo")
+        async with pool.connection() as connection:
+            await connection.execute("DELETE FROM exporter.api_keys WHERE name = 'demo'")
+        return await create_key(pool, "demo")
     finally:
-        await engine.dispose()
+        await pool.close()
 
 
 def _check_port(host: str, port: int) -> None:

@@ -15,8 +15,7 @@ from exporter.cli import FAILED, CliError, database_error
 from exporter.settings import Settings
 
 if TYPE_CHECKING:
-    from sqlalchemy.ext.asyncio import AsyncEngine
-
+    from exporter.db import Pool
     from exporter.encoders import Encoder
     from exporter.query import ExportQuery
 
@@ -131,7 +130,7 @@ class Output:
 
 
 async def _estimate_rows(
-    engine: "AsyncEngine", query: "ExportQuery", encoder: "type[Encoder]"
+    pool: "Pool", query: "ExportQuery", encoder: "type[Encoder]"
 ) -> int | None:
     """The planner's estimate of the export's rows (filters and limit included), for the
     progress bar. Best effort: a query PostgreSQL rejects fails properly in open()."""
@@ -139,16 +138,11 @@ async def _estimate_rows(
 
     sql, args = build_sql(query, encoder.rendering)
     try:
-        async with engine.connect() as conn:
-            raw = (await conn.get_raw_connection()).driver_connection
-            assert raw is not None
-            async with raw.transaction():
-                # A parallel plan's top node counts only the workers' share of the rows.
-                await raw.execute("SET LOCAL max_parallel_workers_per_gather = 0")
-                plan = await raw.fetchval("EXPLAIN (FORMAT JSON) " + sql, *args)
-        if isinstance(plan, str):  # SQLAlchemy's connections decode json, bare asyncpg doesn't
-            plan = json.loads(plan)
-        return int(plan[0]["Plan"]["Plan Rows"])
+        async with pool.connection() as connection, connection.transaction():
+            # A parallel plan's top node counts only the workers' share of the rows.
+            await connection.execute("SET LOCAL max_parallel_workers_per_gather = 0")
+            plan = await connection.fetchval("EXPLAIN (FORMAT JSON) " + sql, *args)
+        return int(json.loads(plan)[0]["Plan"]["Plan Rows"])
     except Exception:
         return None
 
@@ -169,7 +163,7 @@ def _export_params(args: argparse.Namespace) -> list[tuple[str, str]]:
 
 async def export_to_file(settings: Settings, args: argparse.Namespace) -> int:
     from exporter.catalog import find_dataset
-    from exporter.db import create_engine
+    from exporter.db import Pool
     from exporter.encoders import ENCODERS
     from exporter.query import QueryError, parse_query
     from exporter.stream import ExportStream
@@ -178,10 +172,10 @@ async def export_to_file(settings: Settings, args: argparse.Namespace) -> int:
     encoder = ENCODERS.get(args.format)
     if encoder is None:
         raise CliError(f"--format: {args.format!r} is not one of {', '.join(sorted(ENCODERS))}")
-    engine = create_engine(settings.database_url, pool_size=1)
     progress = Progress(sys.stderr)
+    pool = await Pool.open(settings.database_url, size=1)
     try:
-        dataset = await find_dataset(engine, settings.exposed_schemas, args.dataset)
+        dataset = await find_dataset(pool, settings.exposed_schemas, args.dataset)
         if dataset is None:
             raise CliError(f"no dataset named {args.dataset!r}")
         try:
@@ -189,9 +183,9 @@ async def export_to_file(settings: Settings, args: argparse.Namespace) -> int:
         except QueryError as exc:
             raise CliError(f"{exc.parameter}: {exc.detail}") from None
         if progress.enabled:
-            progress.total = await _estimate_rows(engine, query, encoder)
+            progress.total = await _estimate_rows(pool, query, encoder)
         with Output(args.output) as output:
-            stream = ExportStream(query, encoder, engine, settings, "exporter cli")
+            stream = ExportStream(query, encoder, pool, settings, "exporter cli")
             try:
                 await stream.open()
             except QueryError as exc:
@@ -238,4 +232,4 @@ async def export_to_file(settings: Settings, args: argparse.Namespace) -> int:
         return 0
     finally:
         progress.close()
-        await engine.dispose()
+        await pool.close()

@@ -9,6 +9,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from exporter.db import UNREACHABLE, PoolTimeout
 from exporter.query import QueryError
 
 log = logging.getLogger(__name__)
@@ -93,7 +94,21 @@ def install(app: FastAPI) -> None:
             request,
         )
 
+    async def on_database_unavailable(request: Request, exc: Exception) -> JSONResponse:
+        # Catalog lookups and key checks, before any export: the database is down, refuses
+        # connections, or every connection of a side pool is busy.
+        log.warning("database unavailable for %s: %r", request.url.path, exc)
+        detail = (
+            "the service is busy; try again shortly"
+            if isinstance(exc, PoolTimeout)
+            else "the database is not reachable"
+        )
+        problem = Problem(503, "Service Unavailable", detail, headers={"Retry-After": "5"})
+        return problem_response(problem, request)
+
     app.add_exception_handler(Problem, on_problem)
+    for unavailable in (PoolTimeout, *UNREACHABLE):
+        app.add_exception_handler(unavailable, on_database_unavailable)
     app.add_exception_handler(QueryError, on_query_error)
     app.add_exception_handler(StarletteHTTPException, on_http_error)
     app.add_exception_handler(RequestValidationError, on_validation_error)

@@ -11,13 +11,12 @@ import anyio
 import asyncpg
 from fastapi import Request
 from fastapi.responses import Response, StreamingResponse
-from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.types import Receive, Scope, Send
 
 from exporter import audit
 from exporter.auth import ApiKey
 from exporter.catalog import Dataset
-from exporter.db import Databases
+from exporter.db import UNREACHABLE, Databases, PoolTimeout
 from exporter.encoders import Encoder
 from exporter.memory import release_free_memory
 from exporter.problems import Problem
@@ -190,7 +189,7 @@ def _open_error(exc: Exception, query: ExportQuery) -> Problem | None:
             "every export connection is busy; try again shortly",
             headers={"Retry-After": "5"},
         )
-    if isinstance(exc, OSError | asyncpg.exceptions.PostgresConnectionError):
+    if isinstance(exc, UNREACHABLE):
         return Problem(
             503,
             "Service Unavailable",

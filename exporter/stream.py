@@ -13,9 +13,8 @@ from contextlib import AsyncExitStack
 from typing import Any
 
 import anyio
-from sqlalchemy.ext.asyncio import AsyncEngine
 
-from exporter.db import snapshot
+from exporter.db import Pool, snapshot
 from exporter.encoders import Encoder
 from exporter.query import ExportQuery
 from exporter.settings import Settings
@@ -38,13 +37,13 @@ class ExportStream:
         self,
         query: ExportQuery,
         encoder_class: type[Encoder],
-        engine: AsyncEngine,
+        pool: Pool,
         settings: Settings,
         label: str,
     ) -> None:
         self.query = query
         self.encoder = encoder_class(query.columns)
-        self.engine = engine
+        self.pool = pool
         self.settings = settings
         self.label = label
         self.rows = 0
@@ -61,7 +60,7 @@ class ExportStream:
     async def open(self) -> None:
         try:
             connection = await self._exit_stack.enter_async_context(
-                snapshot(self.engine, self.settings, self.label)
+                snapshot(self.pool, self.settings, self.label)
             )
             await check_filter_values(connection, self.query)
             copy_options = self.encoder.copy_options

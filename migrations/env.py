@@ -7,7 +7,7 @@ from sqlalchemy import text
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from exporter.db import async_url
+from exporter.db import connect_url
 from exporter.models import metadata
 from exporter.settings import OWN_SCHEMA, Settings
 
@@ -15,8 +15,9 @@ config = context.config
 
 
 def _url() -> str:
-    configured = config.get_main_option("sqlalchemy.url")
-    return configured or Settings().state_url
+    configured = config.get_main_option("sqlalchemy.url") or Settings().state_url
+    # SQLAlchemy reaches PostgreSQL through asyncpg, as the service does.
+    return "postgresql+asyncpg://" + connect_url(configured).partition("://")[2]
 
 
 def _migrate(connection: Connection) -> None:
@@ -38,7 +39,7 @@ def _migrate(connection: Connection) -> None:
 
 
 async def _run() -> None:
-    engine = create_async_engine(async_url(_url()))
+    engine = create_async_engine(_url())
     try:
         async with engine.begin() as connection:
             await connection.run_sync(_migrate)
@@ -47,7 +48,7 @@ async def _run() -> None:
 
 
 if context.is_offline_mode():
-    context.configure(url=str(async_url(_url())), target_metadata=metadata, literal_binds=True)
+    context.configure(url=_url(), target_metadata=metadata, literal_binds=True)
     with context.begin_transaction():
         context.run_migrations()
 else:

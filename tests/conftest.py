@@ -21,7 +21,7 @@ import pytest
 from sqlalchemy.engine import make_url
 
 from exporter.auth import create_key
-from exporter.db import create_engine
+from exporter.db import Pool
 from exporter.migrate import upgrade
 
 BIG_ROWS = 1_000_000
@@ -166,11 +166,11 @@ def database(server_url: str) -> Iterator[ExportDatabase]:
         run_sql(url, *FIXTURE_SQL)
 
         async def make_key() -> str:
-            engine = create_engine(url, pool_size=1)
+            pool = await Pool.open(url, size=1)
             try:
-                return await create_key(engine, "tests")
+                return await create_key(pool, "tests")
             finally:
-                await engine.dispose()
+                await pool.close()
 
         yield ExportDatabase(url=url, key=asyncio.run(make_key()))
     finally:

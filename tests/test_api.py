@@ -13,6 +13,7 @@ from tests.conftest import (
     ExportDatabase,
     Server,
     _asyncpg_dsn,
+    free_port,
     logged_export,
     run_sql,
     start_server,
@@ -95,6 +96,27 @@ def test_missing_or_wrong_key_is_401(server: Server) -> None:
 
 def test_readyz_checks_the_database(client: httpx.Client) -> None:
     assert client.get("/readyz").json() == {"status": "ready"}
+
+
+def test_unreachable_database_is_a_503_not_a_500(database: ExportDatabase, tmp_path: Path) -> None:
+    # The service starts without its database (connections are made on demand), reports it
+    # in /readyz, and refuses requests with a 503 the client can retry.
+    nowhere = f"postgresql://postgres@127.0.0.1:{free_port()}/nowhere"
+    headers = {"Authorization": f"Bearer {database.key}"}
+    for state_url in (nowhere, database.url):  # keys unreachable; then only the exported data
+        server = start_server(nowhere, tmp_path, state_database_url=state_url)
+        try:
+            with httpx.Client(base_url=server.base_url, headers=headers, timeout=30) as client:
+                assert client.get("/healthz").status_code == 200
+                assert client.get("/readyz").status_code == 503
+                for path in ("/datasets", "/datasets/people.csv", "/datasets/people"):
+                    response = client.get(path)
+                    assert response.status_code == 503, (path, response.text)
+                    assert response.headers["content-type"] == "application/problem+json"
+                    assert response.headers["retry-after"] == "5"
+                    assert response.json()["detail"] == "the database is not reachable"
+        finally:
+            stop_server(server)
 
 
 def test_accept_negotiates_the_export(client: httpx.Client) -> None:

@@ -9,21 +9,21 @@ import httpx
 import pytest
 
 from exporter.catalog import Dataset, find_dataset, load_datasets
-from exporter.db import create_engine
+from exporter.db import Pool
 from exporter.settings import Settings
 from tests.conftest import ExportDatabase, _asyncpg_dsn, run_sql, start_server, stop_server
 
 
 def _load(url: str, schemas: tuple[str, ...], name: str | None = None) -> list[Dataset]:
     async def run() -> list[Dataset]:
-        engine = create_engine(url, pool_size=1)
+        pool = await Pool.open(url, size=1)
         try:
             if name is None:
-                return await load_datasets(engine, schemas)
-            found = await find_dataset(engine, schemas, name)
+                return await load_datasets(pool, schemas)
+            found = await find_dataset(pool, schemas, name)
             return [found] if found else []
         finally:
-            await engine.dispose()
+            await pool.close()
 
     return asyncio.run(run())
 

@@ -1,7 +1,7 @@
 import asyncio
 
 from exporter.catalog import find_dataset
-from exporter.db import create_engine
+from exporter.db import Pool
 from exporter.encoders import ENCODERS
 from exporter.query import parse_query
 from exporter.settings import Settings
@@ -13,16 +13,16 @@ def _chunks(url: str, fmt: str, limit: int) -> tuple[list[bytes], ExportStream]:
     settings = Settings(database_url=url, batch_rows=5000, chunk_bytes=32 * 1024)
 
     async def run() -> tuple[list[bytes], ExportStream]:
-        engine = create_engine(url, pool_size=1)
+        pool = await Pool.open(url, size=1)
         try:
-            dataset = await find_dataset(engine, ("public",), "big")
+            dataset = await find_dataset(pool, ("public",), "big")
             assert dataset is not None
             query = parse_query(dataset, [("limit", str(limit))])
-            stream = ExportStream(query, ENCODERS[fmt], engine, settings, "exporter test")
+            stream = ExportStream(query, ENCODERS[fmt], pool, settings, "exporter test")
             await stream.open()
             return [chunk async for chunk in stream.chunks()], stream
         finally:
-            await engine.dispose()
+            await pool.close()
 
     return asyncio.run(run())
 

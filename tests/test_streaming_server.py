@@ -138,13 +138,14 @@ def test_disconnect_frees_the_connection_at_once(
     client.close()
     left_at = time.monotonic()
 
-    # Within a second: no transaction, no cursor, the backend idle in the pool (or gone).
+    # Within a second: no transaction, no cursor, the backend idle in the pool under the pool's
+    # own name (the export's was local to its transaction), or gone.
     while time.monotonic() - left_at < 1.0:
         state = run_sql(
             database.url,
             f"SELECT state, application_name FROM pg_stat_activity WHERE pid = {backend['pid']}",
         )
-        if not state or (state[0]["state"] == "idle" and state[0]["application_name"] == ""):
+        if not state or (state[0]["state"], state[0]["application_name"]) == ("idle", "exporter"):
             break
         time.sleep(0.02)
     else:
