@@ -72,19 +72,13 @@ class Pool:
         self.timeout_s = timeout_s
 
     @classmethod
-    async def open(
-        cls, url: str, size: int, timeout_s: float = 10, *, cache_statements: bool = True
-    ) -> "Pool":
+    async def open(cls, url: str, size: int, timeout_s: float = 10) -> "Pool":
         pool = await asyncpg.create_pool(
             connect_url(url),
             min_size=0,
             max_size=size,
             # Connecting (not waiting for a free connection) gives up after this long.
             timeout=10,
-            # Exports read tables whose definitions change between exports; a cached
-            # statement would then fail ("cached plan must not change result type") inside
-            # the snapshot's transaction, where asyncpg cannot retry it.
-            statement_cache_size=100 if cache_statements else 0,
             server_settings={"application_name": "exporter"},
         )
         return cls(pool, timeout_s)
@@ -132,10 +126,7 @@ class Databases:
     async def open(cls, settings: Settings) -> "Databases":
         return cls(
             exports=await Pool.open(
-                settings.database_url,
-                settings.pool_size,
-                settings.pool_timeout_s,
-                cache_statements=False,
+                settings.database_url, settings.pool_size, settings.pool_timeout_s
             ),
             catalog=await Pool.open(settings.database_url, _SIDE_POOL_SIZE),
             state=await Pool.open(settings.state_url, _SIDE_POOL_SIZE),

@@ -310,3 +310,26 @@ def test_csv_loads_back_with_copy_into_an_identical_table(
             await conn.close()
 
     assert asyncio.run(load_back()) == []
+
+
+@pytest.mark.parametrize("use_copy", ["true", "false"])
+def test_a_table_altered_between_exports_exports_again(
+    database: ExportDatabase, tmp_path: Path, use_copy: str
+) -> None:
+    # One export connection, so the second export runs on the first one's connection, where
+    # asyncpg caches prepared statements: every export's result is text, so a cached plan
+    # stays valid when a column's type changes.
+    run_sql(database.url, "CREATE TABLE altered (id integer PRIMARY KEY, v integer)")
+    run_sql(database.url, "INSERT INTO altered VALUES (1, 10)")
+    server = start_server(database.url, tmp_path, pool_size="1", use_copy=use_copy)
+    try:
+        with server.client(database.key) as client:
+            first = client.get("/datasets/altered.ndjson", params={"select": "v"})
+            assert first.text == '{"v":10}\n'
+            run_sql(database.url, "ALTER TABLE altered ALTER COLUMN v TYPE text")
+            second = client.get("/datasets/altered.ndjson", params={"select": "v"})
+            assert second.status_code == 200, second.text
+            assert second.text == '{"v":"10"}\n'
+    finally:
+        stop_server(server)
+        run_sql(database.url, "DROP TABLE altered")
