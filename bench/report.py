@@ -11,13 +11,14 @@ from typing import Any
 
 import psutil
 
-MB = 1024 * 1024
+MB = 1024 * 1024  # figures are printed in MiB
 
-# The targets (issue 3).
+# The targets (issue 3). Its "80 MB" and "5 MB" are read strictly, as 10^6 bytes: 76.3 and
+# 4.8 MiB.
 CSV_RATIO = 0.90
 NDJSON_RATIO = 0.85
-PEAK_RSS_MB = 80.0
-RSS_GROWTH_MB = 5.0
+PEAK_RSS_MB = 80e6 / MB
+RSS_GROWTH_MB = 5e6 / MB
 TTFB_MS = 100.0
 CONCURRENT_RATIO = 0.8
 
@@ -83,7 +84,7 @@ def _mb_line(what: str, mb: float, target: float, reference: str = "-", **number
         ours=f"{mb:.1f} MiB",
         reference=reference,
         value=f"{mb:.1f} MiB",
-        target=f"<= {target:.0f} MiB",
+        target=f"<= {target:.1f} MiB",
         passed=mb <= target,
         numbers={"mb": mb, **numbers},
     )
@@ -171,7 +172,7 @@ def summarize(runs: dict[str, list[dict[str, Any]]], sizes: dict[str, int]) -> l
             f"{big_mb:.1f} MiB",
             f"{small_mb:.1f} MiB",
             f"{growth_mb:+.1f} MiB",
-            f"<= {RSS_GROWTH_MB:.0f} MiB",
+            f"<= {RSS_GROWTH_MB:.1f} MiB",
             growth_mb <= RSS_GROWTH_MB,
             {"growth_mb": growth_mb, "small_mb": small_mb, "big_mb": big_mb, "per_run": growth},
         )
