@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> None:
             **sizes,
             **{name: runs[-1]["bytes"] for name, runs in bench.runs.items() if "bytes" in runs[-1]},
         },
-        "gzip_offered": bench.gzip,
+        "codings_offered": bench.codings,
         "summary": report.as_json(lines),
         "table": table,
         "runs": bench.runs,

@@ -23,6 +23,7 @@ PSQL_CSV = f"\\copy (select * from {TABLE}) to stdout (format csv, header)"
 PSQL_JSON = f"\\copy (select row_to_json(t) from {TABLE} t) to stdout"
 CONCURRENT_CLIENTS = 8
 CONCURRENT_WORKERS = 2
+CODINGS = ("gzip", "zstd")
 
 Runs = dict[str, list[dict[str, Any]]]
 
@@ -35,7 +36,7 @@ class Bench:
     skip_baseline: bool
     log: Any
     runs: Runs = field(default_factory=dict)
-    gzip: bool = False
+    codings: list[str] = field(default_factory=list)  # those the server offers
 
     def record(self, name: str, **values: Any) -> None:
         self.runs.setdefault(name, []).append(values)
@@ -50,11 +51,11 @@ class Bench:
         clients.fetch_concurrently(urls * max(1, 4 * (server.workers - 1)), self.key)
         clients.fetch_concurrently(urls, self.key)
 
-    def export(self, server: Server, name: str, url: str, gzip: bool = False) -> RssSampler:
+    def export(self, server: Server, name: str, url: str, coding: str | None = None) -> RssSampler:
         with RssSampler(server) as rss:
-            result = clients.fetch(url, self.key, "gzip" if gzip else None)
-        if gzip and result.content_encoding != "gzip":
-            raise RuntimeError(f"{url}: asked for gzip, got {result.content_encoding!r}")
+            result = clients.fetch(url, self.key, coding)
+        if coding and result.content_encoding != coding:
+            raise RuntimeError(f"{url}: asked for {coding}, got {result.content_encoding!r}")
         self.record(
             name,
             **asdict(result),
@@ -88,14 +89,11 @@ class Bench:
 
     def main_exports(self) -> None:
         """On a fresh, warmed server: our CSV and NDJSON of the big table, each right after the
-        psql reference it is compared with, then the gzip CSV if the server offers it."""
+        psql reference it is compared with, then the CSV compressed with each coding the server
+        offers (`curl --compressed`, asking for that coding)."""
         server = start_server(self.database.url, self.log_dir)
         try:
             self.warm_up(server, TABLE)
-            # Large enough for a compressing middleware's minimum size.
-            probe_url = self.url(server, TABLE, "csv", "?limit=1000")
-            probe = clients.fetch(probe_url, self.key, "gzip")
-            self.gzip = probe.content_encoding == "gzip"
             idle = self.idle(server)
             self.psql("psql_csv", PSQL_CSV)
             csv = self.export(server, "ours_csv", self.url(server, TABLE, "csv"))
@@ -107,8 +105,19 @@ class Bench:
                 peak_rss_bytes=max(csv.peak_total, ndjson.peak_total),
                 vm_hwm_bytes=vm_hwm_bytes(server.process.pid),
             )
-            if self.gzip:
-                self.export(server, "ours_csv_gzip", self.url(server, TABLE, "csv"), gzip=True)
+            # Probed only now: the first zstd request imports zstandard, which the memory
+            # figures above (compared with a server that never compresses) must not include.
+            # Large enough for a compressing middleware's minimum size.
+            probe_url = self.url(server, TABLE, "csv", "?limit=1000")
+            self.codings = [
+                coding
+                for coding in CODINGS
+                if clients.curl_decodes(coding)
+                and clients.fetch(probe_url, self.key, coding).content_encoding == coding
+            ]
+            for coding in self.codings:
+                url = self.url(server, TABLE, "csv")
+                self.export(server, f"ours_csv_{coding}", url, coding=coding)
         finally:
             stop_server(server)
 

@@ -130,12 +130,23 @@ async def _dataset(name: str, settings: Settings, databases: Databases) -> Datas
     return dataset
 
 
+_EXPORT_HEADERS = {
+    "Content-Encoding": {
+        "description": "`gzip` or `zstd` when the request's Accept-Encoding asks for it; "
+        "each chunk is compressed as it is sent.",
+        "schema": {"type": "string", "enum": ["gzip", "zstd"]},
+    },
+    "Content-Disposition": {"schema": {"type": "string"}},
+}
+
+
 def _export_responses(media_type: str) -> dict[int | str, dict[str, Any]]:
     problem: dict[str, Any] = {"content": {PROBLEM_MEDIA_TYPE: {}}}
     return {
         200: {
             "description": "The export, streamed as an attachment.",
             "content": {media_type: {"schema": {"type": "string"}}},
+            "headers": _EXPORT_HEADERS,
         },
         400: {"description": "Invalid query parameter", **problem},
         401: {"description": "Missing or unknown key", **problem},
@@ -195,6 +206,7 @@ _DESCRIBE_OFFERS = ["application/json"] + [e.media_type for e in ENCODERS.values
 async def describe_dataset(
     name: str,
     request: Request,
+    response: Response,
     key: KeyDep,
     settings: SettingsDep,
     databases: DatabasesDep,
@@ -206,5 +218,8 @@ async def describe_dataset(
     dataset = await _dataset(name, settings, databases)
     encoder = encoder_for_media_type(chosen)
     if encoder is None:
+        response.headers["Vary"] = "Accept"
         return DatasetInfo.of(dataset)
-    return await start_export(request, key, dataset, encoder, settings, databases, active)
+    export = await start_export(request, key, dataset, encoder, settings, databases, active)
+    export.headers.add_vary_header("Accept")
+    return export

@@ -16,6 +16,7 @@ from starlette.types import Receive, Scope, Send
 from exporter import audit
 from exporter.auth import ApiKey
 from exporter.catalog import Dataset
+from exporter.compression import Compressor, choose_coding, compressed, compressor_for
 from exporter.db import UNREACHABLE, Databases, PoolTimeout
 from exporter.encoders import Encoder
 from exporter.memory import release_free_memory
@@ -67,6 +68,12 @@ async def start_export(
 ) -> Response:
     params = request.query_params.multi_items()
     query = parse_query(dataset, params, max_limit=settings.max_limit)
+    media_type = encoder.media_type + (
+        "; charset=utf-8" if encoder.media_type.startswith("text/") else ""
+    )
+    # Several Accept-Encoding fields make one list (RFC 9110 §5.3).
+    accept_encoding = ", ".join(request.headers.getlist("accept-encoding")) or None
+    compressor = compressor_for(choose_coding(accept_encoding, media_type))
     request_id = str(request.scope.get("state", {}).get("request_id", "-"))
     stream = ExportStream(
         query, encoder, databases.exports, settings, label=f"exporter {request_id}"
@@ -92,13 +99,15 @@ async def start_export(
             bytes_sent=ended.bytes,
             error=error if outcome == "failed" else None,
         )
+        sent = "" if compressor is None else f" ({compressor.coding}: {compressor.bytes_out} sent)"
         log.info(
-            "export %s of %s: %s, %d rows, %d bytes, %.2f s",
+            "export %s of %s: %s, %d rows, %d bytes%s, %.2f s",
             encoder.format,
             dataset.name,
             outcome,
             ended.rows,
             ended.bytes,
+            sent,
             ended.elapsed_s,
         )
 
@@ -123,12 +132,16 @@ async def start_export(
     headers = {
         "Content-Disposition": _attachment(dataset.name, encoder.extension),
         "Cache-Control": "no-store",
+        # Compressed or not, the response depends on the header.
+        "Vary": "Accept-Encoding",
     }
-    media_type = encoder.media_type + (
-        "; charset=utf-8" if encoder.media_type.startswith("text/") else ""
-    )
     return ExportResponse(
-        stream, finish, lambda: active.end(done), headers=headers, media_type=media_type
+        stream,
+        finish,
+        lambda: active.end(done),
+        headers=headers,
+        media_type=media_type,
+        compressor=compressor,
     )
 
 
@@ -230,6 +243,9 @@ class ExportResponse(StreamingResponse):
     and pooled connection) would wait for the garbage collector. So it is closed here,
     explicitly, under a shield. A failure raised by the body propagates to uvicorn, which then
     drops the connection without the terminating chunk: the client sees an incomplete file.
+
+    With a compressor, each chunk is compressed and flushed as it leaves (Content-Encoding);
+    the stream's own counts stay those of the uncompressed export.
     """
 
     def __init__(
@@ -240,8 +256,13 @@ class ExportResponse(StreamingResponse):
         *,
         headers: dict[str, str],
         media_type: str,
+        compressor: Compressor | None = None,
     ) -> None:
-        super().__init__(stream.chunks(), headers=headers, media_type=media_type)
+        body = stream.chunks()
+        if compressor is not None:
+            body = compressed(body, compressor)
+            headers = {**headers, "Content-Encoding": compressor.coding}
+        super().__init__(body, headers=headers, media_type=media_type)
         self.stream = stream
         self.on_end = on_end
         self.on_released = on_released
