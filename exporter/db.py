@@ -152,6 +152,14 @@ async def snapshot(pool: Pool, settings: Settings, application_name: str) -> Asy
             "SELECT set_config('statement_timeout', $1, true),"
             " set_config('idle_in_transaction_session_timeout', $2, true),"
             " set_config('application_name', $3, true),"
+            # Values leave in PostgreSQL's canonical text forms, whatever the server's or the
+            # role's defaults: ISO dates, shortest exact floats, hex bytea; and the COPY
+            # options' literals are read as written.
+            " set_config('DateStyle', 'ISO', true),"
+            " set_config('IntervalStyle', 'postgres', true),"
+            " set_config('extra_float_digits', '1', true),"
+            " set_config('bytea_output', 'hex', true),"
+            " set_config('standard_conforming_strings', 'on', true),"
             # PostgreSQL 14+: a query whose client (this process) died stops within a second
             # instead of running to its first row. Older servers lack the setting.
             " (SELECT set_config(name, '1s', true) FROM pg_catalog.pg_settings"

@@ -10,6 +10,10 @@ from typing import Literal
 from exporter.catalog import Column, Dataset
 
 RESERVED = frozenset({"select", "order", "limit"})
+# Options of the export formats (the encoders judge them); like `select`, never filters.
+FORMAT_OPTIONS = frozenset(
+    {"header", "delimiter", "null", "bom", "quote", "crlf", "profile", "numbers"}
+)
 MAX_PARAMETERS = 200
 MAX_VALUE_LENGTH = 10_000
 # Far above PostgreSQL's 63-byte identifiers; a longer name is an error, and not echoed whole.
@@ -80,13 +84,15 @@ class ExportQuery:
     filters: tuple[Filter, ...]
     order: tuple[OrderTerm, ...]
     limit: int | None
+    # Format options as given (name -> value); the encoder validates them.
+    options: tuple[tuple[str, str], ...] = ()
 
 
 def parse_query(
     dataset: Dataset,
     params: Iterable[tuple[str, str]],
     *,
-    reserved: frozenset[str] = RESERVED,
+    reserved: frozenset[str] = RESERVED | FORMAT_OPTIONS,
     max_limit: int | None = None,
 ) -> ExportQuery:
     pairs = list(params)
@@ -125,7 +131,8 @@ def parse_query(
         order = tuple(OrderTerm(_column(dataset, "order", n)) for n in dataset.default_order)
 
     limit = _parse_limit(seen["limit"], max_limit) if "limit" in seen else None
-    return ExportQuery(dataset, columns, tuple(filters), order, limit)
+    options = tuple((name, value) for name, value in seen.items() if name in FORMAT_OPTIONS)
+    return ExportQuery(dataset, columns, tuple(filters), order, limit, options)
 
 
 def _column(dataset: Dataset, parameter: str, name: str) -> Column:

@@ -9,7 +9,7 @@ from typing import Any
 import asyncpg
 
 from exporter.catalog import Column
-from exporter.encoders import Rendering
+from exporter.encoders import Rendering, RenderOptions
 from exporter.query import COMPARISONS, ExportQuery, Filter, QueryError
 
 # Scalar types whose cast to text differs from their output function (what COPY writes):
@@ -31,6 +31,63 @@ def _text_value(column: Column) -> str:
     if column.base_type in _OUTPUT_FUNCTION_TYPES:
         return f"CASE WHEN {ref} IS NULL THEN NULL ELSE concat({ref}) END"
     return f"{ref}::text"
+
+
+_DEFAULT_RENDER = RenderOptions()
+
+# Types whose text is a number; a spreadsheet formula cannot hide in them, so the Excel
+# profile leaves them alone (`-1.5` stays `-1.5`).
+_NUMERIC_TYPES = frozenset({"int2", "int4", "int8", "numeric", "float4", "float8", "money"})
+# JSON numbers that JavaScript's doubles cannot hold exactly: strings with numbers=string.
+_WIDE_NUMBER_TYPES = frozenset({"int8", "numeric"})
+# The Excel profile's rule (encoders.csv.needs_formula_escape) in PostgreSQL's regex dialect:
+# ASCII whitespace, then a character that starts a formula or splits a cell.
+FORMULA_PATTERN = r"^[ \t\r\n\v\f]*[-=+@\t\r\n]"
+# The delimiters encoders.csv accepts: as SQL literals, and inside a regex bracket.
+_DELIMITER_SQL = {",": "','", ";": "';'", "|": "'|'", "\t": r"E'\t'"}
+_DELIMITER_CLASS = {",": ",", ";": ";", "|": "|", "\t": r"\t"}
+
+
+def _json_value(column: Column, render: RenderOptions) -> str:
+    ref = _column_ref(column)
+    if column.base_type == "bytea":
+        # Base64, without the line break encode() puts after every 76 characters.
+        return rf"translate(encode({ref}, 'base64'), E'\n', '')"
+    if render.numbers_as_strings:
+        if column.base_type in _WIDE_NUMBER_TYPES:
+            return f"{ref}::text"
+        if column.base_type in ("_int8", "_numeric"):
+            return f"{ref}::text[]"
+    return ref
+
+
+def _csv_line(columns: Sequence[Column], render: RenderOptions, parameters: "_Parameters") -> str:
+    """A CSV record as COPY (FORMAT csv) writes it, from the lateral values v.v0, v.v1, ...:
+    NULL as the null string, unquoted; a value quoted (its quotes doubled) when it equals the
+    null string, holds the delimiter, a quote, CR or LF, or is the end-of-data marker `\\.`
+    alone in its record; with quote=all, every value but NULL quoted."""
+    if not columns:
+        return "''"
+    null = parameters.add(render.null, "text")
+    needs_quotes = "'[" + _DELIMITER_CLASS[render.delimiter] + r'"\r\n' + "]'"
+    fields = []
+    for i, column in enumerate(columns):
+        raw = f"v.v{i}"
+        value = raw
+        if render.escape_formulas and column.base_type not in _NUMERIC_TYPES:
+            value = f"(CASE WHEN {raw} ~ '{FORMULA_PATTERN}' THEN '''' || {raw} ELSE {raw} END)"
+        quoted = f"""'"' || replace({value}, '"', '""') || '"'"""
+        if render.quote_all:
+            field = f"CASE WHEN {raw} IS NULL THEN {null} ELSE {quoted} END"
+        else:
+            marker = f" OR {raw} = '\\.'" if len(columns) == 1 else ""
+            field = (
+                f"CASE WHEN {raw} IS NULL THEN {null}"
+                f" WHEN {value} = {null} OR {value} ~ {needs_quotes}{marker} THEN {quoted}"
+                f" ELSE {value} END"
+            )
+        fields.append(field)
+    return f" || {_DELIMITER_SQL[render.delimiter]} || ".join(fields)
 
 
 class _Parameters:
@@ -59,35 +116,45 @@ class _Parameters:
         )
 
 
-def build_sql(query: ExportQuery, rendering: Rendering) -> tuple[str, list[Any]]:
+def build_sql(
+    query: ExportQuery, rendering: Rendering, render: RenderOptions = _DEFAULT_RENDER
+) -> tuple[str, list[Any]]:
     """SQL text from catalog identifiers (quoted) and placeholders; values only as arguments."""
     parameters = _Parameters(for_copy=False)
-    return _build(query, rendering, parameters), parameters.values
+    return _build(query, rendering, render, parameters), parameters.values
 
 
-def build_copy(query: ExportQuery, rendering: Rendering) -> tuple[str, str | None, list[Any]]:
+def build_copy(
+    query: ExportQuery, rendering: Rendering, render: RenderOptions = _DEFAULT_RENDER
+) -> tuple[str, str | None, list[Any]]:
     """The SELECT for COPY, the statement that binds its values (None: no values) and them."""
     parameters = _Parameters(for_copy=True)
-    if rendering is Rendering.TEXT_VALUES:
+    if rendering is Rendering.CSV_LINE:
         # COPY writes each value's text form itself, with the output function.
         rendering = Rendering.COLUMNS
-    sql = _build(query, rendering, parameters)
+    sql = _build(query, rendering, render, parameters)
     return sql, parameters.settings_sql() if parameters.values else None, parameters.values
 
 
-def _build(query: ExportQuery, rendering: Rendering, parameters: _Parameters) -> str:
+def _build(
+    query: ExportQuery, rendering: Rendering, render: RenderOptions, parameters: _Parameters
+) -> str:
     dataset = query.dataset
     relation = f"{quote_ident(dataset.schema)}.{quote_ident(dataset.relation)} AS t"
     if rendering is Rendering.COLUMNS:
         # COPY renders every value with its output function and names the header's columns.
         select = ", ".join(f"{_column_ref(c)} AS {quote_ident(c.name)}" for c in query.columns)
         from_clause = relation
-    elif rendering is Rendering.TEXT_VALUES:
-        select = ", ".join(_text_value(c) for c in query.columns) or "NULL"
-        from_clause = relation
+    elif rendering is Rendering.CSV_LINE:
+        # The lateral subquery renders each value once; the record is built from those.
+        inner = ", ".join(f"{_text_value(c)} AS v{i}" for i, c in enumerate(query.columns))
+        select = _csv_line(query.columns, render, parameters)
+        from_clause = f"{relation} CROSS JOIN LATERAL (SELECT {inner or 'NULL'}) AS v"
     else:
         # The lateral subquery names the object's keys and fixes their order.
-        inner = ", ".join(f"{_column_ref(c)} AS {quote_ident(c.name)}" for c in query.columns)
+        inner = ", ".join(
+            f"{_json_value(c, render)} AS {quote_ident(c.name)}" for c in query.columns
+        )
         # r.*, not r: a column named "r" would make the bare name ambiguous.
         select = "row_to_json(r.*)::text"
         if any(c.base_type in ("json", "_json") for c in query.columns):

@@ -42,7 +42,7 @@ class ExportStream:
         label: str,
     ) -> None:
         self.query = query
-        self.encoder = encoder_class(query.columns)
+        self.encoder = encoder_class(query.columns, query.options)
         self.pool = pool
         self.settings = settings
         self.label = label
@@ -63,9 +63,11 @@ class ExportStream:
                 snapshot(self.pool, self.settings, self.label)
             )
             await check_filter_values(connection, self.query)
-            copy_options = self.encoder.copy_options
+            copy_options = self.encoder.copy_options()
             if copy_options is not None and self.settings.use_copy:
-                sql, settings_sql, args = build_copy(self.query, self.encoder.rendering)
+                sql, settings_sql, args = build_copy(
+                    self.query, self.encoder.rendering, self.encoder.render
+                )
                 self._copy = CopySource(
                     connection,
                     sql,
@@ -79,7 +81,7 @@ class ExportStream:
                 await self._copy.start()
                 self._first_chunk = await self._copy.read()
             else:
-                sql, args = build_sql(self.query, self.encoder.rendering)
+                sql, args = build_sql(self.query, self.encoder.rendering, self.encoder.render)
                 self._source = Source(connection, sql, args, self.settings.batch_rows)
                 self._first_batch = await self._source.fetch()
         except BaseException:
@@ -133,6 +135,12 @@ class ExportStream:
         async with self._ending():
             chunk = self._first_chunk
             self._first_chunk = None
+            preamble = self.encoder.preamble()
+            if preamble and chunk is None:
+                self.bytes += len(preamble)
+                yield preamble
+            elif preamble and chunk is not None:
+                chunk = preamble + chunk
             while chunk is not None:
                 records += self.encoder.count_records(chunk)
                 self.bytes += len(chunk)

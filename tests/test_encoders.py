@@ -19,18 +19,46 @@ def test_registry_maps_formats_and_media_types() -> None:
         assert issubclass(encoder, Encoder) and isinstance(encoder.rendering, Rendering)
 
 
-def test_csv_quotes_only_what_needs_it_and_reuses_one_buffer() -> None:
+def test_csv_joins_rendered_records_in_one_reused_buffer() -> None:
     encoder = CsvEncoder(COLUMNS)
     buffer = encoder.buffer
     encoder.begin()
-    encoder.write_rows([("1", "plain"), ("2", 'a "quoted", comma'), ("3", "two\nlines")])
+    encoder.write_rows([("1,plain",), ('2,"a ""quoted"", comma"',), ('3,"two\nlines"',)])
     first = encoder.take()
     assert first == 'id,text\n1,plain\n2,"a ""quoted"", comma"\n3,"two\nlines"\n'
     assert list(csv.reader(io.StringIO(first)))[2] == ["2", 'a "quoted", comma']
     assert encoder.pending() == 0
-    encoder.write_rows([("4", "é 🎉")])
+    encoder.write_rows([("4,é 🎉",)])
     assert encoder.take() == "4,é 🎉\n"
     assert encoder.buffer is buffer
+
+
+def test_csv_header_is_quoted_as_copy_quotes_it() -> None:
+    odd = (
+        Column("a,b", "text", "text", "text"),
+        Column('say "x"', "text", "text", "text"),
+        Column("=cmd", "text", "text", "text"),
+    )
+    encoder = CsvEncoder(odd, [("crlf", "true")])
+    encoder.begin()
+    assert encoder.take() == '"a,b","say ""x""",=cmd\r\n'
+    excel = CsvEncoder(odd, [("profile", "excel"), ("delimiter", ";")])
+    excel.begin()
+    assert excel.take() == '\ufeffa,b;"say ""x""";\'=cmd\r\n'
+    assert CsvEncoder(odd, [("header", "false")]).copy_options() == {
+        "format": "csv",
+        "header": False,
+    }
+    assert excel.copy_options() is None  # formula escaping is beyond COPY
+
+
+def test_formula_escape_rule() -> None:
+    from exporter.encoders.csv import needs_formula_escape
+
+    for value in ("=1+1", "+1", "-2", "@SUM(A1)", "\tx", "\rx", "\nx", "  =x", " \t", "\v-1"):
+        assert needs_formula_escape(value), value
+    for value in ("", "plain", " plain", "a=b", "1-2", "\u00a0=x", "'=x"):
+        assert not needs_formula_escape(value), value
 
 
 def test_ndjson_joins_rendered_lines() -> None:

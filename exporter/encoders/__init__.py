@@ -9,20 +9,39 @@ so memory holds at most one batch however large the table is.
 import enum
 import io
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from exporter.catalog import Column
+from exporter.query import QueryError
 
 
 class Rendering(enum.Enum):
-    # One column per selected column, each rendered by PostgreSQL as text; NULL stays None.
-    TEXT_VALUES = "text_values"
+    # One text column per row: the CSV record (without its line end), every field rendered
+    # and quoted by PostgreSQL as COPY would write it.
+    CSV_LINE = "csv_line"
     # One text column per row: the whole row as a JSON object rendered by PostgreSQL,
     # keys in column order.
     JSON_ROW = "json_row"
-    # The columns as they are: what a COPY of TEXT_VALUES selects, since COPY writes every
-    # value's text form itself.
+    # The columns as they are, for COPY, which writes every value's text form itself.
     COLUMNS = "columns"
+
+
+@dataclass(frozen=True)
+class RenderOptions:
+    """What the source's SQL needs to know of an encoder's options."""
+
+    delimiter: str = ","
+    null: str = ""
+    quote_all: bool = False
+    escape_formulas: bool = False
+    numbers_as_strings: bool = False
+
+
+def parse_flag(name: str, value: str) -> bool:
+    if value in ("true", "false"):
+        return value == "true"
+    raise QueryError(name, f"{name} must be true or false")
 
 
 class Encoder:
@@ -30,10 +49,18 @@ class Encoder:
     media_type: ClassVar[str]
     extension: ClassVar[str]
     rendering: ClassVar[Rendering]
+    # The query parameters this format takes as options (query.FORMAT_OPTIONS lists all).
+    option_names: ClassVar[frozenset[str]] = frozenset()
 
-    def __init__(self, columns: Sequence[Column]) -> None:
+    def __init__(self, columns: Sequence[Column], options: Sequence[tuple[str, str]] = ()) -> None:
         self.columns = columns
         self.buffer = io.StringIO()
+        self.options = dict(options)
+        for name in self.options:
+            if name not in self.option_names:
+                owners = sorted(e.format for e in ENCODERS.values() if name in e.option_names)
+                raise QueryError(name, f"'{name}' applies to {' and '.join(owners)} exports only")
+        self.render = RenderOptions()
 
     def begin(self) -> None:
         """Write what precedes the rows (a header, say)."""
@@ -41,12 +68,18 @@ class Encoder:
     def write_rows(self, rows: Sequence[Sequence[Any]]) -> None:
         raise NotImplementedError
 
-    # Where PostgreSQL's COPY (...) TO STDOUT with these options writes exactly the encoder's
-    # format, the export runs as that COPY and the encoder only passes its output on (at the
-    # speed of COPY), keeping a running count of the records that end in each chunk (chunks
-    # arrive in order) for progress; COPY's own count replaces it when the export completes.
-    # None: rows come through a cursor and write_rows.
-    copy_options: ClassVar[dict[str, Any] | None] = None
+    def copy_options(self) -> dict[str, Any] | None:
+        """Where PostgreSQL's COPY (...) TO STDOUT with these options writes exactly the
+        encoder's format, the export runs as that COPY and the encoder only passes its output
+        on (at the speed of COPY), after `preamble()`, keeping a running count of the records
+        that end in each chunk (chunks arrive in order) for progress; COPY's own count
+        replaces it when the export completes. None: rows come through a cursor and
+        write_rows, rendered as `rendering` says."""
+        return None
+
+    def preamble(self) -> bytes:
+        """Bytes before COPY's output (a byte order mark, say)."""
+        return b""
 
     def count_records(self, data: bytes) -> int:
         raise NotImplementedError

@@ -1,7 +1,9 @@
 from collections.abc import Sequence
 from typing import Any
 
-from exporter.encoders import Encoder, Rendering
+from exporter.catalog import Column
+from exporter.encoders import Encoder, Rendering, RenderOptions
+from exporter.query import QueryError
 
 
 class NdjsonEncoder(Encoder):
@@ -19,7 +21,17 @@ class NdjsonEncoder(Encoder):
     media_type = "application/x-ndjson"
     extension = "ndjson"
     rendering = Rendering.JSON_ROW
-    copy_options = {"format": "csv", "delimiter": "\x02", "quote": "\x01"}
+    option_names = frozenset({"numbers"})
+
+    def __init__(self, columns: Sequence[Column], options: Sequence[tuple[str, str]] = ()) -> None:
+        super().__init__(columns, options)
+        numbers = self.options.get("numbers", "number")
+        if numbers not in ("number", "string"):
+            raise QueryError("numbers", "numbers must be number or string")
+        self.render = RenderOptions(numbers_as_strings=numbers == "string")
+
+    def copy_options(self) -> dict[str, Any] | None:
+        return {"format": "csv", "delimiter": "\x02", "quote": "\x01"}
 
     def count_records(self, data: bytes) -> int:
         # COPY quotes a field (with \x01) only if it holds a line break: a json value inside a
