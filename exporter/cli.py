@@ -219,6 +219,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="COL=OP.VALUE",
         help="a filter, as in the HTTP query (repeatable): --where 'kind=eq.click'",
     )
+    p.add_argument(
+        "--option",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a format option, as in the HTTP query (repeatable): --option delimiter=';'",
+    )
 
     p = commands.add_parser("demo", help="embedded PostgreSQL + demo data + a key, then serve")
     p.add_argument("--data-dir", default=".exporter-demo")

@@ -149,6 +149,8 @@ async def _estimate_rows(
 
 def _export_params(args: argparse.Namespace) -> list[tuple[str, str]]:
     """The CLI's options as the HTTP query's parameters, so both go through parse_query."""
+    from exporter.query import FORMAT_OPTIONS
+
     params: list[tuple[str, str]] = []
     for name in ("select", "order", "limit"):
         if getattr(args, name) is not None:
@@ -158,6 +160,14 @@ def _export_params(args: argparse.Namespace) -> list[tuple[str, str]]:
         if not equals or not column:
             raise CliError(f"--where takes col=op.value, got {condition!r}")
         params.append((column, expression))
+    for option in args.option:
+        name, equals, value = option.partition("=")
+        if not equals or name not in FORMAT_OPTIONS:
+            raise CliError(
+                f"--option takes name=value, name one of {', '.join(sorted(FORMAT_OPTIONS))};"
+                f" got {option!r}"
+            )
+        params.append((name, value))
     return params
 
 
@@ -184,8 +194,11 @@ async def export_to_file(settings: Settings, args: argparse.Namespace) -> int:
             raise CliError(f"{exc.parameter}: {exc.detail}") from None
         if progress.enabled:
             progress.total = await _estimate_rows(pool, query, encoder)
-        with Output(args.output) as output:
+        try:
             stream = ExportStream(query, encoder, pool, settings, "exporter cli")
+        except QueryError as exc:  # a format option
+            raise CliError(f"{exc.parameter}: {exc.detail}") from None
+        with Output(args.output) as output:
             try:
                 await stream.open()
             except QueryError as exc:

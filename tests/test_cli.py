@@ -19,6 +19,7 @@ import pytest
 from alembic.script import ScriptDirectory
 
 from exporter.migrate import alembic_config
+from exporter.query import FORMAT_OPTIONS
 from tests.conftest import ExportDatabase, Server, _with_database, free_port, run_sql
 
 RESERVED = ("select", "order", "limit")
@@ -65,7 +66,12 @@ def cli_args(params: list[tuple[str, str]]) -> list[str]:
     """HTTP query parameters as the export command's options."""
     args: list[str] = []
     for name, value in params:
-        args += [f"--{name}", value] if name in RESERVED else ["--where", f"{name}={value}"]
+        if name in RESERVED:
+            args += [f"--{name}", value]
+        elif name in FORMAT_OPTIONS:
+            args += ["--option", f"{name}={value}"]
+        else:
+            args += ["--where", f"{name}={value}"]
     return args
 
 
@@ -151,6 +157,28 @@ EXPORT_CASES = [
 ]
 
 
+FORMAT_CASES = [
+    ("csv", [("profile", "excel"), ("delimiter", ";"), ("null", "NULL")]),
+    ("csv", [("quote", "all"), ("header", "false"), ("crlf", "true"), ("bom", "true")]),
+    ("ndjson", [("numbers", "string"), ("select", "id,score,doc")]),
+]
+
+
+@pytest.mark.parametrize(
+    ("export_format", "dataset", "params"),
+    [(fmt, "people", params) for fmt, params in FORMAT_CASES],
+)
+def test_export_takes_format_options(
+    client: httpx.Client,
+    database: ExportDatabase,
+    tmp_path: Path,
+    export_format: str,
+    dataset: str,
+    params: list[tuple[str, str]],
+) -> None:
+    test_export_writes_what_http_sends(client, database, tmp_path, dataset, params, export_format)
+
+
 @pytest.mark.parametrize("export_format", ["csv", "ndjson"])
 @pytest.mark.parametrize(("dataset", "params"), EXPORT_CASES)
 def test_export_writes_what_http_sends(
@@ -205,6 +233,9 @@ BAD_EXPORTS = [
     (["people", "--select", "id,id"], "column selected twice"),
     (["people", "--limit", "-1"], "non-negative"),
     (["people", "--format", "xlsx"], "'xlsx' is not one of csv, ndjson"),
+    (["people", "--option", "delimiter=::"], "delimiter: delimiter must be one of"),
+    (["people", "--option", "age=eq.3"], "--option takes name=value, name one of"),
+    (["people", "--format", "ndjson", "--option", "bom=true"], "applies to csv exports only"),
     # Checked by PostgreSQL only: a DataError from ExportStream.open().
     (["people", "--where", "born=eq.notadate"], 'invalid input syntax for type date: "notadate"'),
     (["people", "--where", "seen_at=lt.yesterday-ish"], "timestamp with time zone"),
