@@ -42,10 +42,21 @@ _NUMERIC_TYPES = frozenset({"int2", "int4", "int8", "numeric", "float4", "float8
 _WIDE_NUMBER_TYPES = frozenset({"int8", "numeric"})
 # The Excel profile's rule (encoders.csv.needs_formula_escape) in PostgreSQL's regex dialect:
 # ASCII whitespace, then a character that starts a formula or splits a cell.
-FORMULA_PATTERN = r"^[ \t\r\n\v\f]*[-=+@\t\r\n]"
-# The delimiters encoders.csv accepts: as SQL literals, and inside a regex bracket.
+_FORMULA_PATTERN_SQL = r"'^[ \t\r\n\v\f]*[-=+@\t\r\n]'"
+# SQL literals (standard_conforming_strings is on in every snapshot).
 _DELIMITER_SQL = {",": "','", ";": "';'", "|": "'|'", "\t": r"E'\t'"}
-_DELIMITER_CLASS = {",": ",", ";": ";", "|": "|", "\t": r"\t"}
+_QUOTE_SQL = "'\"'"
+_LF_SQL = r"E'\n'"
+_CR_SQL = r"E'\r'"
+_END_MARKER_SQL = "'\\.'"
+# Types whose text form is never empty and never holds a delimiter, a quote or a line break
+# (with DateStyle ISO and IntervalStyle postgres, as every snapshot sets them); money is not
+# one of them: "$1,234.56".
+_PLAIN_TEXT_TYPES = frozenset(
+    {"int2", "int4", "int8", "oid", "float4", "float8", "numeric", "bool", "uuid", "date"}
+    | {"timestamp", "timestamptz", "time", "timetz", "interval", "inet", "cidr", "macaddr"}
+    | {"macaddr8"}
+)
 
 
 def _json_value(column: Column, render: RenderOptions) -> str:
@@ -61,33 +72,52 @@ def _json_value(column: Column, render: RenderOptions) -> str:
     return ref
 
 
-def _csv_line(columns: Sequence[Column], render: RenderOptions, parameters: "_Parameters") -> str:
-    """A CSV record as COPY (FORMAT csv) writes it, from the lateral values v.v0, v.v1, ...:
-    NULL as the null string, unquoted; a value quoted (its quotes doubled) when it equals the
-    null string, holds the delimiter, a quote, CR or LF, or is the end-of-data marker `\\.`
-    alone in its record; with quote=all, every value but NULL quoted."""
+def _csv_line(
+    columns: Sequence[Column], render: RenderOptions, parameters: "_Parameters", values: str
+) -> str:
+    """A CSV record as COPY (FORMAT csv) writes it, from the lateral text values `values`.v0,
+    .v1, ...: NULL as the null string, unquoted; a value quoted (its quotes doubled) when it
+    equals the null string, holds the delimiter, a quote, CR or LF, or is the end-of-data
+    marker `\\.` alone in its record; with quote=all, every value but NULL quoted."""
     if not columns:
         return "''"
     null = parameters.add(render.null, "text")
-    needs_quotes = "'[" + _DELIMITER_CLASS[render.delimiter] + r'"\r\n' + "]'"
+    delimiter = _DELIMITER_SQL[render.delimiter]
     fields = []
     for i, column in enumerate(columns):
-        raw = f"v.v{i}"
-        value = raw
-        if render.escape_formulas and column.base_type not in _NUMERIC_TYPES:
-            value = f"(CASE WHEN {raw} ~ '{FORMULA_PATTERN}' THEN '''' || {raw} ELSE {raw} END)"
+        value = f"{values}.v{i}"
         quoted = f"""'"' || replace({value}, '"', '""') || '"'"""
         if render.quote_all:
-            field = f"CASE WHEN {raw} IS NULL THEN {null} ELSE {quoted} END"
+            field = f"CASE WHEN {value} IS NULL THEN {null} ELSE {quoted} END"
+        elif column.base_type in _PLAIN_TEXT_TYPES:
+            # Never empty, no delimiter, quote or line break (a formula escape adds none):
+            # only a null string that the value equals can make it need quotes.
+            if render.null:
+                field = (
+                    f"CASE WHEN {value} IS NULL THEN {null}"
+                    f" WHEN {value} = {null} THEN {quoted} ELSE {value} END"
+                )
+            else:
+                field = f"coalesce({value}, {null})"
         else:
-            marker = f" OR {raw} = '\\.'" if len(columns) == 1 else ""
+            needles = dict.fromkeys((delimiter, _QUOTE_SQL, _LF_SQL, _CR_SQL))
+            checks = [f"{value} = {null}"] + [f"strpos({value}, {n}) > 0" for n in needles]
+            if len(columns) == 1:
+                checks.append(f"{value} = {_END_MARKER_SQL}")
             field = (
-                f"CASE WHEN {raw} IS NULL THEN {null}"
-                f" WHEN {value} = {null} OR {value} ~ {needs_quotes}{marker} THEN {quoted}"
+                f"CASE WHEN {value} IS NULL THEN {null}"
+                f" WHEN {' OR '.join(checks)} THEN {quoted}"
                 f" ELSE {value} END"
             )
         fields.append(field)
-    return f" || {_DELIMITER_SQL[render.delimiter]} || ".join(fields)
+    return f" || {delimiter} || ".join(fields)
+
+
+def _formula_escaped(value: str, column: Column) -> str:
+    """The Excel profile's escape: a leading ' where a spreadsheet would see a formula."""
+    if column.base_type in _NUMERIC_TYPES:
+        return value
+    return f"CASE WHEN {value} ~ {_FORMULA_PATTERN_SQL} THEN '''' || {value} ELSE {value} END"
 
 
 class _Parameters:
@@ -146,10 +176,17 @@ def _build(
         select = ", ".join(f"{_column_ref(c)} AS {quote_ident(c.name)}" for c in query.columns)
         from_clause = relation
     elif rendering is Rendering.CSV_LINE:
-        # The lateral subquery renders each value once; the record is built from those.
-        inner = ", ".join(f"{_text_value(c)} AS v{i}" for i, c in enumerate(query.columns))
-        select = _csv_line(query.columns, render, parameters)
-        from_clause = f"{relation} CROSS JOIN LATERAL (SELECT {inner or 'NULL'}) AS v"
+        # A lateral subquery renders each value once (the record names each several times);
+        # OFFSET 0 keeps PostgreSQL from folding its expressions into the record's. Measured
+        # on the benchmark table: one such subquery is cheaper than repeating the casts, and
+        # a second one (for the formula escape) costs more than repeating the escape's.
+        texts = ", ".join(
+            (_formula_escaped(_text_value(c), c) if render.escape_formulas else _text_value(c))
+            + f" AS v{i}"
+            for i, c in enumerate(query.columns)
+        )
+        from_clause = f"{relation} CROSS JOIN LATERAL (SELECT {texts or 'NULL'} OFFSET 0) AS v"
+        select = _csv_line(query.columns, render, parameters, "v")
     else:
         # The lateral subquery names the object's keys and fixes their order.
         inner = ", ".join(

@@ -135,6 +135,8 @@ class ExportStream:
         async with self._ending():
             chunk = self._first_chunk
             self._first_chunk = None
+            if chunk is not None:
+                chunk = self.encoder.convert(chunk)
             preamble = self.encoder.preamble()
             if preamble and chunk is None:
                 self.bytes += len(preamble)
@@ -147,6 +149,8 @@ class ExportStream:
                 yield chunk
                 self.rows = records
                 chunk = await copy.read()
+                if chunk is not None:
+                    chunk = self.encoder.convert(chunk)
             self.rows = copy.rows if copy.rows is not None else records
             self.completed = True
 

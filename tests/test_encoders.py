@@ -78,3 +78,13 @@ def test_csv_counts_lines_after_the_header_across_block_boundaries() -> None:
         blocks = [text[i : i + size] for i in range(0, len(text), size)]
         # The line break inside a field counts: an export's exact count comes from COPY.
         assert sum(encoder.count_records(block) for block in blocks) == 4, size
+
+
+def test_crlf_ends_records_only_across_chunk_boundaries() -> None:
+    copy_output = b'id,"na""me"\n1,"two\nlines"\n2,"say ""hi"""\n3,\n4,"\r\n"\n'
+    expected = b'id,"na""me"\r\n1,"two\nlines"\r\n2,"say ""hi"""\r\n3,\r\n4,"\r\n"\r\n'
+    for size in range(1, len(copy_output) + 1):
+        encoder = CsvEncoder(COLUMNS, [("crlf", "true")])
+        chunks = [copy_output[i : i + size] for i in range(0, len(copy_output), size)]
+        assert b"".join(encoder.convert(chunk) for chunk in chunks) == expected, size
+    assert CsvEncoder(COLUMNS).convert(copy_output) == copy_output

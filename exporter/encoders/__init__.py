@@ -81,6 +81,10 @@ class Encoder:
         """Bytes before COPY's output (a byte order mark, say)."""
         return b""
 
+    def convert(self, data: bytes) -> bytes:
+        """COPY's output on its way out, chunk by chunk, in order."""
+        return data
+
     def count_records(self, data: bytes) -> int:
         raise NotImplementedError
 

@@ -18,7 +18,8 @@ class CsvEncoder(Encoder):
 
     With the default options and those COPY has (header, delimiter, null, quote=all),
     PostgreSQL writes it with COPY ... (FORMAT csv): exact by definition, at the speed of COPY.
-    A line end of CRLF and the Excel profile's formula escaping are beyond COPY: then
+    COPY's LF record ends become CRLF on the way out (crlf). The Excel profile's formula
+    escaping is beyond COPY: then
     PostgreSQL renders each record as one text value (Rendering.CSV_LINE, the same quoting
     rules) and the rows below join them.
     """
@@ -54,6 +55,7 @@ class CsvEncoder(Encoder):
         )
         self.line_end = "\r\n" if self.crlf else "\n"
         self._header_pending = self.header
+        self._in_quotes = False  # where COPY's output stands, for convert()
 
     @staticmethod
     def _check_null(null: str, delimiter: str) -> None:
@@ -67,7 +69,7 @@ class CsvEncoder(Encoder):
 
     def copy_options(self) -> dict[str, Any] | None:
         render = self.render
-        if self.crlf or render.escape_formulas:
+        if render.escape_formulas:
             return None
         options: dict[str, Any] = {"format": "csv", "header": self.header}
         if render.delimiter != ",":
@@ -80,6 +82,27 @@ class CsvEncoder(Encoder):
 
     def preamble(self) -> bytes:
         return BOM.encode() if self.bom else b""
+
+    def convert(self, data: bytes) -> bytes:
+        """COPY's output on its way out. With crlf, records end in CRLF: COPY ends them in
+        LF, and any other line break is inside a quoted field (COPY quotes every value that
+        holds one). So an LF is a record's end where the quotes before it, counted across
+        chunks, are balanced."""
+        if not self.crlf:
+            return data
+        lines = data.split(b"\n")
+        quoted = self._in_quotes
+        parts = []
+        for line in lines[:-1]:
+            if line.count(b'"') & 1:
+                quoted = not quoted
+            parts.append(line)
+            parts.append(b"\n" if quoted else b"\r\n")
+        if lines[-1].count(b'"') & 1:
+            quoted = not quoted
+        parts.append(lines[-1])
+        self._in_quotes = quoted
+        return b"".join(parts)
 
     def count_records(self, data: bytes) -> int:
         # Line breaks, minus the header's: exact unless a field holds a line break. Telling
@@ -120,7 +143,7 @@ class CsvEncoder(Encoder):
 
 
 # A spreadsheet reads a cell as a formula (or splits it) when it starts with one of these,
-# also after leading whitespace (OWASP's list for CSV injection). source.FORMULA_PATTERN is
+# also after leading whitespace (OWASP's list for CSV injection). source._FORMULA_PATTERN_SQL is
 # the same rule for PostgreSQL: ASCII whitespace, then one of them.
 FORMULA_STARTS = "=+-@\t\r\n"
 ASCII_SPACE = " \t\r\n\v\f"
