@@ -19,7 +19,8 @@ class Column:
     name: str
     type: str  # as PostgreSQL shows it, typmod included: "numeric(10,2)"
     type_sql: str  # the type without typmod, for casts of bound values: "numeric"
-    # typname after resolving every level of domain ("int4", "_text" for text[])
+    # typname after resolving every level of domain ("int4", "_text" for text[]); outside
+    # pg_catalog qualified ("public.mood"), so that a user type named date is not a date
     base_type: str
     # Whether PostgreSQL can ORDER BY it, as the catalog query finds; the default is for
     # columns built by hand. A default order skips the others, an explicit one is a 400.
@@ -88,7 +89,11 @@ _CATALOG_SQL = """
     -- types of a composite, recursively. A range needs nothing more: its subtype has a btree
     -- class by construction, and PostgreSQL checks no further either.
     parts AS (
-        SELECT u.column_type, true AS own, t.oid, t.typname, t.typtype, t.typbasetype,
+        -- Types outside pg_catalog by qualified name: a public.date is not a date.
+        SELECT u.column_type, true AS own, t.oid,
+               CASE WHEN t.typnamespace = 'pg_catalog'::regnamespace THEN t.typname::text
+                   ELSE t.typnamespace::regnamespace::text || '.' || t.typname END AS typname,
+               t.typtype, t.typbasetype,
                t.typelem, t.typlen, t.typrelid, t.typcategory
         -- Seeded through an array, which the planner guesses at ten elements: a guess of one
         -- row per column, multiplied through the recursion, priced large catalogs above
@@ -97,7 +102,10 @@ _CATALOG_SQL = """
         CROSS JOIN unnest(s.types) AS u(column_type)
         JOIN pg_catalog.pg_type t ON t.oid = u.column_type
         UNION
-        SELECT p.column_type, p.own AND child.own, t.oid, t.typname, t.typtype, t.typbasetype,
+        SELECT p.column_type, p.own AND child.own, t.oid,
+               CASE WHEN t.typnamespace = 'pg_catalog'::regnamespace THEN t.typname::text
+                   ELSE t.typnamespace::regnamespace::text || '.' || t.typname END AS typname,
+               t.typtype, t.typbasetype,
                t.typelem, t.typlen, t.typrelid, t.typcategory
         FROM parts p
         CROSS JOIN LATERAL (

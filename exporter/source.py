@@ -26,6 +26,10 @@ def _column_ref(column: Column) -> str:
     return "t." + quote_ident(column.name)
 
 
+def _text_in_c_collation(column: Column) -> str:
+    return f'({_text_value(column)}) COLLATE "C"'
+
+
 def _text_value(column: Column) -> str:
     ref = _column_ref(column)
     if column.base_type in _OUTPUT_FUNCTION_TYPES:
@@ -123,7 +127,9 @@ def _formula_escaped(value: str, column: Column) -> str:
 class _Parameters:
     """Values of a query, each behind a placeholder. A COPY statement takes no bind parameters,
     so for COPY each value is bound to a transaction-local setting first, and the query reads it
-    back with current_setting(): values never become SQL text either way."""
+    back with current_setting(): values never become SQL text either way. (COPY's own options
+    are another matter: asyncpg writes them as quoted literals, the null string included,
+    which standard_conforming_strings, set on by every snapshot, keeps literal.)"""
 
     def __init__(self, for_copy: bool) -> None:
         self.for_copy = for_copy
@@ -180,8 +186,14 @@ def _build(
         # OFFSET 0 keeps PostgreSQL from folding its expressions into the record's. Measured
         # on the benchmark table: one such subquery is cheaper than repeating the casts, and
         # a second one (for the formula escape) costs more than repeating the escape's.
+        # COLLATE "C": the checks compare bytes, as COPY does, and a column's nondeterministic
+        # collation would make PostgreSQL refuse strpos() and regular expressions.
         texts = ", ".join(
-            (_formula_escaped(_text_value(c), c) if render.escape_formulas else _text_value(c))
+            (
+                _formula_escaped(_text_in_c_collation(c), c)
+                if render.escape_formulas
+                else _text_in_c_collation(c)
+            )
             + f" AS v{i}"
             for i, c in enumerate(query.columns)
         )

@@ -189,6 +189,7 @@ def test_csv_is_byte_for_byte_what_copy_writes(
         ({"delimiter": "|", "null": "NULL"}, {"header": True, "delimiter": "|", "null": "NULL"}),
         ({"quote": "all"}, {"header": True, "force_quote": True}),
         ({"null": "1"}, {"header": True, "null": "1"}),
+        ({"null": "it's \\"}, {"header": True, "null": "it's \\"}),
     ],
 )
 def test_csv_options_write_what_copy_writes_with_them(
@@ -443,3 +444,122 @@ def test_filters_and_select_combine_with_options(
         path_server, fidelity, "csv", select="id,t", id="in.(3,6)", delimiter=";", crlf="true"
     )
     assert body.decode() == 'id;t\r\n3;"say ""hi"", a,b;c|d\ttab\nLF\r\nCRLF  "\r\n6;@SUM(A1)\r\n'
+
+
+@pytest.fixture(scope="module")
+def case_insensitive(fidelity: ExportDatabase) -> Iterator[str]:
+    try:
+        run_sql(
+            fidelity.url,
+            "CREATE COLLATION public.fidelity_ci "
+            "(provider = icu, locale = 'und-u-ks-level2', deterministic = false)",
+        )
+    except asyncpg.exceptions.PostgresError as exc:
+        pytest.skip(f"no ICU collations on this server: {exc}")
+    run_sql(
+        fidelity.url,
+        "CREATE TABLE fidelity_ci (id integer PRIMARY KEY, v text COLLATE fidelity_ci)",
+        "INSERT INTO fidelity_ci VALUES (1, 'NULL'), (2, 'null'), (3, 'a,b'), (4, '=1+1'),"
+        " (5, NULL), (6, '')",
+    )
+    try:
+        yield "fidelity_ci"
+    finally:
+        run_sql(fidelity.url, "DROP TABLE fidelity_ci", "DROP COLLATION public.fidelity_ci")
+
+
+def test_nondeterministic_collations_render_like_copy(
+    fidelity: ExportDatabase, path_server: Server, case_insensitive: str
+) -> None:
+    # strpos() and regular expressions refuse such collations, and the null string must match
+    # byte for byte ('null' is not 'NULL'), as in COPY.
+    with path_server.client(fidelity.key) as client:
+        for params in ({"null": "NULL"}, {"null": "NULL", "crlf": "true"}):
+            ours = client.get(f"/datasets/{case_insensitive}.csv", params=params)
+            assert ours.status_code == 200, ours.text
+            theirs = copy_out(
+                fidelity.url,
+                f"SELECT * FROM {case_insensitive} ORDER BY id",
+                format="csv",
+                header=True,
+                null="NULL",
+            )
+            expected = theirs.replace(b"\n", b"\r\n") if "crlf" in params else theirs
+            assert ours.content == expected
+        excel = client.get(f"/datasets/{case_insensitive}.csv", params={"profile": "excel"})
+        assert excel.status_code == 200, excel.text
+        assert b"\r\n4,'=1+1\r\n" in excel.content
+
+
+def test_sql_formula_rule_is_the_python_rule(fidelity: ExportDatabase) -> None:
+    from exporter.encoders.csv import needs_formula_escape
+    from exporter.source import _FORMULA_PATTERN_SQL
+
+    values = [
+        "=1",
+        "+1",
+        "-1",
+        "@a",
+        "\t",
+        "\r",
+        "\n",
+        " \t",
+        "  =x",
+        "\v-1",
+        "\f@",
+        "\v",
+        " ",
+        "",
+        "a",
+        " a",
+        "a=b",
+        "1-2",
+        "\u00a0=x",
+        "'=x",
+        "\u3000+1",
+        "x\n=1",
+    ]
+
+    async def check() -> list[bool]:
+        connection = await asyncpg.connect(_asyncpg_dsn(fidelity.url))
+        try:
+            return [
+                bool(
+                    await connection.fetchval(
+                        f'SELECT $1::text COLLATE "C" ~ {_FORMULA_PATTERN_SQL}', value
+                    )
+                )
+                for value in values
+            ]
+        finally:
+            await connection.close()
+
+    assert asyncio.run(check()) == [needs_formula_escape(v) for v in values]
+
+
+def test_user_types_named_like_builtins_are_not_taken_for_them(
+    fidelity: ExportDatabase, path_server: Server
+) -> None:
+    # An enum called public.date (or public.numeric) can hold a delimiter or a formula.
+    run_sql(
+        fidelity.url,
+        "CREATE TYPE public.date AS ENUM ('a,b', '=1+1')",
+        "CREATE TYPE public.numeric AS ENUM ('=2+2')",
+        "CREATE TABLE fidelity_shadow (id integer PRIMARY KEY, d public.date, n public.numeric)",
+        "INSERT INTO fidelity_shadow VALUES (1, 'a,b', '=2+2'), (2, '=1+1', NULL)",
+    )
+    try:
+        with path_server.client(fidelity.key) as client:
+            plain = client.get("/datasets/fidelity_shadow.csv")
+            excel = client.get("/datasets/fidelity_shadow.csv", params={"profile": "excel"})
+        theirs = copy_out(
+            fidelity.url, "SELECT * FROM fidelity_shadow ORDER BY id", format="csv", header=True
+        )
+        assert plain.content == theirs
+        assert excel.content.decode() == "\ufeffid,d,n\r\n1,\"a,b\",'=2+2\r\n2,'=1+1,\r\n"
+    finally:
+        run_sql(
+            fidelity.url,
+            "DROP TABLE fidelity_shadow",
+            "DROP TYPE public.date, public.numeric",
+        )
