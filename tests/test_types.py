@@ -563,3 +563,28 @@ def test_user_types_named_like_builtins_are_not_taken_for_them(
             "DROP TABLE fidelity_shadow",
             "DROP TYPE public.date, public.numeric",
         )
+
+
+def test_citext_is_a_string(fidelity: ExportDatabase, path_server: Server) -> None:
+    available = run_sql(
+        fidelity.url, "SELECT count(*) AS n FROM pg_available_extensions WHERE name = 'citext'"
+    )[0]["n"]
+    if not available:
+        pytest.skip("the citext extension is not installed on this server")
+    run_sql(
+        fidelity.url,
+        "CREATE EXTENSION IF NOT EXISTS citext",
+        "CREATE TABLE fidelity_citext (id integer PRIMARY KEY, v citext)",
+        "INSERT INTO fidelity_citext VALUES (1, 'Ünïcode, \"quoted\"'), (2, ''), (3, NULL)",
+    )
+    try:
+        with path_server.client(fidelity.key) as client:
+            lines = strict_lines(client.get("/datasets/fidelity_citext.ndjson").content)
+            csv_body = client.get("/datasets/fidelity_citext.csv").content
+        assert [line["v"] for line in lines] == ['Ünïcode, "quoted"', "", None]
+        theirs = copy_out(
+            fidelity.url, "SELECT * FROM fidelity_citext ORDER BY id", format="csv", header=True
+        )
+        assert csv_body == theirs
+    finally:
+        run_sql(fidelity.url, "DROP TABLE fidelity_citext")
