@@ -61,7 +61,7 @@ async def _api_key(
         raise Problem(
             401,
             "Unauthorized",
-            "unknown or revoked key",
+            "unknown, revoked or expired key",
             headers={"WWW-Authenticate": 'Bearer error="invalid_token"'},
         )
     return key
@@ -117,14 +117,18 @@ async def readyz(databases: DatabasesDep) -> dict[str, str]:
 
 @router.get("/datasets", tags=["datasets"])
 async def list_datasets(
-    _key: KeyDep, settings: SettingsDep, databases: DatabasesDep
+    key: KeyDep, settings: SettingsDep, databases: DatabasesDep
 ) -> list[DatasetInfo]:
     datasets = await load_datasets(databases.catalog, settings.exposed_schemas)
-    return [DatasetInfo.of(d) for d in datasets]
+    return [DatasetInfo.of(d) for d in datasets if key.may_read(d.name)]
 
 
-async def _dataset(name: str, settings: Settings, databases: Databases) -> Dataset:
-    dataset = await find_dataset(databases.catalog, settings.exposed_schemas, name)
+async def _dataset(name: str, key: ApiKey, settings: Settings, databases: Databases) -> Dataset:
+    # Outside the key's scope, exactly as if the dataset did not exist: the same 404, and
+    # decided before the catalog is asked, so that timing says nothing either.
+    dataset = None
+    if key.may_read(name):
+        dataset = await find_dataset(databases.catalog, settings.exposed_schemas, name)
     if dataset is None:
         raise Problem(404, "Not Found", f"no dataset named {name!r}")
     return dataset
@@ -165,7 +169,7 @@ def _export_endpoint(
         databases: DatabasesDep,
         active: ActiveDep,
     ) -> Response:
-        dataset = await _dataset(name, settings, databases)
+        dataset = await _dataset(name, key, settings, databases)
         return await start_export(request, key, dataset, encoder, settings, databases, active)
 
     export.__name__ = f"export_{encoder.format}"
@@ -215,7 +219,7 @@ async def describe_dataset(
     chosen = negotiate(request.headers.get("accept"), _DESCRIBE_OFFERS)
     if chosen is None:
         raise Problem(406, "Not Acceptable", "offered: " + ", ".join(_DESCRIBE_OFFERS))
-    dataset = await _dataset(name, settings, databases)
+    dataset = await _dataset(name, key, settings, databases)
     encoder = encoder_for_media_type(chosen)
     if encoder is None:
         response.headers["Vary"] = "Accept"

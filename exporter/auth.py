@@ -1,8 +1,13 @@
-"""API keys: random, shown once, stored only as a digest; a FastAPI dependency checks them."""
+"""API keys: random, shown once, stored only as a digest; a FastAPI dependency checks them.
 
+A key reaches the datasets its glob patterns match (`*` for all) until it expires or is
+revoked; to a key, a dataset it may not read does not exist."""
+
+import fnmatch
 import hashlib
 import hmac
 import secrets
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -11,12 +16,18 @@ import asyncpg
 from exporter.db import Pool
 
 KEY_PREFIX = "exp_"
+MAX_PATTERNS = 100
+MAX_PATTERN_LENGTH = 200
 
 
 @dataclass(frozen=True)
 class ApiKey:
     id: int
     name: str
+    datasets: tuple[str, ...] = ("*",)
+
+    def may_read(self, dataset: str) -> bool:
+        return any(fnmatch.fnmatchcase(dataset, pattern) for pattern in self.datasets)
 
 
 @dataclass(frozen=True)
@@ -24,6 +35,8 @@ class KeyInfo:
     name: str
     created_at: datetime
     revoked_at: datetime | None
+    datasets: tuple[str, ...]
+    expires_at: datetime | None
 
 
 class KeyExists(ValueError):
@@ -38,12 +51,35 @@ def digest(key: str) -> bytes:
     return hashlib.sha256(key.encode()).digest()
 
 
-async def create_key(pool: Pool, name: str) -> str:
+def check_patterns(patterns: Sequence[str]) -> tuple[str, ...]:
+    """The patterns as stored; ValueError for an empty or oversized list or pattern."""
+    if not patterns:
+        raise ValueError("a key needs at least one dataset pattern ('*' for all)")
+    if len(patterns) > MAX_PATTERNS:
+        raise ValueError(f"at most {MAX_PATTERNS} dataset patterns")
+    for pattern in patterns:
+        if not pattern.strip() or len(pattern) > MAX_PATTERN_LENGTH or "\x00" in pattern:
+            raise ValueError(f"not a dataset pattern: {pattern[:50]!r}")
+    return tuple(dict.fromkeys(patterns))
+
+
+async def create_key(
+    pool: Pool,
+    name: str,
+    datasets: Sequence[str] = ("*",),
+    expires_at: datetime | None = None,
+) -> str:
+    patterns = check_patterns(datasets)
     key = new_key()
     try:
         async with pool.connection() as connection:
             await connection.execute(
-                "INSERT INTO exporter.api_keys (name, digest) VALUES ($1, $2)", name, digest(key)
+                "INSERT INTO exporter.api_keys (name, digest, datasets, expires_at)"
+                " VALUES ($1, $2, $3, $4)",
+                name,
+                digest(key),
+                list(patterns),
+                expires_at,
             )
     except asyncpg.exceptions.UniqueViolationError as exc:
         raise KeyExists(f"a key named {name!r} exists already") from exc
@@ -53,9 +89,19 @@ async def create_key(pool: Pool, name: str) -> str:
 async def list_keys(pool: Pool) -> list[KeyInfo]:
     async with pool.connection() as connection:
         rows = await connection.fetch(
-            "SELECT name, created_at, revoked_at FROM exporter.api_keys ORDER BY name"
+            "SELECT name, created_at, revoked_at, datasets, expires_at"
+            " FROM exporter.api_keys ORDER BY name"
         )
-    return [KeyInfo(row["name"], row["created_at"], row["revoked_at"]) for row in rows]
+    return [
+        KeyInfo(
+            row["name"],
+            row["created_at"],
+            row["revoked_at"],
+            tuple(row["datasets"]),
+            row["expires_at"],
+        )
+        for row in rows
+    ]
 
 
 async def revoke_key(pool: Pool, name: str) -> bool:
@@ -69,17 +115,18 @@ async def revoke_key(pool: Pool, name: str) -> bool:
 
 
 async def authenticate(pool: Pool, key: str) -> ApiKey | None:
-    """The key's record, or None. The lookup is by digest; the final comparison is in
-    constant time, so a near-miss takes as long as a far miss."""
+    """The key's record, or None (unknown, revoked or expired). The lookup is by digest; the
+    final comparison is in constant time, so a near-miss takes as long as a far miss."""
     if not key.startswith(KEY_PREFIX) or len(key) > 200:
         return None
     wanted = digest(key)
     async with pool.connection() as connection:
         row = await connection.fetchrow(
-            "SELECT id, name, digest FROM exporter.api_keys"
-            " WHERE digest = $1 AND revoked_at IS NULL",
+            "SELECT id, name, digest, datasets FROM exporter.api_keys"
+            " WHERE digest = $1 AND revoked_at IS NULL"
+            " AND (expires_at IS NULL OR expires_at > now())",
             wanted,
         )
     if row is None or not hmac.compare_digest(bytes(row["digest"]), wanted):
         return None
-    return ApiKey(id=row["id"], name=row["name"])
+    return ApiKey(id=row["id"], name=row["name"], datasets=tuple(row["datasets"]))

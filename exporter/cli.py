@@ -3,6 +3,7 @@
 import argparse
 import asyncio
 import sys
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -142,18 +143,47 @@ def migrate(settings: Settings) -> None:
     print("migrated to head", file=sys.stderr)
 
 
-async def _keys(settings: Settings, action: str, name: str | None) -> int:
-    from exporter.auth import KeyExists, create_key, list_keys, revoke_key
+_DURATION = {"m": 60, "h": 3600, "d": 86400}
+
+
+def parse_expiry(text: str, now: datetime) -> datetime:
+    """`--expires`: a duration from now (`90m`, `12h`, `30d`) or an ISO 8601 time with its
+    offset (`2027-01-31T00:00:00+00:00`)."""
+    unit = text[-1:]
+    if unit in _DURATION and text[:-1].isdigit():
+        return now + timedelta(seconds=int(text[:-1]) * _DURATION[unit])
+    try:
+        when = datetime.fromisoformat(text)
+    except ValueError:
+        raise CliError(f"--expires: {text!r} is neither 30d/12h/90m nor an ISO 8601 time") from None
+    if when.tzinfo is None:
+        raise CliError(f"--expires: {text!r} needs an offset, e.g. {text}+00:00")
+    if when <= now:
+        raise CliError(f"--expires: {text!r} is in the past")
+    return when
+
+
+async def _keys(settings: Settings, args: argparse.Namespace) -> int:
+    from exporter.auth import KeyExists, check_patterns, create_key, list_keys, revoke_key
     from exporter.db import Pool
 
+    action: str = args.action
+    name: str | None = getattr(args, "name", None)
     if name is not None and not name.strip():
         raise CliError("a key needs a non-empty name")
+    if action == "create":
+        try:
+            patterns = check_patterns(args.datasets or ["*"])
+        except ValueError as exc:
+            raise CliError(f"--datasets: {exc}") from None
+        now = datetime.now(UTC)
+        expires_at = parse_expiry(args.expires, now) if args.expires else None
     pool = await Pool.open(settings.state_url, size=1)
     try:
         if action == "create":
             assert name is not None
             try:
-                key = await create_key(pool, name)
+                key = await create_key(pool, name, patterns, expires_at)
             except KeyExists as exc:
                 raise CliError(str(exc), FAILED) from None
             print(f"created key {name!r}; it is shown once, store it now:", file=sys.stderr)
@@ -161,7 +191,12 @@ async def _keys(settings: Settings, action: str, name: str | None) -> int:
         elif action == "list":
             for info in await list_keys(pool):
                 state = f"revoked {info.revoked_at:%Y-%m-%d %H:%M}" if info.revoked_at else "active"
-                print(f"{info.name}\tcreated {info.created_at:%Y-%m-%d %H:%M}\t{state}")
+                if info.expires_at is not None and info.revoked_at is None:
+                    state += f", expires {info.expires_at:%Y-%m-%d %H:%M %z}"
+                print(
+                    f"{info.name}\tcreated {info.created_at:%Y-%m-%d %H:%M}\t{state}"
+                    f"\tdatasets {','.join(info.datasets)}"
+                )
         else:
             assert name is not None
             if not await revoke_key(pool, name):
@@ -192,9 +227,15 @@ def build_parser() -> argparse.ArgumentParser:
     keys = commands.add_parser("keys", help="manage API keys").add_subparsers(
         dest="action", required=True
     )
-    keys.add_parser("create", help="create a key; prints it alone on the last line").add_argument(
-        "name"
+    create = keys.add_parser("create", help="create a key; prints it alone on the last line")
+    create.add_argument("name")
+    create.add_argument(
+        "--datasets",
+        action="append",
+        metavar="PATTERN",
+        help="a glob over dataset names the key may read (repeatable; default '*': all)",
     )
+    create.add_argument("--expires", metavar="WHEN", help="30d, 12h, 90m, or an ISO 8601 time")
     keys.add_parser("list", help="list keys (never the keys themselves)")
     keys.add_parser("revoke", help="revoke a key").add_argument("name")
 
@@ -249,7 +290,7 @@ def _run(args: argparse.Namespace) -> int:
             migrate(settings)
             return 0
         if args.command == "keys":
-            return asyncio.run(_keys(settings, args.action, getattr(args, "name", None)))
+            return asyncio.run(_keys(settings, args))
         from exporter.file_export import export_to_file
 
         return asyncio.run(export_to_file(settings, args))

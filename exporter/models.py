@@ -11,8 +11,9 @@ from sqlalchemy import (
     Table,
     Text,
     func,
+    text,
 )
-from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.dialects.postgresql import ARRAY, JSONB
 
 from exporter.settings import OWN_SCHEMA
 
@@ -28,6 +29,9 @@ api_keys = Table(
     Column("digest", LargeBinary, nullable=False, unique=True),
     Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
     Column("revoked_at", DateTime(timezone=True)),
+    # Glob patterns over dataset names (fnmatch, case-sensitive); "*" reads everything.
+    Column("datasets", ARRAY(Text), nullable=False, server_default=text("'{*}'::text[]")),
+    Column("expires_at", DateTime(timezone=True)),
 )
 
 export_log = Table(

@@ -126,7 +126,7 @@ def test_key_lifecycle(database: ExportDatabase, server: Server) -> None:
     listed = cli(database.url, "keys", "list")
     assert listed.returncode == 0
     output = listed.stdout.decode() + listed.stderr.decode()
-    assert re.search(rf"^{name}\tcreated .*\tactive$", output, re.MULTILINE)
+    assert re.search(rf"^{name}\tcreated .*\tactive\tdatasets \*$", output, re.MULTILINE)
     assert "exp_" not in output  # neither this key nor any other
 
     duplicate = cli(database.url, "keys", "create", name)
@@ -142,6 +142,79 @@ def test_key_lifecycle(database: ExportDatabase, server: Server) -> None:
 
     assert_clean_error(cli(database.url, "keys", "revoke", name), 1, "no active key named")
     assert_clean_error(cli(database.url, "keys", "revoke", "no-such-key"), 1, "no active key")
+
+
+def _problem_without_ids(response: httpx.Response) -> dict[str, object]:
+    body = dict(response.json())
+    body.pop("instance", None)
+    body.pop("request_id", None)
+    return body
+
+
+def test_scoped_keys_reach_only_their_datasets(database: ExportDatabase, server: Server) -> None:
+    name = f"scoped-{uuid.uuid4().hex[:8]}"
+    created = cli(
+        database.url, "keys", "create", name, "--datasets", "peo*", "--datasets", "adults"
+    )
+    assert created.returncode == 0, created.stderr.decode()
+    key = created.stdout.decode().splitlines()[-1]
+    listed = cli(database.url, "keys", "list").stdout.decode()
+    assert re.search(rf"^{name}\t.*\tdatasets peo\*,adults$", listed, re.MULTILINE)
+    with server.client(key) as http:
+        assert sorted(d["name"] for d in http.get("/datasets").json()) == ["adults", "people"]
+        assert http.get("/datasets/people.csv").status_code == 200
+        assert http.get("/datasets/adults.ndjson").status_code == 200
+        # No existence oracle: a dataset outside the scope is answered as a missing one.
+        for outside, missing in (("big", "no_such"), ("small_copy", "small_copz")):
+            for suffix in (".csv", ".ndjson", ""):
+                hidden = http.get(f"/datasets/{outside}{suffix}")
+                absent = http.get(f"/datasets/{missing}{suffix}")
+                assert hidden.status_code == absent.status_code == 404
+                assert hidden.headers["content-type"] == absent.headers["content-type"]
+                hidden_body = _problem_without_ids(hidden)
+                absent_body = _problem_without_ids(absent)
+                assert hidden_body["detail"] == f"no dataset named '{outside}'"
+                hidden_body["detail"] = absent_body["detail"]
+                assert hidden_body == absent_body
+
+
+def test_expired_keys_are_refused(database: ExportDatabase, server: Server) -> None:
+    name = f"expiring-{uuid.uuid4().hex[:8]}"
+    created = cli(database.url, "keys", "create", name, "--expires", "1h")
+    assert created.returncode == 0, created.stderr.decode()
+    key = created.stdout.decode().splitlines()[-1]
+    assert re.search(
+        rf"^{name}\t.*\tactive, expires \d{{4}}-",
+        cli(database.url, "keys", "list").stdout.decode(),
+        re.MULTILINE,
+    )
+    with server.client(key) as http:
+        assert http.get("/datasets").status_code == 200
+        run_sql(
+            database.url,
+            "UPDATE exporter.api_keys SET expires_at = now() - interval '1 second'"
+            f" WHERE name = '{name}'",
+        )
+        refused = http.get("/datasets/people.csv")
+        assert refused.status_code == 401
+        assert "expired" in refused.json()["detail"]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--expires", "yesterday"], "is neither 30d/12h/90m nor an ISO 8601 time"),
+        (["--expires", "2020-01-01T00:00:00+00:00"], "is in the past"),
+        (["--expires", "2999-01-01T00:00:00"], "needs an offset"),
+        (["--datasets", ""], "not a dataset pattern"),
+        (["--datasets", " "], "not a dataset pattern"),
+    ],
+)
+def test_bad_key_options_are_errors(
+    database: ExportDatabase, args: list[str], message: str
+) -> None:
+    result = cli(database.url, "keys", "create", f"bad-{uuid.uuid4().hex[:8]}", *args)
+    assert_clean_error(result, 2, message)
 
 
 # --- export ----------------------------------------------------------------------------------
