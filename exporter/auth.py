@@ -25,6 +25,7 @@ class ApiKey:
     id: int
     name: str
     datasets: tuple[str, ...] = ("*",)
+    role: str | None = None  # exports run as this PostgreSQL role (SET LOCAL ROLE)
 
     def may_read(self, dataset: str) -> bool:
         return any(fnmatch.fnmatchcase(dataset, pattern) for pattern in self.datasets)
@@ -37,6 +38,7 @@ class KeyInfo:
     revoked_at: datetime | None
     datasets: tuple[str, ...]
     expires_at: datetime | None
+    role: str | None
 
 
 class KeyExists(ValueError):
@@ -68,18 +70,20 @@ async def create_key(
     name: str,
     datasets: Sequence[str] = ("*",),
     expires_at: datetime | None = None,
+    role: str | None = None,
 ) -> str:
     patterns = check_patterns(datasets)
     key = new_key()
     try:
         async with pool.connection() as connection:
             await connection.execute(
-                "INSERT INTO exporter.api_keys (name, digest, datasets, expires_at)"
-                " VALUES ($1, $2, $3, $4)",
+                "INSERT INTO exporter.api_keys (name, digest, datasets, expires_at, role)"
+                " VALUES ($1, $2, $3, $4, $5)",
                 name,
                 digest(key),
                 list(patterns),
                 expires_at,
+                role,
             )
     except asyncpg.exceptions.UniqueViolationError as exc:
         raise KeyExists(f"a key named {name!r} exists already") from exc
@@ -89,7 +93,7 @@ async def create_key(
 async def list_keys(pool: Pool) -> list[KeyInfo]:
     async with pool.connection() as connection:
         rows = await connection.fetch(
-            "SELECT name, created_at, revoked_at, datasets, expires_at"
+            "SELECT name, created_at, revoked_at, datasets, expires_at, role"
             " FROM exporter.api_keys ORDER BY name"
         )
     return [
@@ -99,6 +103,7 @@ async def list_keys(pool: Pool) -> list[KeyInfo]:
             row["revoked_at"],
             tuple(row["datasets"]),
             row["expires_at"],
+            row["role"],
         )
         for row in rows
     ]
@@ -122,11 +127,11 @@ async def authenticate(pool: Pool, key: str) -> ApiKey | None:
     wanted = digest(key)
     async with pool.connection() as connection:
         row = await connection.fetchrow(
-            "SELECT id, name, digest, datasets FROM exporter.api_keys"
+            "SELECT id, name, digest, datasets, role FROM exporter.api_keys"
             " WHERE digest = $1 AND revoked_at IS NULL"
             " AND (expires_at IS NULL OR expires_at > now())",
             wanted,
         )
     if row is None or not hmac.compare_digest(bytes(row["digest"]), wanted):
         return None
-    return ApiKey(id=row["id"], name=row["name"], datasets=tuple(row["datasets"]))
+    return ApiKey(id=row["id"], name=row["name"], datasets=tuple(row["datasets"]), role=row["role"])

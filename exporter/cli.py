@@ -178,12 +178,14 @@ async def _keys(settings: Settings, args: argparse.Namespace) -> int:
             raise CliError(f"--datasets: {exc}") from None
         now = datetime.now(UTC)
         expires_at = parse_expiry(args.expires, now) if args.expires else None
+        if args.role is not None and not args.role.strip():
+            raise CliError("--role: a role needs a name")
     pool = await Pool.open(settings.state_url, size=1)
     try:
         if action == "create":
             assert name is not None
             try:
-                key = await create_key(pool, name, patterns, expires_at)
+                key = await create_key(pool, name, patterns, expires_at, args.role)
             except KeyExists as exc:
                 raise CliError(str(exc), FAILED) from None
             print(f"created key {name!r}; it is shown once, store it now:", file=sys.stderr)
@@ -196,6 +198,7 @@ async def _keys(settings: Settings, args: argparse.Namespace) -> int:
                 print(
                     f"{info.name}\tcreated {info.created_at:%Y-%m-%d %H:%M}\t{state}"
                     f"\tdatasets {','.join(info.datasets)}"
+                    + (f"\trole {info.role}" if info.role else "")
                 )
         else:
             assert name is not None
@@ -236,6 +239,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="a glob over dataset names the key may read (repeatable; default '*': all)",
     )
     create.add_argument("--expires", metavar="WHEN", help="30d, 12h, 90m, or an ISO 8601 time")
+    create.add_argument(
+        "--role", help="a PostgreSQL role the key's exports run as (SET LOCAL ROLE)"
+    )
     keys.add_parser("list", help="list keys (never the keys themselves)")
     keys.add_parser("revoke", help="revoke a key").add_argument("name")
 

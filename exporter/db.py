@@ -29,6 +29,14 @@ UNREACHABLE = (
 )
 
 
+def quote_ident(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+class RoleUnavailable(Exception):
+    """The key's PostgreSQL role does not exist, or the service may not take it."""
+
+
 class PoolTimeout(TimeoutError):
     """No connection of the pool became free within its timeout."""
 
@@ -138,7 +146,9 @@ class Databases:
 
 
 @asynccontextmanager
-async def snapshot(pool: Pool, settings: Settings, application_name: str) -> AsyncIterator[Any]:
+async def snapshot(
+    pool: Pool, settings: Settings, application_name: str, role: str | None = None
+) -> AsyncIterator[Any]:
     """Yield an asyncpg connection inside a REPEATABLE READ READ ONLY transaction.
 
     On the way out, however the export ended (including cancellation because the client left),
@@ -148,6 +158,14 @@ async def snapshot(pool: Pool, settings: Settings, application_name: str) -> Asy
     connection = await pool.acquire()
     try:
         await connection.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+        if role is not None:
+            # The key's role: PostgreSQL's own GRANTs and row-level security decide what the
+            # export reads. A role is an identifier, never a bound value; it comes from the
+            # key's record, quoted.
+            try:
+                await connection.execute(f"SET LOCAL ROLE {quote_ident(role)}")
+            except asyncpg.exceptions.PostgresError as exc:
+                raise RoleUnavailable(f"cannot export as role {role!r}: {exc}") from exc
         await connection.fetchval(
             "SELECT set_config('statement_timeout', $1, true),"
             " set_config('idle_in_transaction_session_timeout', $2, true),"

@@ -32,6 +32,8 @@ api_keys = Table(
     # Glob patterns over dataset names (fnmatch, case-sensitive); "*" reads everything.
     Column("datasets", ARRAY(Text), nullable=False, server_default=text("'{*}'::text[]")),
     Column("expires_at", DateTime(timezone=True)),
+    # The PostgreSQL role the key's exports run as (SET LOCAL ROLE); NULL: the service's own.
+    Column("role", Text),
 )
 
 export_log = Table(

@@ -17,7 +17,7 @@ from exporter import audit
 from exporter.auth import ApiKey
 from exporter.catalog import Dataset
 from exporter.compression import Compressor, choose_coding, compressed, compressor_for
-from exporter.db import UNREACHABLE, Databases, PoolTimeout
+from exporter.db import UNREACHABLE, Databases, PoolTimeout, RoleUnavailable
 from exporter.encoders import Encoder
 from exporter.memory import release_free_memory
 from exporter.problems import Problem
@@ -76,7 +76,7 @@ async def start_export(
     compressor = compressor_for(choose_coding(accept_encoding, media_type))
     request_id = str(request.scope.get("state", {}).get("request_id", "-"))
     stream = ExportStream(
-        query, encoder, databases.exports, settings, label=f"exporter {request_id}"
+        query, encoder, databases.exports, settings, f"exporter {request_id}", role=key.role
     )
     export_id = await audit.record_start(
         databases.state,
@@ -186,6 +186,8 @@ def _open_error(exc: Exception, query: ExportQuery) -> Problem | None:
             f"PostgreSQL rejected the query: {exc}",
             invalid_params=[{"name": name, "reason": str(exc)} for name in names],
         )
+    if isinstance(exc, RoleUnavailable):
+        return Problem(403, "Forbidden", str(exc))
     if isinstance(exc, asyncpg.exceptions.InsufficientPrivilegeError):
         return Problem(403, "Forbidden", str(exc))
     if isinstance(exc, asyncpg.exceptions.QueryCanceledError | CopyTimeout):

@@ -9,6 +9,7 @@ from typing import Any
 import asyncpg
 
 from exporter.catalog import Column
+from exporter.db import quote_ident
 from exporter.encoders import Rendering, RenderOptions
 from exporter.query import COMPARISONS, ExportQuery, Filter, QueryError
 
@@ -16,10 +17,6 @@ from exporter.query import COMPARISONS, ExportQuery, Filter, QueryError
 # `true::text` is 'true' where COPY writes 't', char(n) casts drop padding, inet casts add
 # the mask. concat() applies the output function.
 _OUTPUT_FUNCTION_TYPES = frozenset({"bool", "bpchar", "inet", "cidr"})
-
-
-def quote_ident(name: str) -> str:
-    return '"' + name.replace('"', '""') + '"'
 
 
 def _column_ref(column: Column) -> str:

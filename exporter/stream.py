@@ -40,12 +40,14 @@ class ExportStream:
         pool: Pool,
         settings: Settings,
         label: str,
+        role: str | None = None,
     ) -> None:
         self.query = query
         self.encoder = encoder_class(query.columns, query.options)
         self.pool = pool
         self.settings = settings
         self.label = label
+        self.role = role
         self.rows = 0
         self.bytes = 0
         self.started = time.monotonic()
@@ -60,7 +62,7 @@ class ExportStream:
     async def open(self) -> None:
         try:
             connection = await self._exit_stack.enter_async_context(
-                snapshot(self.pool, self.settings, self.label)
+                snapshot(self.pool, self.settings, self.label, self.role)
             )
             await check_filter_values(connection, self.query)
             copy_options = self.encoder.copy_options()

@@ -490,3 +490,45 @@ def test_demo_serves_reuses_its_directory_and_stops_on_ctrl_c(tmp_path: Path) ->
         while not _postmaster_gone(postmaster):
             assert time.monotonic() < deadline, "the embedded PostgreSQL is still running"
             time.sleep(0.1)
+
+
+def test_a_keys_role_decides_what_it_reads(database: ExportDatabase, server: Server) -> None:
+    role = f"reader_{uuid.uuid4().hex[:8]}"
+    run_sql(
+        database.url,
+        f'CREATE ROLE "{role}" NOLOGIN',
+        "CREATE TABLE rls_notes (id integer PRIMARY KEY, owner text, note text)",
+        "INSERT INTO rls_notes VALUES (1, 'alice', 'a'), (2, 'bob', 'b'), (3, 'alice', 'c')",
+        "ALTER TABLE rls_notes ENABLE ROW LEVEL SECURITY",
+        f"CREATE POLICY alice_only ON rls_notes FOR SELECT TO \"{role}\" USING (owner = 'alice')",
+        f'GRANT SELECT ON rls_notes TO "{role}"',
+    )
+    try:
+        created = cli(database.url, "keys", "create", role, "--role", role)
+        assert created.returncode == 0, created.stderr.decode()
+        key = created.stdout.decode().splitlines()[-1]
+        assert f"\trole {role}" in cli(database.url, "keys", "list").stdout.decode()
+        ghost = cli(database.url, "keys", "create", f"{role}-ghost", "--role", f"{role}-ghost")
+        ghost_key = ghost.stdout.decode().splitlines()[-1]
+        with server.client(key) as http:
+            ndjson = http.get("/datasets/rls_notes.ndjson", params={"select": "id"})
+            assert ndjson.text == '{"id":1}\n{"id":3}\n'  # row-level security applies
+            csv_body = http.get("/datasets/rls_notes.csv", params={"select": "id,owner"})
+            assert csv_body.text == "id,owner\n1,alice\n3,alice\n"
+            # The role was granted nothing else: PostgreSQL refuses, before the first byte.
+            refused = http.get("/datasets/people.csv")
+            assert refused.status_code == 403, refused.text
+            assert "permission denied" in refused.json()["detail"]
+        with server.client(database.key) as http:  # no role: the service's own (a superuser)
+            assert http.get("/datasets/rls_notes.csv").text.count("\n") == 4
+        with server.client(ghost_key) as http:
+            missing = http.get("/datasets/rls_notes.csv")
+            assert missing.status_code == 403, missing.text
+            assert "cannot export as role" in missing.json()["detail"]
+    finally:
+        run_sql(
+            database.url,
+            "DROP TABLE rls_notes",
+            f'DROP OWNED BY "{role}"',
+            f'DROP ROLE "{role}"',
+        )

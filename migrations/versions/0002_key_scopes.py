@@ -1,4 +1,4 @@
-"""Key scopes: the dataset patterns a key may read, and an optional expiry.
+"""Key scopes: the dataset patterns a key may read, an optional expiry, an optional role.
 
 Revision ID: 0002
 Revises: 0001
@@ -32,8 +32,10 @@ def upgrade() -> None:
         schema=SCHEMA,
     )
     op.add_column("api_keys", sa.Column("expires_at", sa.DateTime(timezone=True)), schema=SCHEMA)
+    op.add_column("api_keys", sa.Column("role", sa.Text), schema=SCHEMA)
 
 
 def downgrade() -> None:
+    op.drop_column("api_keys", "role", schema=SCHEMA)
     op.drop_column("api_keys", "expires_at", schema=SCHEMA)
     op.drop_column("api_keys", "datasets", schema=SCHEMA)
