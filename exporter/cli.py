@@ -2,6 +2,7 @@
 
 import argparse
 import asyncio
+import re
 import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -144,20 +145,25 @@ def migrate(settings: Settings) -> None:
 
 
 _DURATION = {"m": 60, "h": 3600, "d": 86400}
+# At most about 27 years, whatever the unit: far inside datetime's range.
+_MAX_EXPIRY_S = 10_000 * 86400
 
 
 def parse_expiry(text: str, now: datetime) -> datetime:
     """`--expires`: a duration from now (`90m`, `12h`, `30d`) or an ISO 8601 time with its
     offset (`2027-01-31T00:00:00+00:00`)."""
-    unit = text[-1:]
-    if unit in _DURATION and text[:-1].isdigit():
-        return now + timedelta(seconds=int(text[:-1]) * _DURATION[unit])
+    duration = re.fullmatch(r"([0-9]{1,9})([mhd])", text)
+    if duration:
+        seconds = int(duration.group(1)) * _DURATION[duration.group(2)]
+        if not 0 < seconds <= _MAX_EXPIRY_S:
+            raise CliError(f"--expires: {text!r} must be more than 0 and at most 10000d")
+        return now + timedelta(seconds=seconds)
     try:
         when = datetime.fromisoformat(text)
     except ValueError:
         raise CliError(f"--expires: {text!r} is neither 30d/12h/90m nor an ISO 8601 time") from None
     if when.tzinfo is None:
-        raise CliError(f"--expires: {text!r} needs an offset, e.g. {text}+00:00")
+        raise CliError(f"--expires: {text!r} needs an offset, e.g. 2027-01-31T00:00:00+00:00")
     if when <= now:
         raise CliError(f"--expires: {text!r} is in the past")
     return when
@@ -178,8 +184,13 @@ async def _keys(settings: Settings, args: argparse.Namespace) -> int:
             raise CliError(f"--datasets: {exc}") from None
         now = datetime.now(UTC)
         expires_at = parse_expiry(args.expires, now) if args.expires else None
-        if args.role is not None and not args.role.strip():
-            raise CliError("--role: a role needs a name")
+        if args.role is not None:
+            role: str = args.role
+            # "none" means RESET ROLE to PostgreSQL, never a role: it would read as the service.
+            if not role.strip() or role.lower() == "none" or "\x00" in role:
+                raise CliError(f"--role: {role!r} cannot name a role")
+            if len(role.encode()) > 63:
+                raise CliError("--role: PostgreSQL role names are at most 63 bytes")
     pool = await Pool.open(settings.state_url, size=1)
     try:
         if action == "create":
@@ -194,7 +205,9 @@ async def _keys(settings: Settings, args: argparse.Namespace) -> int:
             for info in await list_keys(pool):
                 state = f"revoked {info.revoked_at:%Y-%m-%d %H:%M}" if info.revoked_at else "active"
                 if info.expires_at is not None and info.revoked_at is None:
-                    state += f", expires {info.expires_at:%Y-%m-%d %H:%M %z}"
+                    ended = info.expires_at <= datetime.now(UTC)
+                    word = "expired" if ended else "active, expires"
+                    state = f"{word} {info.expires_at:%Y-%m-%d %H:%M %z}"
                 print(
                     f"{info.name}\tcreated {info.created_at:%Y-%m-%d %H:%M}\t{state}"
                     f"\tdatasets {','.join(info.datasets)}"

@@ -165,7 +165,9 @@ async def snapshot(
             try:
                 await connection.execute(f"SET LOCAL ROLE {quote_ident(role)}")
             except asyncpg.exceptions.PostgresError as exc:
-                raise RoleUnavailable(f"cannot export as role {role!r}: {exc}") from exc
+                # The client learns that the key's role cannot be used, not the server's roles.
+                log.warning("cannot export as role %r: %s", role, exc)
+                raise RoleUnavailable("this key's PostgreSQL role cannot be used") from exc
         await connection.fetchval(
             "SELECT set_config('statement_timeout', $1, true),"
             " set_config('idle_in_transaction_session_timeout', $2, true),"

@@ -198,6 +198,8 @@ def test_expired_keys_are_refused(database: ExportDatabase, server: Server) -> N
         refused = http.get("/datasets/people.csv")
         assert refused.status_code == 401
         assert "expired" in refused.json()["detail"]
+    listed = cli(database.url, "keys", "list").stdout.decode()
+    assert re.search(rf"^{name}\t.*\texpired \d{{4}}-", listed, re.MULTILINE)
 
 
 @pytest.mark.parametrize(
@@ -206,6 +208,12 @@ def test_expired_keys_are_refused(database: ExportDatabase, server: Server) -> N
         (["--expires", "yesterday"], "is neither 30d/12h/90m nor an ISO 8601 time"),
         (["--expires", "2020-01-01T00:00:00+00:00"], "is in the past"),
         (["--expires", "2999-01-01T00:00:00"], "needs an offset"),
+        (["--expires", "0d"], "must be more than 0"),
+        (["--expires", "999999999d"], "at most 10000d"),
+        (["--expires", "\u00b2d"], "is neither"),
+        (["--role", "none"], "cannot name a role"),
+        (["--role", "NONE"], "cannot name a role"),
+        (["--role", "r" * 64], "at most 63 bytes"),
         (["--datasets", ""], "not a dataset pattern"),
         (["--datasets", " "], "not a dataset pattern"),
     ],
@@ -524,7 +532,8 @@ def test_a_keys_role_decides_what_it_reads(database: ExportDatabase, server: Ser
         with server.client(ghost_key) as http:
             missing = http.get("/datasets/rls_notes.csv")
             assert missing.status_code == 403, missing.text
-            assert "cannot export as role" in missing.json()["detail"]
+            assert missing.json()["detail"] == "this key's PostgreSQL role cannot be used"
+            assert "ghost" not in missing.text
     finally:
         run_sql(
             database.url,
