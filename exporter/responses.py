@@ -186,9 +186,7 @@ def _open_error(exc: Exception, query: ExportQuery) -> Problem | None:
             f"PostgreSQL rejected the query: {exc}",
             invalid_params=[{"name": name, "reason": str(exc)} for name in names],
         )
-    if isinstance(exc, RoleUnavailable):
-        return Problem(403, "Forbidden", str(exc))
-    if isinstance(exc, asyncpg.exceptions.InsufficientPrivilegeError):
+    if isinstance(exc, RoleUnavailable | asyncpg.exceptions.InsufficientPrivilegeError):
         return Problem(403, "Forbidden", str(exc))
     if isinstance(exc, asyncpg.exceptions.QueryCanceledError | CopyTimeout):
         return Problem(

@@ -137,22 +137,17 @@ class ExportStream:
         async with self._ending():
             chunk = self._first_chunk
             self._first_chunk = None
-            if chunk is not None:
-                chunk = self.encoder.convert(chunk)
             preamble = self.encoder.preamble()
-            if preamble and chunk is None:
+            if preamble:
                 self.bytes += len(preamble)
                 yield preamble
-            elif preamble and chunk is not None:
-                chunk = preamble + chunk
             while chunk is not None:
+                chunk = self.encoder.convert(chunk)
                 records += self.encoder.count_records(chunk)
                 self.bytes += len(chunk)
                 yield chunk
                 self.rows = records
                 chunk = await copy.read()
-                if chunk is not None:
-                    chunk = self.encoder.convert(chunk)
             self.rows = copy.rows if copy.rows is not None else records
             self.completed = True
 

@@ -253,3 +253,15 @@ def server(database: ExportDatabase, tmp_path_factory: pytest.TempPathFactory) -
 def client(server: Server, database: ExportDatabase) -> Iterator[httpx.Client]:
     with server.client(database.key) as http:
         yield http
+
+
+def create_case_insensitive_collation(url: str, name: str) -> None:
+    """A nondeterministic ICU collation (`public.<name>`), or the test is skipped without ICU."""
+    try:
+        run_sql(
+            url,
+            f"CREATE COLLATION public.{name} "
+            "(provider = icu, locale = 'und-u-ks-level2', deterministic = false)",
+        )
+    except asyncpg.exceptions.PostgresError as exc:
+        pytest.skip(f"no ICU collations on this server: {exc}")

@@ -16,9 +16,10 @@ from pathlib import Path
 import httpx
 import psutil
 import pytest
+from alembic import command
 from alembic.script import ScriptDirectory
 
-from exporter.migrate import alembic_config
+from exporter.migrate import alembic_config, upgrade
 from exporter.query import FORMAT_OPTIONS
 from tests.conftest import ExportDatabase, Server, _with_database, free_port, run_sql
 
@@ -109,6 +110,21 @@ def test_migrate_creates_the_schema_and_is_idempotent(fresh_database: str) -> No
 def test_migrate_reports_an_unreachable_database() -> None:
     result = cli(f"postgresql://postgres@127.0.0.1:{free_port()}/nowhere", "migrate")
     assert_clean_error(result, 2, "cannot connect to PostgreSQL")
+
+
+def test_keys_made_before_scopes_reach_everything(fresh_database: str) -> None:
+    upgrade(fresh_database, "0001")
+    run_sql(
+        fresh_database,
+        "INSERT INTO exporter.api_keys (name, digest) VALUES ('old', '\\x00'::bytea)",
+    )
+    upgrade(fresh_database)
+    (old,) = run_sql(fresh_database, "SELECT datasets, expires_at, role FROM exporter.api_keys")
+    assert (list(old["datasets"]), old["expires_at"], old["role"]) == (["*"], None, None)
+    # And back: the scope columns go, the keys stay.
+    command.downgrade(alembic_config(fresh_database), "0001")
+    (row,) = run_sql(fresh_database, "SELECT * FROM exporter.api_keys")
+    assert "datasets" not in row.keys() and row["name"] == "old"
 
 
 # --- keys ------------------------------------------------------------------------------------

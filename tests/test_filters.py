@@ -16,7 +16,13 @@ import pytest
 
 from exporter.catalog import Column, Dataset
 from exporter.query import QueryError, parse_query
-from tests.conftest import ExportDatabase, Server, _asyncpg_dsn, run_sql
+from tests.conftest import (
+    ExportDatabase,
+    Server,
+    _asyncpg_dsn,
+    create_case_insensitive_collation,
+    run_sql,
+)
 
 Params = Sequence[tuple[str, str]]
 PROBLEM = "application/problem+json"
@@ -597,14 +603,7 @@ def test_unorderable_and_operatorless_columns_are_400(client: httpx.Client, odd_
 
 @pytest.fixture(scope="module")
 def case_insensitive_table(database: ExportDatabase) -> Iterator[str]:
-    try:
-        run_sql(
-            database.url,
-            "CREATE COLLATION public.filters_ci "
-            "(provider = icu, locale = 'und-u-ks-level2', deterministic = false)",
-        )
-    except asyncpg.exceptions.PostgresError as exc:
-        pytest.skip(f"no ICU collations on this server: {exc}")
+    create_case_insensitive_collation(database.url, "filters_ci")
     run_sql(
         database.url,
         "CREATE TABLE public.filters_ci (id integer PRIMARY KEY, email text COLLATE filters_ci)",

@@ -17,6 +17,7 @@ from tests.conftest import (
     ExportDatabase,
     Server,
     _asyncpg_dsn,
+    create_case_insensitive_collation,
     run_sql,
     start_server,
     stop_server,
@@ -448,14 +449,7 @@ def test_filters_and_select_combine_with_options(
 
 @pytest.fixture(scope="module")
 def case_insensitive(fidelity: ExportDatabase) -> Iterator[str]:
-    try:
-        run_sql(
-            fidelity.url,
-            "CREATE COLLATION public.fidelity_ci "
-            "(provider = icu, locale = 'und-u-ks-level2', deterministic = false)",
-        )
-    except asyncpg.exceptions.PostgresError as exc:
-        pytest.skip(f"no ICU collations on this server: {exc}")
+    create_case_insensitive_collation(fidelity.url, "fidelity_ci")
     run_sql(
         fidelity.url,
         "CREATE TABLE fidelity_ci (id integer PRIMARY KEY, v text COLLATE fidelity_ci)",
