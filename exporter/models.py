@@ -2,14 +2,17 @@
 
 from sqlalchemy import (
     BigInteger,
+    Boolean,
     Column,
     DateTime,
     Identity,
     Index,
     LargeBinary,
     MetaData,
+    SmallInteger,
     Table,
     Text,
+    false,
     func,
     text,
 )
@@ -34,6 +37,8 @@ api_keys = Table(
     Column("expires_at", DateTime(timezone=True)),
     # The PostgreSQL role the key's exports run as (SET LOCAL ROLE); NULL: the service's own.
     Column("role", Text),
+    # Admin keys may read the export log (GET /exports).
+    Column("admin", Boolean, nullable=False, server_default=false()),
 )
 
 export_log = Table(
@@ -50,9 +55,14 @@ export_log = Table(
     Column("ended_at", DateTime(timezone=True)),
     Column("rows", BigInteger),
     Column("bytes", BigInteger),
-    # running, completed, failed, disconnected
+    # running, completed, failed, disconnected, aborted (a limit; see aborted_by), refused
     Column("outcome", Text, nullable=False),
     Column("error", Text),
+    # The HTTP status of the answer: 200 once an export started, else the refusal's.
+    Column("status", SmallInteger),
+    # max_rows, max_bytes, max_seconds or min_bytes_per_second, for outcome 'aborted'.
+    Column("aborted_by", Text),
     Index("export_log_started_at", "started_at"),
     Index("export_log_request_id", "request_id"),
+    Index("export_log_key_name", "key_name", "id"),
 )

@@ -119,12 +119,55 @@ def test_keys_made_before_scopes_reach_everything(fresh_database: str) -> None:
         "INSERT INTO exporter.api_keys (name, digest) VALUES ('old', '\\x00'::bytea)",
     )
     upgrade(fresh_database)
-    (old,) = run_sql(fresh_database, "SELECT datasets, expires_at, role FROM exporter.api_keys")
-    assert (list(old["datasets"]), old["expires_at"], old["role"]) == (["*"], None, None)
+    (old,) = run_sql(
+        fresh_database, "SELECT datasets, expires_at, role, admin FROM exporter.api_keys"
+    )
+    assert (list(old["datasets"]), old["expires_at"], old["role"], old["admin"]) == (
+        ["*"],
+        None,
+        None,
+        False,
+    )
     # And back: the scope columns go, the keys stay.
     command.downgrade(alembic_config(fresh_database), "0001")
     (row,) = run_sql(fresh_database, "SELECT * FROM exporter.api_keys")
     assert "datasets" not in row.keys() and row["name"] == "old"
+
+
+def test_models_match_the_migrations(fresh_database: str) -> None:
+    """models.py (what the code assumes) and migrations/ (what databases get) agree."""
+    import asyncio
+
+    from alembic.autogenerate import compare_metadata
+    from alembic.migration import MigrationContext
+    from sqlalchemy.engine import Connection
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    from exporter.models import metadata
+
+    upgrade(fresh_database)
+
+    def differences(connection: Connection) -> list[object]:
+        context = MigrationContext.configure(
+            connection,
+            opts={
+                "include_schemas": True,
+                "include_name": lambda name, type_, parent: type_ != "schema" or name == "exporter",
+            },
+        )
+        # The version table is Alembic's, not a model.
+        return [d for d in compare_metadata(context, metadata) if "alembic_version" not in repr(d)]
+
+    async def compare() -> list[object]:
+        url = "postgresql+asyncpg://" + fresh_database.partition("://")[2]
+        engine = create_async_engine(url)
+        try:
+            async with engine.connect() as connection:
+                return await connection.run_sync(differences)
+        finally:
+            await engine.dispose()
+
+    assert asyncio.run(compare()) == []
 
 
 # --- keys ------------------------------------------------------------------------------------
