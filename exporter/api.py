@@ -11,13 +11,14 @@ from fastapi.responses import Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel
 
+from exporter import audit
 from exporter.auth import ApiKey, authenticate
 from exporter.catalog import Dataset, find_dataset, load_datasets
 from exporter.db import UNREACHABLE, Databases
 from exporter.encoders import ENCODERS, Encoder, encoder_for_media_type
 from exporter.negotiation import negotiate
 from exporter.problems import PROBLEM_MEDIA_TYPE, Problem
-from exporter.responses import ActiveExports, start_export
+from exporter.responses import ActiveExports, export_request, start_export
 from exporter.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -45,9 +46,15 @@ DatabasesDep = Annotated[Databases, Depends(_databases)]
 _bearer = HTTPBearer(auto_error=False, description="An API key from `exporter keys create`.")
 
 
-async def _api_key(
-    databases: DatabasesDep,
-    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+CredentialsDep = Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
+
+
+async def _api_key(databases: DatabasesDep, credentials: CredentialsDep) -> ApiKey:
+    return await _authenticated(databases, credentials)
+
+
+async def _authenticated(
+    databases: Databases, credentials: HTTPAuthorizationCredentials | None
 ) -> ApiKey:
     if credentials is None:
         raise Problem(
@@ -153,9 +160,37 @@ def _export_responses(media_type: str) -> dict[int | str, dict[str, Any]]:
             "headers": _EXPORT_HEADERS,
         },
         400: {"description": "Invalid query parameter", **problem},
-        401: {"description": "Missing or unknown key", **problem},
-        404: {"description": "No such dataset", **problem},
+        401: {"description": "Missing, unknown, revoked or expired key", **problem},
+        403: {"description": "The key's PostgreSQL role may not read the dataset", **problem},
+        404: {"description": "No such dataset (or not in the key's scope)", **problem},
+        429: {
+            "description": "The key, or the service, runs its maximum of concurrent exports",
+            "headers": {"Retry-After": {"schema": {"type": "integer"}}},
+            **problem,
+        },
+        503: {"description": "Database unavailable or busy", **problem},
     }
+
+
+async def _export(
+    name: str,
+    encoder: type[Encoder],
+    request: Request,
+    credentials: HTTPAuthorizationCredentials | None,
+    settings: Settings,
+    databases: Databases,
+    active: ActiveExports,
+) -> Response:
+    """Every export request is in the export log, refused ones (401, 404, 400, ...) included:
+    the key is checked here rather than by a dependency, inside the logging."""
+    logged = export_request(request, name, encoder)
+    async with audit.refusals_logged(databases.state, logged):
+        key = await _authenticated(databases, credentials)
+        logged.key_name = key.name
+        dataset = await _dataset(name, key, settings, databases)
+        return await start_export(
+            request, logged, key, dataset, encoder, settings, databases, active
+        )
 
 
 def _export_endpoint(
@@ -164,13 +199,12 @@ def _export_endpoint(
     async def export(
         name: str,
         request: Request,
-        key: KeyDep,
+        credentials: CredentialsDep,
         settings: SettingsDep,
         databases: DatabasesDep,
         active: ActiveDep,
     ) -> Response:
-        dataset = await _dataset(name, key, settings, databases)
-        return await start_export(request, key, dataset, encoder, settings, databases, active)
+        return await _export(name, encoder, request, credentials, settings, databases, active)
 
     export.__name__ = f"export_{encoder.format}"
     export.__doc__ = (
@@ -211,7 +245,7 @@ async def describe_dataset(
     name: str,
     request: Request,
     response: Response,
-    key: KeyDep,
+    credentials: CredentialsDep,
     settings: SettingsDep,
     databases: DatabasesDep,
     active: ActiveDep,
@@ -219,11 +253,12 @@ async def describe_dataset(
     chosen = negotiate(request.headers.get("accept"), _DESCRIBE_OFFERS)
     if chosen is None:
         raise Problem(406, "Not Acceptable", "offered: " + ", ".join(_DESCRIBE_OFFERS))
-    dataset = await _dataset(name, key, settings, databases)
     encoder = encoder_for_media_type(chosen)
     if encoder is None:
+        key = await _authenticated(databases, credentials)
+        dataset = await _dataset(name, key, settings, databases)
         response.headers["Vary"] = "Accept"
         return DatasetInfo.of(dataset)
-    export = await start_export(request, key, dataset, encoder, settings, databases, active)
+    export = await _export(name, encoder, request, credentials, settings, databases, active)
     export.headers.add_vary_header("Accept")
     return export

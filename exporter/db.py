@@ -16,6 +16,7 @@ from typing import Any
 import anyio
 import asyncpg
 
+from exporter.limits import Slots
 from exporter.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -147,9 +148,14 @@ class Databases:
 
 @asynccontextmanager
 async def snapshot(
-    pool: Pool, settings: Settings, application_name: str, role: str | None = None
+    pool: Pool,
+    settings: Settings,
+    application_name: str,
+    role: str | None = None,
+    slots: Slots | None = None,
 ) -> AsyncIterator[Any]:
-    """Yield an asyncpg connection inside a REPEATABLE READ READ ONLY transaction.
+    """Yield an asyncpg connection inside a REPEATABLE READ READ ONLY transaction, holding
+    `slots` (TooManyExports if they are taken) until the transaction ends.
 
     On the way out, however the export ended (including cancellation because the client left),
     the transaction is rolled back under a shield with a bound; a connection that cannot be
@@ -158,6 +164,9 @@ async def snapshot(
     connection = await pool.acquire()
     try:
         await connection.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+        if slots is not None:
+            # As the service's role: the key's may not be allowed the lock functions.
+            await slots.claim(connection)
         if role is not None:
             # The key's role: PostgreSQL's own GRANTs and row-level security decide what the
             # export reads. A role is an identifier, never a bound value; it comes from the

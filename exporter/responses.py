@@ -11,7 +11,7 @@ import anyio
 import asyncpg
 from fastapi import Request
 from fastapi.responses import Response, StreamingResponse
-from starlette.types import Receive, Scope, Send
+from starlette.types import Message, Receive, Scope, Send
 
 from exporter import audit
 from exporter.auth import ApiKey
@@ -19,18 +19,22 @@ from exporter.catalog import Dataset
 from exporter.compression import Compressor, choose_coding, compressed, compressor_for
 from exporter.db import UNREACHABLE, Databases, PoolTimeout, RoleUnavailable
 from exporter.encoders import Encoder
+from exporter.limits import Slots, TooManyExports
 from exporter.memory import release_free_memory
+from exporter.pace import PaceLimits, SendMeter
 from exporter.problems import Problem
 from exporter.query import ExportQuery, parse_query
 from exporter.settings import Settings
 from exporter.source import CopyTimeout
-from exporter.stream import ExportStream
+from exporter.stream import Caps, ExportAborted, ExportStream
 
 log = logging.getLogger(__name__)
 
 # The answer to a request whose client left before the export's first byte: nobody receives
 # it (uvicorn drops it, unlogged); nginx uses the same code for the same event.
 CLIENT_CLOSED_REQUEST = 499
+# Exports last seconds to hours; a client refused for want of a slot retries after this long.
+TOO_MANY_RETRY_AFTER_S = 10
 
 
 class ActiveExports:
@@ -57,8 +61,20 @@ class ActiveExports:
         return len(self._pending)
 
 
+def export_request(request: Request, dataset: str, encoder: type[Encoder]) -> audit.ExportRequest:
+    """What the export log records of the request, known before anything is checked."""
+    return audit.ExportRequest(
+        request_id=str(request.scope.get("state", {}).get("request_id", "-")),
+        dataset=dataset,
+        format=encoder.format,
+        parameters=audit.bounded_parameters(request.query_params.multi_items()),
+        client_addr=request.client.host if request.client else None,
+    )
+
+
 async def start_export(
     request: Request,
+    logged: audit.ExportRequest,
     key: ApiKey,
     dataset: Dataset,
     encoder: type[Encoder],
@@ -74,37 +90,38 @@ async def start_export(
     # Several Accept-Encoding fields make one list (RFC 9110 §5.3).
     accept_encoding = ", ".join(request.headers.getlist("accept-encoding")) or None
     compressor = compressor_for(choose_coding(accept_encoding, media_type))
-    request_id = str(request.scope.get("state", {}).get("request_id", "-"))
     stream = ExportStream(
-        query, encoder, databases.exports, settings, f"exporter {request_id}", role=key.role
+        query,
+        encoder,
+        databases.exports,
+        settings,
+        f"exporter {logged.request_id}",
+        role=key.role,
+        slots=Slots(key.id, settings.max_exports_per_key, settings.export_slots),
+        caps=Caps(max_rows=settings.max_rows, max_bytes=settings.max_bytes),
     )
-    export_id = await audit.record_start(
-        databases.state,
-        request_id=request_id,
-        key_name=key.name,
-        dataset=dataset.name,
-        format=encoder.format,
-        parameters=_parameters(params),
-        client_addr=request.client.host if request.client else None,
-    )
+    await audit.record_start(databases.state, logged)
 
     async def finish(ended: ExportStream, outcome: str | None = None) -> None:
         outcome = outcome or ended.outcome.value
-        error = None if ended.error is None else repr(ended.error)[:1000]
+        error = None if ended.error is None else str(ended.error)[:1000]
         await audit.record_end(
             databases.state,
-            export_id,
+            logged,
             outcome=outcome,
+            status=200,
             rows=ended.rows,
             bytes_sent=ended.bytes,
-            error=error if outcome == "failed" else None,
+            error=error if outcome in ("failed", "aborted") else None,
+            aborted_by=ended.aborted_by,
         )
         sent = "" if compressor is None else f" ({compressor.coding}: {compressor.bytes_out} sent)"
         log.info(
-            "export %s of %s: %s, %d rows, %d bytes%s, %.2f s",
+            "export %s of %s: %s%s, %d rows, %d bytes%s, %.2f s",
             encoder.format,
             dataset.name,
             outcome,
+            f" ({ended.aborted_by})" if ended.aborted_by else "",
             ended.rows,
             ended.bytes,
             sent,
@@ -115,17 +132,38 @@ async def start_export(
     try:
         opened = await _open_unless_client_leaves(stream, request)
     except BaseException as exc:
-        # Cancellation (a shutdown) included: the log entry must not stay "running".
         stream.error = exc
-        with anyio.CancelScope(shield=True):
-            await finish(stream, "failed" if isinstance(exc, Exception) else "disconnected")
-        active.end(done)
         problem = _open_error(exc, query) if isinstance(exc, Exception) else None
+        with anyio.CancelScope(shield=True):
+            if problem is not None:
+                await audit.record_refusal(
+                    databases.state, logged, problem.status, problem.detail or problem.title
+                )
+            elif isinstance(exc, Exception):
+                await audit.record_refusal(databases.state, logged, 500, repr(exc))
+            else:
+                # Cancellation (a shutdown): the log entry must not stay "running".
+                await audit.record_end(
+                    databases.state,
+                    logged,
+                    outcome="disconnected",
+                    status=CLIENT_CLOSED_REQUEST,
+                    rows=0,
+                    bytes_sent=0,
+                )
+        active.end(done)
         if problem is None:
             raise
         raise problem from exc
     if not opened:
-        await finish(stream, "disconnected")
+        await audit.record_end(
+            databases.state,
+            logged,
+            outcome="disconnected",
+            status=CLIENT_CLOSED_REQUEST,
+            rows=0,
+            bytes_sent=0,
+        )
         active.end(done)
         return Response(status_code=CLIENT_CLOSED_REQUEST)
 
@@ -142,6 +180,11 @@ async def start_export(
         headers=headers,
         media_type=media_type,
         compressor=compressor,
+        pace=PaceLimits(
+            max_seconds=settings.max_seconds,
+            min_bytes_per_second=settings.min_bytes_per_second,
+            window_s=settings.min_rate_window_s,
+        ),
     )
 
 
@@ -195,6 +238,13 @@ def _open_error(exc: Exception, query: ExportQuery) -> Problem | None:
             "the query timed out before its first rows",
             headers={"Retry-After": "30"},
         )
+    if isinstance(exc, TooManyExports):
+        return Problem(
+            429,
+            "Too Many Requests",
+            f"{exc}; try again when one has finished",
+            headers={"Retry-After": str(TOO_MANY_RETRY_AFTER_S)},
+        )
     if isinstance(exc, PoolTimeout):
         return Problem(
             503,
@@ -228,13 +278,6 @@ def _attachment(dataset: str, extension: str) -> str:
     )
 
 
-def _parameters(params: list[tuple[str, str]]) -> dict[str, list[str]]:
-    grouped: dict[str, list[str]] = {}
-    for name, value in params:
-        grouped.setdefault(name, []).append(value)
-    return grouped
-
-
 class ExportResponse(StreamingResponse):
     """A StreamingResponse that releases its export the moment the response ends.
 
@@ -257,6 +300,7 @@ class ExportResponse(StreamingResponse):
         headers: dict[str, str],
         media_type: str,
         compressor: Compressor | None = None,
+        pace: PaceLimits | None = None,
     ) -> None:
         body = stream.chunks()
         if compressor is not None:
@@ -266,10 +310,14 @@ class ExportResponse(StreamingResponse):
         self.stream = stream
         self.on_end = on_end
         self.on_released = on_released
+        self.pace = pace or PaceLimits()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
-            await super().__call__(scope, receive, send)
+            if self.pace.active:
+                await self._send_paced(scope, receive, send)
+            else:
+                await super().__call__(scope, receive, send)
         finally:
             with anyio.CancelScope(shield=True):
                 try:
@@ -281,3 +329,36 @@ class ExportResponse(StreamingResponse):
                 finally:
                     self.on_released()
                     release_free_memory()
+
+    async def _send_paced(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Send the response while a watcher checks the time limits; a broken one cuts the
+        response off (ExportAborted reaches uvicorn, which drops the connection)."""
+        meter = SendMeter()
+
+        async def metered_send(message: Message) -> None:
+            with meter.sending(len(message.get("body", b""))):
+                await send(message)
+
+        broken: tuple[str, str] | None = None
+        failure: Exception | None = None
+        async with anyio.create_task_group() as task_group:
+
+            async def watch() -> None:
+                nonlocal broken
+                broken = await self.pace.first_broken(meter, self.stream.started)
+                task_group.cancel_scope.cancel()
+
+            task_group.start_soon(watch)
+            try:
+                await super().__call__(scope, receive, metered_send)
+            except Exception as exc:
+                # Kept out of the task group, which would wrap it in an ExceptionGroup.
+                failure = exc
+            task_group.cancel_scope.cancel()
+        if broken is not None:
+            limit, detail = broken
+            self.stream.aborted_by = limit
+            self.stream.error = ExportAborted(limit, detail)
+            raise self.stream.error
+        if failure is not None:
+            raise failure

@@ -33,6 +33,20 @@ class Settings(BaseSettings):
     shutdown_grace_s: int = Field(default=30, ge=0)
     max_limit: int | None = Field(default=None, ge=0)
 
+    # Concurrent exports per key, and in total (unset: pool_size). Counted by PostgreSQL (the
+    # database of database_url) across every worker process and replica; beyond them: 429.
+    max_exports_per_key: int = Field(default=2, ge=1, le=1000)
+    max_exports: int | None = Field(default=None, ge=1, le=100_000)
+    # Per-export caps (unset: none). An export that would pass one is aborted mid-stream: the
+    # client gets an incomplete response, never a file that looks complete.
+    max_rows: int | None = Field(default=None, ge=0)
+    max_bytes: int | None = Field(default=None, ge=0)
+    max_seconds: float | None = Field(default=None, gt=0)
+    # A client that reads slower than this (bytes per second, over the window, while the
+    # export waits on it) is cut off, so that it does not hold a snapshot for hours.
+    min_bytes_per_second: int | None = Field(default=None, ge=1)
+    min_rate_window_s: float = Field(default=30.0, gt=0)
+
     @field_validator("schemas", mode="before")
     @classmethod
     def _split_schemas(cls, value: object) -> object:
@@ -48,6 +62,10 @@ class Settings(BaseSettings):
     @property
     def state_url(self) -> str:
         return self.state_database_url or self.database_url
+
+    @property
+    def export_slots(self) -> int:
+        return self.max_exports if self.max_exports is not None else self.pool_size
 
     @property
     def exposed_schemas(self) -> tuple[str, ...]:

@@ -6,6 +6,7 @@ abort the stream; `aclose()` releases everything at once, however the export end
 """
 
 import contextlib
+import dataclasses
 import enum
 import time
 from collections.abc import AsyncIterator
@@ -16,6 +17,7 @@ import anyio
 
 from exporter.db import Pool, snapshot
 from exporter.encoders import Encoder
+from exporter.limits import Slots
 from exporter.query import ExportQuery
 from exporter.settings import Settings
 from exporter.source import CopySource, Source, build_copy, build_sql, check_filter_values
@@ -30,6 +32,24 @@ class Outcome(enum.Enum):
     COMPLETED = "completed"
     FAILED = "failed"
     DISCONNECTED = "disconnected"
+    ABORTED = "aborted"  # a per-export limit (Caps)
+
+
+@dataclasses.dataclass(frozen=True)
+class Caps:
+    """Per-export limits; None: no limit. The stream enforces rows and bytes; the HTTP
+    response enforces time and the client's pace (it sees the sending)."""
+
+    max_rows: int | None = None
+    max_bytes: int | None = None
+
+
+class ExportAborted(Exception):
+    """A limit ended the export mid-stream: `limit` names it (as the export log does)."""
+
+    def __init__(self, limit: str, detail: str) -> None:
+        super().__init__(f"{limit}: {detail}")
+        self.limit = limit
 
 
 class ExportStream:
@@ -41,13 +61,23 @@ class ExportStream:
         settings: Settings,
         label: str,
         role: str | None = None,
+        slots: Slots | None = None,
+        caps: Caps = Caps(),
     ) -> None:
+        if caps.max_rows is not None and (query.limit is None or query.limit > caps.max_rows):
+            # One row past the cap is enough to know the export would pass it; PostgreSQL
+            # need not read further.
+            query = dataclasses.replace(query, limit=caps.max_rows + 1)
         self.query = query
         self.encoder = encoder_class(query.columns, query.options)
         self.pool = pool
         self.settings = settings
         self.label = label
         self.role = role
+        self.slots = slots
+        self.caps = caps
+        # Which limit ended the export, if one did (ExportAborted.limit).
+        self.aborted_by: str | None = None
         self.rows = 0
         self.bytes = 0
         self.started = time.monotonic()
@@ -62,7 +92,7 @@ class ExportStream:
     async def open(self) -> None:
         try:
             connection = await self._exit_stack.enter_async_context(
-                snapshot(self.pool, self.settings, self.label, self.role)
+                snapshot(self.pool, self.settings, self.label, self.role, self.slots)
             )
             await check_filter_values(connection, self.query)
             copy_options = self.encoder.copy_options()
@@ -123,33 +153,55 @@ class ExportStream:
                     encoded_rows += len(part)
                     bytes_per_row = max((encoder.pending() - before) / len(part), 1.0)
                     if encoder.pending() >= chunk_bytes:
-                        yield self._take()
+                        yield self._take(encoded_rows)
                         self.rows = encoded_rows
                 batch = await source.fetch()
             encoder.end()
             if encoder.pending():
-                yield self._take()
+                yield self._take(encoded_rows)
             self.rows = encoded_rows
             self.completed = True
 
     async def _copy_chunks(self, copy: CopySource) -> AsyncIterator[bytes]:
         records = 0
+        # A CSV field may hold a line break, so counting lines may overcount rows; only COPY's
+        # own count, known at its end, is exact. Under a row cap each chunk therefore waits
+        # for the next read (the query stops one row past the cap): the chunk that would pass
+        # the cap is the last one, and it is never sent.
+        look_ahead = self.caps.max_rows is not None
         async with self._ending():
             chunk = self._first_chunk
             self._first_chunk = None
             preamble = self.encoder.preamble()
             if preamble:
+                self._check_caps(0, self.bytes + len(preamble))
                 self.bytes += len(preamble)
                 yield preamble
             while chunk is not None:
                 chunk = self.encoder.convert(chunk)
                 records += self.encoder.count_records(chunk)
+                following = await copy.read() if look_ahead else None
+                exact = copy.rows if look_ahead and following is None else None
+                self._check_caps(exact if exact is not None else 0, self.bytes + len(chunk))
                 self.bytes += len(chunk)
                 yield chunk
                 self.rows = records
-                chunk = await copy.read()
+                chunk = following if look_ahead else await copy.read()
             self.rows = copy.rows if copy.rows is not None else records
             self.completed = True
+
+    def _check_caps(self, rows: int, size: int) -> None:
+        """Refuse to hand on what would take the export to `rows` rows or `size` bytes past a
+        cap: the export ends there, visibly incomplete."""
+        max_rows, max_bytes = self.caps.max_rows, self.caps.max_bytes
+        if max_rows is not None and rows > max_rows:
+            self.abort("max_rows", f"the export has more than {max_rows} rows")
+        if max_bytes is not None and size > max_bytes:
+            self.abort("max_bytes", f"the export is larger than {max_bytes} bytes")
+
+    def abort(self, limit: str, detail: str) -> None:
+        self.aborted_by = limit
+        raise ExportAborted(limit, detail)
 
     @contextlib.asynccontextmanager
     async def _ending(self) -> AsyncIterator[None]:
@@ -157,13 +209,16 @@ class ExportStream:
         try:
             yield
         except BaseException as exc:
-            self.error = exc
+            # An abort for a limit is the reason, whatever closes the stream after it.
+            if not isinstance(self.error, ExportAborted):
+                self.error = exc
             raise
         finally:
             await self.aclose()
 
-    def _take(self) -> bytes:
+    def _take(self, rows: int) -> bytes:
         data = self.encoder.take().encode()
+        self._check_caps(rows, self.bytes + len(data))
         self.bytes += len(data)
         return data
 
@@ -180,6 +235,8 @@ class ExportStream:
     def outcome(self) -> Outcome:
         if self.completed:
             return Outcome.COMPLETED
+        if self.aborted_by is not None:
+            return Outcome.ABORTED
         if self.error is not None and not isinstance(self.error, anyio.get_cancelled_exc_class()):
             if not isinstance(self.error, GeneratorExit):
                 return Outcome.FAILED

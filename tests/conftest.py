@@ -141,8 +141,9 @@ def logged_export(url: str, request_id: str, timeout_s: float = 5) -> dict[str, 
     while True:
         rows = run_sql(
             url,
-            "SELECT key_name, dataset, format, parameters::text, rows, bytes, outcome "
-            f"FROM exporter.export_log WHERE request_id = '{request_id}'",
+            "SELECT key_name, dataset, format, parameters::text, rows, bytes, outcome, status,"
+            " aborted_by, error, client_addr"
+            f" FROM exporter.export_log WHERE request_id = '{request_id}'",
         )
         if (rows and rows[0]["outcome"] != "running") or time.monotonic() > deadline:
             assert len(rows) == 1, rows
@@ -205,14 +206,17 @@ class Server:
         return self.log_path.read_text(errors="replace")
 
 
-def start_server(database_url: str, tmp_path: Path, **settings: str) -> Server:
+def start_server(database_url: str, tmp_path: Path, workers: int = 1, **settings: str) -> Server:
     port = free_port()
     env = {**os.environ, "EXPORTER_DATABASE_URL": database_url}
     env.update({f"EXPORTER_{name.upper()}": value for name, value in settings.items()})
     log_path = tmp_path / f"server-{port}.log"
     with log_path.open("wb") as log:
         process = subprocess.Popen(
-            [sys.executable, "-m", "exporter", "serve", "--port", str(port)],
+            [
+                sys.executable,
+                *("-m", "exporter", "serve", "--port", str(port), "--workers", str(workers)),
+            ],
             env=env,
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -265,3 +269,16 @@ def create_case_insensitive_collation(url: str, name: str) -> None:
         )
     except asyncpg.exceptions.PostgresError as exc:
         pytest.skip(f"no ICU collations on this server: {exc}")
+
+
+def new_key(url: str, name: str | None = None, **options: Any) -> str:
+    """A key of its own for a test (limits count per key); options as create_key's."""
+
+    async def make() -> str:
+        pool = await Pool.open(url, size=1)
+        try:
+            return await create_key(pool, name or f"key-{uuid.uuid4().hex[:8]}", **options)
+        finally:
+            await pool.close()
+
+    return asyncio.run(make())

@@ -2,6 +2,7 @@ import asyncio
 import csv
 import io
 import json
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -333,3 +334,39 @@ def test_a_table_altered_between_exports_exports_again(
     finally:
         stop_server(server)
         run_sql(database.url, "DROP TABLE altered")
+
+
+def test_refused_export_requests_are_in_the_export_log(
+    server: Server, database: ExportDatabase
+) -> None:
+    """Every export request is audited, the refused ones too: who asked, for what, and why
+    not. Hostile values are stored bounded and cleaned (NUL cannot be stored), never failing
+    the answer."""
+    cases = [
+        (None, "/datasets/people.csv", 401, None),
+        ("exp_not-a-real-key", "/datasets/people.ndjson", 401, None),
+        (database.key, "/datasets/no_such_table.csv", 404, "tests"),
+        (database.key, "/datasets/people.csv?nope=eq.1", 400, "tests"),
+        (database.key, "/datasets/people.csv?age=eq.%00" + "x" * 5000, 400, "tests"),
+    ]
+    for index, (key, path, status, key_name) in enumerate(cases):
+        request_id = f"refused-{index}-{uuid.uuid4().hex[:8]}"
+        with server.client(key) as client:
+            response = client.get(path, headers={"X-Request-Id": request_id})
+        assert response.status_code == status, response.text
+        logged = logged_export(database.url, request_id)
+        assert (logged["outcome"], logged["status"], logged["key_name"]) == (
+            "refused",
+            status,
+            key_name,
+        )
+        assert logged["dataset"] == path.removeprefix("/datasets/").split(".")[0]
+        assert logged["client_addr"] == "127.0.0.1"
+        assert logged["error"]
+    parameters = json.loads(logged["parameters"])
+    assert parameters["age"] == ["eq.\ufffd" + "x" * 996]
+    assert parameters["_truncated"] == ["true"]
+    # The export that is not refused says 200.
+    with server.client(database.key) as client:
+        response = client.get("/datasets/people.csv")
+    assert logged_export(database.url, response.headers["x-request-id"])["status"] == 200
