@@ -126,7 +126,7 @@ async def readyz(databases: DatabasesDep) -> dict[str, str]:
 async def list_datasets(
     key: KeyDep, settings: SettingsDep, databases: DatabasesDep
 ) -> list[DatasetInfo]:
-    datasets = await load_datasets(databases.catalog, settings.exposed_schemas)
+    datasets = await load_datasets(databases.catalog, settings.exposed_schemas, role=key.role)
     return [DatasetInfo.of(d) for d in datasets if key.may_read(d.name)]
 
 
@@ -135,7 +135,9 @@ async def _dataset(name: str, key: ApiKey, settings: Settings, databases: Databa
     # decided before the catalog is asked, so that timing says nothing either.
     dataset = None
     if key.may_read(name):
-        dataset = await find_dataset(databases.catalog, settings.exposed_schemas, name)
+        dataset = await find_dataset(
+            databases.catalog, settings.exposed_schemas, name, role=key.role
+        )
     if dataset is None:
         raise Problem(404, "Not Found", f"no dataset named {name!r}")
     return dataset

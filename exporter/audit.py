@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import anyio
 
-from exporter.db import UNREACHABLE, Pool, PoolTimeout
+from exporter.db import UNREACHABLE, Pool, PoolTimeout, RoleUnavailable
 from exporter.problems import Problem
 from exporter.query import QueryError
 
@@ -167,6 +167,8 @@ def refusal_status(exc: BaseException) -> tuple[int, str]:
         return exc.status, exc.detail or exc.title
     if isinstance(exc, QueryError):
         return 400, f"{exc.parameter}: {exc.detail}"
+    if isinstance(exc, RoleUnavailable):
+        return 403, str(exc)
     if isinstance(exc, (PoolTimeout, *UNREACHABLE)):
         return 503, "database unavailable"
     return 500, repr(exc)

@@ -2,7 +2,9 @@
 
 from dataclasses import dataclass
 
-from exporter.db import Pool
+import asyncpg
+
+from exporter.db import Pool, RoleUnavailable
 from exporter.settings import OWN_SCHEMA
 
 KINDS = {
@@ -83,6 +85,10 @@ _CATALOG_SQL = """
           AND n.nspname <> $2::text
           AND has_schema_privilege(n.oid, 'USAGE')
           AND ($3::text IS NULL OR c.relname = $3::text)
+          -- A key with a role sees what the role may read, column by column.
+          AND ($4::text IS NULL OR (
+              has_schema_privilege($4::text, n.oid, 'USAGE')
+              AND has_column_privilege($4::text, c.oid, a.attnum, 'SELECT')))
     ),
     -- For each column type, the types its ordering involves: itself and the domains below it
     -- down to the base type (own), and then the element type of an array and the attribute
@@ -202,12 +208,19 @@ def dataset_name(schema: str, relation: str, schemas: tuple[str, ...]) -> str:
 
 
 async def load_datasets(
-    pool: Pool, schemas: tuple[str, ...], relation: str | None = None
+    pool: Pool, schemas: tuple[str, ...], relation: str | None = None, role: str | None = None
 ) -> list[Dataset]:
-    """Introspect the exposed schemas; with `relation`, only relations of that name."""
+    """Introspect the exposed schemas; with `relation`, only relations of that name; with
+    `role`, only the relations and columns that role may SELECT (RoleUnavailable if it does
+    not exist)."""
     exposed = [s for s in schemas if s != OWN_SCHEMA]
     async with pool.connection() as connection:
-        rows = await connection.fetch(_CATALOG_SQL, exposed, OWN_SCHEMA, relation)
+        try:
+            rows = await connection.fetch(_CATALOG_SQL, exposed, OWN_SCHEMA, relation, role)
+        except asyncpg.exceptions.UndefinedObjectError as exc:
+            if role is None:
+                raise
+            raise RoleUnavailable("this key's PostgreSQL role cannot be used") from exc
 
     grouped: dict[tuple[str, str], list[dict[str, object]]] = {}
     for row in rows:
@@ -245,7 +258,9 @@ async def load_datasets(
     return datasets
 
 
-async def find_dataset(pool: Pool, schemas: tuple[str, ...], name: str) -> Dataset | None:
+async def find_dataset(
+    pool: Pool, schemas: tuple[str, ...], name: str, role: str | None = None
+) -> Dataset | None:
     exposed = tuple(s for s in schemas if s != OWN_SCHEMA)
     if len(exposed) == 1:
         relation = name
@@ -253,7 +268,7 @@ async def find_dataset(pool: Pool, schemas: tuple[str, ...], name: str) -> Datas
         schema, dot, relation = name.partition(".")
         if not dot or schema not in exposed:
             return None
-    for dataset in await load_datasets(pool, exposed, relation):
+    for dataset in await load_datasets(pool, exposed, relation, role):
         if dataset.name == name:
             return dataset
     return None

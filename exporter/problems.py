@@ -9,7 +9,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from exporter.db import UNREACHABLE, PoolTimeout
+from exporter.db import UNREACHABLE, PoolTimeout, RoleUnavailable
 from exporter.query import QueryError
 
 log = logging.getLogger(__name__)
@@ -106,7 +106,12 @@ def install(app: FastAPI) -> None:
         problem = Problem(503, "Service Unavailable", detail, headers={"Retry-After": "5"})
         return problem_response(problem, request)
 
+    async def on_role_unavailable(request: Request, exc: Exception) -> JSONResponse:
+        # The client learns that its key's role cannot be used, not the server's roles.
+        return problem_response(Problem(403, "Forbidden", str(exc)), request)
+
     app.add_exception_handler(Problem, on_problem)
+    app.add_exception_handler(RoleUnavailable, on_role_unavailable)
     for unavailable in (PoolTimeout, *UNREACHABLE):
         app.add_exception_handler(unavailable, on_database_unavailable)
     app.add_exception_handler(QueryError, on_query_error)

@@ -582,17 +582,23 @@ def test_a_keys_role_decides_what_it_reads(database: ExportDatabase, server: Ser
             assert ndjson.text == '{"id":1}\n{"id":3}\n'  # row-level security applies
             csv_body = http.get("/datasets/rls_notes.csv", params={"select": "id,owner"})
             assert csv_body.text == "id,owner\n1,alice\n3,alice\n"
-            # The role was granted nothing else: PostgreSQL refuses, before the first byte.
-            refused = http.get("/datasets/people.csv")
-            assert refused.status_code == 403, refused.text
-            assert "permission denied" in refused.json()["detail"]
+            # The role was granted nothing else: to the key, the rest does not exist, as for
+            # a dataset outside its scope; a column grant shows (and exports) those columns.
+            assert http.get("/datasets/people.csv").status_code == 404
+            assert [d["name"] for d in http.get("/datasets").json()] == ["rls_notes"]
+            run_sql(database.url, f'GRANT SELECT (id, name) ON people TO "{role}"')
+            described = http.get("/datasets/people").json()
+            assert [c["name"] for c in described["columns"]] == ["id", "name"]
+            exported = http.get("/datasets/people.csv", params={"limit": "1"})
+            assert exported.text == "id,name\n1,Ada\n"
         with server.client(database.key) as http:  # no role: the service's own (a superuser)
             assert http.get("/datasets/rls_notes.csv").text.count("\n") == 4
         with server.client(ghost_key) as http:
-            missing = http.get("/datasets/rls_notes.csv")
-            assert missing.status_code == 403, missing.text
-            assert missing.json()["detail"] == "this key's PostgreSQL role cannot be used"
-            assert "ghost" not in missing.text
+            for path in ("/datasets/rls_notes.csv", "/datasets", "/datasets/rls_notes"):
+                missing = http.get(path)
+                assert missing.status_code == 403, missing.text
+                assert missing.json()["detail"] == "this key's PostgreSQL role cannot be used"
+                assert "ghost" not in missing.text
     finally:
         run_sql(
             database.url,
