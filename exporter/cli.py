@@ -196,7 +196,7 @@ async def _keys(settings: Settings, args: argparse.Namespace) -> int:
         if action == "create":
             assert name is not None
             try:
-                key = await create_key(pool, name, patterns, expires_at, args.role)
+                key = await create_key(pool, name, patterns, expires_at, args.role, args.admin)
             except KeyExists as exc:
                 raise CliError(str(exc), FAILED) from None
             print(f"created key {name!r}; it is shown once, store it now:", file=sys.stderr)
@@ -212,6 +212,7 @@ async def _keys(settings: Settings, args: argparse.Namespace) -> int:
                     f"{info.name}\tcreated {info.created_at:%Y-%m-%d %H:%M}\t{state}"
                     f"\tdatasets {','.join(info.datasets)}"
                     + (f"\trole {info.role}" if info.role else "")
+                    + ("\tadmin" if info.admin else "")
                 )
         else:
             assert name is not None
@@ -254,6 +255,11 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("--expires", metavar="WHEN", help="30d, 12h, 90m, or an ISO 8601 time")
     create.add_argument(
         "--role", help="a PostgreSQL role the key's exports run as (SET LOCAL ROLE)"
+    )
+    create.add_argument(
+        "--admin",
+        action="store_true",
+        help="the key may also read the export log (GET /exports)",
     )
     keys.add_parser("list", help="list keys (never the keys themselves)")
     keys.add_parser("revoke", help="revoke a key").add_argument("name")

@@ -261,6 +261,22 @@ def test_expired_keys_are_refused(database: ExportDatabase, server: Server) -> N
     assert re.search(rf"^{name}\t.*\texpired \d{{4}}-", listed, re.MULTILINE)
 
 
+def test_admin_keys(database: ExportDatabase) -> None:
+    admin, plain = (f"{kind}-{uuid.uuid4().hex[:8]}" for kind in ("admin", "plain"))
+    created = cli(database.url, "keys", "create", admin, "--admin", "--datasets", "people")
+    assert created.returncode == 0, created.stderr.decode()
+    assert created.stdout.decode().splitlines()[-1].startswith("exp_")
+    assert cli(database.url, "keys", "create", plain).returncode == 0
+    stored = run_sql(
+        database.url,
+        f"SELECT name, admin FROM exporter.api_keys WHERE name IN ('{admin}', '{plain}')",
+    )
+    assert {row["name"]: row["admin"] for row in stored} == {admin: True, plain: False}
+    listed = cli(database.url, "keys", "list").stdout.decode()
+    assert re.search(rf"^{admin}\tcreated .*\tdatasets people\tadmin$", listed, re.MULTILINE)
+    assert re.search(rf"^{plain}\tcreated .*\tdatasets \*$", listed, re.MULTILINE)
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
