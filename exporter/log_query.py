@@ -6,7 +6,8 @@ continues with `id < N`, and entries logged in the meantime never shift or repea
 
 import json
 import re
-from collections.abc import Iterable
+import unicodedata
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -237,3 +238,68 @@ async def fetch_page(pool: Pool, query: LogQuery, timeout_s: float | None = None
     entries = [_entry(row) for row in rows[: query.limit]]
     more = len(rows) > query.limit
     return LogPage(entries, entries[-1].id if more else None)
+
+
+# --- the command line's table ------------------------------------------------------------------
+
+_ERROR_WIDTH = 80
+
+
+def _printable(value: str) -> str:
+    # Dataset names of refused requests are whatever the URL said: no terminal escapes,
+    # line breaks or bidi overrides reach the operator's terminal.
+    return "".join(
+        ch if unicodedata.category(ch) not in ("Cc", "Cf") else f"\\u{ord(ch):04x}" for ch in value
+    )
+
+
+def _cells(entry: ExportLogEntry) -> list[str]:
+    outcome = entry.outcome + (f" ({entry.aborted_by})" if entry.aborted_by else "")
+    error = _printable(entry.error or "")
+    if len(error) > _ERROR_WIDTH:
+        error = error[: _ERROR_WIDTH - 1] + "…"
+    return [
+        str(entry.id),
+        f"{entry.started_at.astimezone(UTC):%Y-%m-%d %H:%M:%S}",
+        "-" if entry.duration_s is None else f"{entry.duration_s:.3f}",
+        _printable(entry.key) if entry.key is not None else "-",
+        _printable(entry.dataset),
+        _printable(entry.format),
+        "-" if entry.status is None else str(entry.status),
+        _printable(outcome),
+        "-" if entry.rows is None else str(entry.rows),
+        "-" if entry.bytes is None else str(entry.bytes),
+        _printable(entry.request_id),
+        error,
+    ]
+
+
+_HEADERS = [
+    "ID",
+    "STARTED (UTC)",
+    "SECONDS",
+    "KEY",
+    "DATASET",
+    "FORMAT",
+    "STATUS",
+    "OUTCOME",
+    "ROWS",
+    "BYTES",
+    "REQUEST ID",
+    "ERROR",
+]
+_RIGHT_ALIGNED = {"ID", "SECONDS", "STATUS", "ROWS", "BYTES"}
+
+
+def table(entries: Sequence[ExportLogEntry]) -> list[str]:
+    """The entries as the lines of an aligned text table, headers first."""
+    rows = [_HEADERS] + [_cells(entry) for entry in entries]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(_HEADERS))]
+    lines = []
+    for row in rows:
+        cells = [
+            cell.rjust(width) if header in _RIGHT_ALIGNED else cell.ljust(width)
+            for cell, width, header in zip(row, widths, _HEADERS, strict=True)
+        ]
+        lines.append("  ".join(cells).rstrip())
+    return lines
