@@ -16,6 +16,7 @@ import pytest
 
 from exporter.auth import create_key, revoke_key
 from exporter.db import Pool
+from exporter.log_query import LogQuery, LogQueryTimeout, fetch_page
 from tests.conftest import ExportDatabase, Server, _asyncpg_dsn
 
 ITEM_FIELDS = {
@@ -231,7 +232,7 @@ def test_keyset_paging_is_stable_under_inserts(
     key = f"pager-{uuid.uuid4().hex[:8]}"
     # Pages follow the log's order (ids), not the start times, which concurrent requests
     # may write out of order: here, shuffled.
-    starts = [T0 + timedelta(seconds=(7 * i) % 20) for i in range(20)]
+    starts = [T0 - 200 * DAY + timedelta(seconds=(7 * i) % 20) for i in range(20)]
     ids = insert_log(database.url, *({"key_name": key, "started_at": at} for at in starts))
 
     whole = admin.get("/exports", params={"key": key, "limit": 20})
@@ -239,7 +240,8 @@ def test_keyset_paging_is_stable_under_inserts(
     assert whole.json()["next"] is None and "link" not in whole.headers
 
     seen: list[int] = []
-    page = admin.get("/exports", params={"key": key, "limit": 8})
+    since = "2000-06-01T00:00:00+01:00"  # a '+' to carry over
+    page = admin.get("/exports", params={"key": key, "limit": 8, "since": since})
     pages = 0
     while True:
         pages += 1
@@ -254,7 +256,7 @@ def test_keyset_paging_is_stable_under_inserts(
             break
         assert page.headers["link"] == f'<{body["next"]}>; rel="next"'
         query = httpx.URL(body["next"]).params
-        assert (query["key"], query["limit"]) == (key, "8")
+        assert (query["key"], query["limit"], query["since"]) == (key, "8", since)
         page = admin.get(body["next"])
     assert pages == 3
     assert seen == ids[::-1]
@@ -382,6 +384,27 @@ def test_largest_values_are_accepted(admin: httpx.Client) -> None:
         until="9999-12-31T23:59:59.999999+01:00",
     )
     assert body["items"] == [] and body["next"] is None
+
+
+def test_a_slow_query_times_out_and_frees_its_connection(database: ExportDatabase) -> None:
+    async def run() -> None:
+        blocker = await asyncpg.connect(_asyncpg_dsn(database.url))
+        pool = await Pool.open(database.url, size=1)
+        try:
+            locked = blocker.transaction()
+            await locked.start()
+            await blocker.execute("LOCK TABLE exporter.export_log IN ACCESS EXCLUSIVE MODE")
+            with pytest.raises(LogQueryTimeout):
+                await fetch_page(pool, LogQuery(limit=1), timeout_s=0.5)
+            await locked.rollback()
+            # The pool's one connection was given back, and works.
+            page = await fetch_page(pool, LogQuery(limit=1), timeout_s=5)
+            assert len(page.entries) == 1
+        finally:
+            await pool.close()
+            await blocker.close()
+
+    asyncio.run(run())
 
 
 def test_openapi_documents_the_route(server: Server) -> None:
