@@ -7,6 +7,7 @@ from fastapi import FastAPI
 from exporter import __version__, problems
 from exporter.api import router
 from exporter.db import Databases
+from exporter.export_log_api import router as export_log_router
 from exporter.memory import release_free_memory
 from exporter.middleware import (
     RequestIdMiddleware,
@@ -47,6 +48,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.settings = settings
     app.include_router(router)
+    app.include_router(export_log_router)
     problems.install(app)
     # Added last = outermost: every response, errors included, gets a request id.
     app.add_middleware(UnexpectedErrorMiddleware)

@@ -26,6 +26,7 @@ class ApiKey:
     name: str
     datasets: tuple[str, ...] = ("*",)
     role: str | None = None  # exports run as this PostgreSQL role (SET LOCAL ROLE)
+    admin: bool = False  # may read the export log (GET /exports)
 
     def may_read(self, dataset: str) -> bool:
         return any(fnmatch.fnmatchcase(dataset, pattern) for pattern in self.datasets)
@@ -39,6 +40,7 @@ class KeyInfo:
     datasets: tuple[str, ...]
     expires_at: datetime | None
     role: str | None
+    admin: bool = False
 
 
 class KeyExists(ValueError):
@@ -71,19 +73,21 @@ async def create_key(
     datasets: Sequence[str] = ("*",),
     expires_at: datetime | None = None,
     role: str | None = None,
+    admin: bool = False,
 ) -> str:
     patterns = check_patterns(datasets)
     key = new_key()
     try:
         async with pool.connection() as connection:
             await connection.execute(
-                "INSERT INTO exporter.api_keys (name, digest, datasets, expires_at, role)"
-                " VALUES ($1, $2, $3, $4, $5)",
+                "INSERT INTO exporter.api_keys (name, digest, datasets, expires_at, role, admin)"
+                " VALUES ($1, $2, $3, $4, $5, $6)",
                 name,
                 digest(key),
                 list(patterns),
                 expires_at,
                 role,
+                admin,
             )
     except asyncpg.exceptions.UniqueViolationError as exc:
         raise KeyExists(f"a key named {name!r} exists already") from exc
@@ -93,7 +97,7 @@ async def create_key(
 async def list_keys(pool: Pool) -> list[KeyInfo]:
     async with pool.connection() as connection:
         rows = await connection.fetch(
-            "SELECT name, created_at, revoked_at, datasets, expires_at, role"
+            "SELECT name, created_at, revoked_at, datasets, expires_at, role, admin"
             " FROM exporter.api_keys ORDER BY name"
         )
     return [
@@ -104,6 +108,7 @@ async def list_keys(pool: Pool) -> list[KeyInfo]:
             tuple(row["datasets"]),
             row["expires_at"],
             row["role"],
+            row["admin"],
         )
         for row in rows
     ]
@@ -127,11 +132,17 @@ async def authenticate(pool: Pool, key: str) -> ApiKey | None:
     wanted = digest(key)
     async with pool.connection() as connection:
         row = await connection.fetchrow(
-            "SELECT id, name, digest, datasets, role FROM exporter.api_keys"
+            "SELECT id, name, digest, datasets, role, admin FROM exporter.api_keys"
             " WHERE digest = $1 AND revoked_at IS NULL"
             " AND (expires_at IS NULL OR expires_at > now())",
             wanted,
         )
     if row is None or not hmac.compare_digest(bytes(row["digest"]), wanted):
         return None
-    return ApiKey(id=row["id"], name=row["name"], datasets=tuple(row["datasets"]), role=row["role"])
+    return ApiKey(
+        id=row["id"],
+        name=row["name"],
+        datasets=tuple(row["datasets"]),
+        role=row["role"],
+        admin=row["admin"],
+    )

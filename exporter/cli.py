@@ -1,14 +1,18 @@
-"""exporter serve | migrate | keys | export | demo"""
+"""exporter serve | migrate | keys | log | export | demo"""
 
 import argparse
 import asyncio
+import os
 import re
 import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from exporter.settings import Settings
+
+if TYPE_CHECKING:
+    from exporter.log_query import LogPage
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s"
 
@@ -196,7 +200,7 @@ async def _keys(settings: Settings, args: argparse.Namespace) -> int:
         if action == "create":
             assert name is not None
             try:
-                key = await create_key(pool, name, patterns, expires_at, args.role)
+                key = await create_key(pool, name, patterns, expires_at, args.role, args.admin)
             except KeyExists as exc:
                 raise CliError(str(exc), FAILED) from None
             print(f"created key {name!r}; it is shown once, store it now:", file=sys.stderr)
@@ -212,6 +216,7 @@ async def _keys(settings: Settings, args: argparse.Namespace) -> int:
                     f"{info.name}\tcreated {info.created_at:%Y-%m-%d %H:%M}\t{state}"
                     f"\tdatasets {','.join(info.datasets)}"
                     + (f"\trole {info.role}" if info.role else "")
+                    + ("\tadmin" if info.admin else "")
                 )
         else:
             assert name is not None
@@ -221,6 +226,53 @@ async def _keys(settings: Settings, args: argparse.Namespace) -> int:
         return 0
     finally:
         await pool.close()
+
+
+# The options of `exporter log`, as the parameters of GET /exports they stand for.
+LOG_FILTERS = ("key", "dataset", "outcome", "status", "since", "until", "request_id", "before")
+LOG_DEFAULT_LIMIT = 50
+
+
+async def _read_log(settings: Settings, args: argparse.Namespace) -> "LogPage":
+    from exporter.db import Pool
+    from exporter.log_query import LogQuery, fetch_page
+    from exporter.query import QueryError
+
+    given = [(name, getattr(args, name)) for name in LOG_FILTERS if getattr(args, name) is not None]
+    try:
+        # The parser GET /exports uses: the same checks, the same meaning.
+        query = LogQuery.parse([*given, ("limit", args.limit)])
+    except QueryError as exc:
+        raise CliError(f"--{exc.parameter.replace('_', '-')}: {exc.detail}") from None
+    pool = await Pool.open(settings.state_url, size=1)
+    try:
+        return await fetch_page(pool, query)
+    finally:
+        await pool.close()
+
+
+def show_log(settings: Settings, args: argparse.Namespace) -> int:
+    from exporter.log_query import table
+
+    page = asyncio.run(_read_log(settings, args))
+    if args.json:
+        lines = [entry.model_dump_json() for entry in page.entries]
+    else:
+        lines = table(page.entries) if page.entries else []
+    try:
+        for line in lines:
+            print(line)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # `exporter log | head`: the reader has what it wanted. Keep Python's own flush of
+        # stdout at exit from complaining.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    if not page.entries:
+        print("no export log entries match", file=sys.stderr)
+    if page.next_before is not None:
+        print(f"more entries: add --before {page.next_before}", file=sys.stderr)
+    return 0
 
 
 def demo(args: argparse.Namespace) -> int:
@@ -255,8 +307,37 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument(
         "--role", help="a PostgreSQL role the key's exports run as (SET LOCAL ROLE)"
     )
+    create.add_argument(
+        "--admin",
+        action="store_true",
+        help="the key may also read the export log (GET /exports)",
+    )
     keys.add_parser("list", help="list keys (never the keys themselves)")
     keys.add_parser("revoke", help="revoke a key").add_argument("name")
+
+    p = commands.add_parser(
+        "log",
+        help="print the export log, newest first (the filters of GET /exports)",
+        description="Print the export log of the state database, newest first: a table, or "
+        "with --json one JSON object per line, as GET /exports lists them.",
+    )
+    p.add_argument("--key", metavar="NAME", help="entries of the key with this name")
+    p.add_argument("--dataset", help="entries for this dataset")
+    p.add_argument(
+        "--outcome",
+        help="running, completed, failed, disconnected, aborted or refused",
+    )
+    p.add_argument("--status", help="entries answered with this HTTP status (200: started)")
+    p.add_argument("--since", metavar="TIME", help="started at or after (ISO 8601, with offset)")
+    p.add_argument("--until", metavar="TIME", help="started before (ISO 8601, with offset)")
+    p.add_argument("--request-id", dest="request_id", metavar="ID", help="one request's entry")
+    p.add_argument("--before", metavar="ID", help="entries with smaller ids (the next page)")
+    p.add_argument(
+        "--limit",
+        default=str(LOG_DEFAULT_LIMIT),
+        help=f"at most this many entries, up to 1000 (default {LOG_DEFAULT_LIMIT})",
+    )
+    p.add_argument("--json", action="store_true", help="NDJSON: one entry per line")
 
     p = commands.add_parser("export", help="export a dataset to a file, as the HTTP API does")
     p.add_argument("dataset")
@@ -302,7 +383,8 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "serve":
         serve(args.host, args.port, args.workers, settings.shutdown_grace_s)
         return 0
-    # Exports read the database; keys and migrations live in the state database.
+    # Exports read the database; keys, the export log and migrations live in the state
+    # database.
     url = settings.database_url if args.command == "export" else settings.state_url
     try:
         if args.command == "migrate":
@@ -310,6 +392,8 @@ def _run(args: argparse.Namespace) -> int:
             return 0
         if args.command == "keys":
             return asyncio.run(_keys(settings, args))
+        if args.command == "log":
+            return show_log(settings, args)
         from exporter.file_export import export_to_file
 
         return asyncio.run(export_to_file(settings, args))

@@ -1,6 +1,7 @@
 """The command line as users run it: `python -m exporter` in a subprocess, against the session's
 database, with HTTP (the `server` fixture) as the reference for what an export must contain."""
 
+import json
 import os
 import re
 import select
@@ -11,6 +12,7 @@ import sys
 import time
 import uuid
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import httpx
@@ -22,6 +24,7 @@ from alembic.script import ScriptDirectory
 from exporter.migrate import alembic_config, upgrade
 from exporter.query import FORMAT_OPTIONS
 from tests.conftest import ExportDatabase, Server, _with_database, free_port, run_sql
+from tests.test_export_log import insert_log
 
 RESERVED = ("select", "order", "limit")
 
@@ -261,6 +264,27 @@ def test_expired_keys_are_refused(database: ExportDatabase, server: Server) -> N
     assert re.search(rf"^{name}\t.*\texpired \d{{4}}-", listed, re.MULTILINE)
 
 
+def test_admin_keys(database: ExportDatabase, server: Server) -> None:
+    admin, plain = (f"{kind}-{uuid.uuid4().hex[:8]}" for kind in ("admin", "plain"))
+    created = cli(database.url, "keys", "create", admin, "--admin", "--datasets", "people")
+    assert created.returncode == 0, created.stderr.decode()
+    assert created.stdout.decode().splitlines()[-1].startswith("exp_")
+    assert cli(database.url, "keys", "create", plain).returncode == 0
+    stored = run_sql(
+        database.url,
+        f"SELECT name, admin FROM exporter.api_keys WHERE name IN ('{admin}', '{plain}')",
+    )
+    assert {row["name"]: row["admin"] for row in stored} == {admin: True, plain: False}
+    listed = cli(database.url, "keys", "list").stdout.decode()
+    assert re.search(rf"^{admin}\tcreated .*\tdatasets people\tadmin$", listed, re.MULTILINE)
+    assert re.search(rf"^{plain}\tcreated .*\tdatasets \*$", listed, re.MULTILINE)
+    with server.client(created.stdout.decode().splitlines()[-1]) as http:
+        assert http.get("/exports").status_code == 200
+    plain_key = cli(database.url, "keys", "create", f"{plain}-2").stdout.decode().strip()
+    with server.client(plain_key) as http:
+        assert http.get("/exports").status_code == 403
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
@@ -282,6 +306,162 @@ def test_bad_key_options_are_errors(
 ) -> None:
     result = cli(database.url, "keys", "create", f"bad-{uuid.uuid4().hex[:8]}", *args)
     assert_clean_error(result, 2, message)
+
+
+# --- log -------------------------------------------------------------------------------------
+
+
+def _log_lines(database: ExportDatabase, *args: str) -> list[dict[str, object]]:
+    result = cli(database.url, "log", "--json", *args)
+    assert result.returncode == 0, result.stderr.decode()
+    return [json.loads(line) for line in result.stdout.decode().splitlines()]
+
+
+def test_log_lists_what_get_exports_lists(database: ExportDatabase, server: Server) -> None:
+    tag = uuid.uuid4().hex[:8]
+    key, dataset = f"logged-{tag}", f"ds_{tag}"
+    start = datetime(2002, 3, 1, tzinfo=UTC)
+    ids = insert_log(
+        database.url,
+        *(
+            {
+                "key_name": key,
+                "dataset": dataset if i % 2 else "people",
+                "format": "ndjson" if i % 3 else "csv",
+                "outcome": ("completed", "refused", "aborted", "failed")[i % 4],
+                "status": (200, 404, 200, 200)[i % 4],
+                "aborted_by": "max_bytes" if i % 4 == 2 else None,
+                "started_at": start + timedelta(minutes=i),
+                "ended_at": start + timedelta(minutes=i, seconds=i),
+                "rows": i,
+                "bytes": 10 * i,
+            }
+            for i in range(55)
+        ),
+    )
+    admin = cli(database.url, "keys", "create", f"auditor-{tag}", "--admin")
+    assert admin.returncode == 0, admin.stderr.decode()
+    cases: list[tuple[list[str], dict[str, str]]] = [
+        (["--key", key], {"key": key}),
+        (["--key", key, "--limit", "7"], {"key": key, "limit": "7"}),
+        (["--dataset", dataset], {"dataset": dataset}),
+        (["--key", key, "--outcome", "refused"], {"key": key, "outcome": "refused"}),
+        (["--key", key, "--status", "404"], {"key": key, "status": "404"}),
+        (
+            ["--key", key, "--since", "2002-03-01T00:10:00Z", "--until", "2002-03-01T02:20:00+02"],
+            {"key": key, "since": "2002-03-01T00:10:00Z", "until": "2002-03-01T02:20:00+02"},
+        ),
+        (["--key", key, "--before", str(ids[3])], {"key": key, "before": str(ids[3])}),
+        (["--request-id", "no-such-request"], {"request_id": "no-such-request"}),
+    ]
+    with server.client(admin.stdout.decode().splitlines()[-1]) as http:
+        for args, params in cases:
+            response = http.get("/exports", params={"limit": "50", **params})
+            assert response.status_code == 200, response.text
+            assert _log_lines(database, *args) == response.json()["items"], args
+    # Newest first; 50 by default, and where the rest begins.
+    first = cli(database.url, "log", "--json", "--key", key)
+    assert [json.loads(line)["id"] for line in first.stdout.decode().splitlines()] == (ids[:4:-1])
+    assert first.stderr.decode() == f"more entries: add --before {ids[5]}\n"
+    rest = _log_lines(database, "--key", key, "--before", str(ids[5]))
+    assert [entry["id"] for entry in rest] == ids[4::-1]
+    assert _log_lines(database, "--key", f"nobody-{tag}") == []
+    nothing = cli(database.url, "log", "--key", f"nobody-{tag}")
+    assert (nothing.stdout, nothing.stderr) == (b"", b"no export log entries match\n")
+
+
+def test_log_prints_a_table(database: ExportDatabase) -> None:
+    tag = uuid.uuid4().hex[:8]
+    start = datetime(2002, 4, 1, 12, 30, tzinfo=UTC)
+    ids = insert_log(
+        database.url,
+        {
+            "key_name": f"t-{tag}",
+            "dataset": "people",
+            "started_at": start,
+            "ended_at": start + timedelta(seconds=1.25),
+            "rows": 5,
+            "bytes": 321,
+            "request_id": f"req-{tag}",
+        },
+        {
+            "key_name": f"t-{tag}",
+            # A refused request logs the dataset as the URL named it: escapes included.
+            "dataset": "evil\x1b]0;owned\x07\nnext\u202e",
+            "outcome": "aborted",
+            "aborted_by": "max_rows",
+            "error": "x" * 200,
+            "started_at": start + timedelta(hours=1),
+        },
+    )
+    result = cli(database.url, "log", "--key", f"t-{tag}")
+    assert result.returncode == 0, result.stderr.decode()
+    header, newer, older = result.stdout.decode().splitlines()
+    assert (
+        header.split()
+        == (
+            "ID STARTED (UTC) SECONDS KEY DATASET FORMAT STATUS OUTCOME ROWS BYTES REQUEST ID ERROR"
+        ).split()
+    )
+    assert older.split() == [
+        str(ids[0]),
+        "2002-04-01",
+        "12:30:00",
+        "1.250",
+        f"t-{tag}",
+        "people",
+        "csv",
+        "200",
+        "completed",
+        "5",
+        "321",
+        f"req-{tag}",
+    ]
+    assert "evil\\u001b]0;owned\\u0007\\u000anext\\u202e" in newer
+    assert "aborted (max_rows)" in newer and newer.endswith("x" * 79 + "…")
+    assert "\x1b" not in result.stdout.decode() and "\u202e" not in result.stdout.decode()
+    # Columns line up: every row's DATASET starts where the header's does.
+    column = header.index("DATASET")
+    assert older[column:].startswith("people") and newer[column:].startswith("evil")
+
+
+def test_log_stops_quietly_when_the_reader_does(database: ExportDatabase) -> None:
+    key = f"piped-{uuid.uuid4().hex[:8]}"
+    insert_log(database.url, *({"key_name": key, "error": "e" * 500} for _ in range(1000)))
+    # `exporter log --json | head -1`: far more than a pipe holds, and the reader leaves.
+    process = start_cli(database.url, "log", "--json", "--limit", "1000", "--key", key)
+    assert process.stdout is not None
+    assert json.loads(process.stdout.readline())["key"] == key
+    process.stdout.close()
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 0, stderr.decode()
+    assert stderr == b""
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--status", "abc"], "--status: 'abc' is not an integer from 100 to 599"),
+        (["--outcome", "done"], "--outcome: 'done' is not one of running, completed"),
+        (["--since", "yesterday"], "--since: 'yesterday' is not an ISO 8601 time"),
+        (["--until", "2026-01-01T00:00:00"], "--until: '2026-01-01T00:00:00' needs an offset"),
+        (["--limit", "0"], "--limit: '0' is not an integer from 1 to 1000"),
+        (["--limit", "5000"], "from 1 to 1000"),
+        (["--before", "x"], "--before: 'x' is not an integer"),
+        (["--key", ""], "--key: must not be empty"),
+        (["--request-id", "a\udcffb"], "--request-id: not valid UTF-8"),
+    ],
+)
+def test_bad_log_options_are_errors(
+    database: ExportDatabase, args: list[str], message: str
+) -> None:
+    assert_clean_error(cli(database.url, "log", *args), 2, message)
+
+
+def test_log_reports_an_unreachable_or_unmigrated_database(fresh_database: str) -> None:
+    result = cli(f"postgresql://postgres@127.0.0.1:{free_port()}/nowhere", "log")
+    assert_clean_error(result, 2, "cannot connect to PostgreSQL")
+    assert_clean_error(cli(fresh_database, "log"), 2, "exporter migrate")
 
 
 # --- export ----------------------------------------------------------------------------------
