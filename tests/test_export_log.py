@@ -286,9 +286,19 @@ def test_a_real_export_is_listed(
         "client_addr": "127.0.0.1",
     }
     assert (item["outcome"], item["rows"], item["bytes"]) == ("completed", 5, len(export.content))
+    assert item["status"] == 200
     assert item["ended_at"] is not None and item["duration_s"] >= 0
     newest = listed(admin, limit=1)["items"]
     assert newest[0]["id"] >= item["id"]
+    # A refused request is there too, with its status and no key.
+    refused_id = f"audit-refused-{uuid.uuid4().hex}"
+    anonymous = client.get(
+        "/datasets/people.csv", headers={"X-Request-Id": refused_id, "Authorization": ""}
+    )
+    assert anonymous.status_code == 401
+    (refused,) = listed(admin, request_id=refused_id)["items"]
+    assert (refused["key"], refused["outcome"], refused["status"]) == (None, "refused", 401)
+    assert listed(admin, status="401", request_id=refused_id)["items"] == [refused]
 
 
 def test_only_admin_keys_read_the_log(
