@@ -227,6 +227,10 @@ def _parse_filter(dataset: Dataset, name: str, expression: str) -> Filter:
         _check_value(column, name, value)
         return Filter(column, operator, negated, value, name)  # type: ignore[arg-type]
     if operator in ("like", "ilike"):
+        if _ends_in_escape(value):
+            # PostgreSQL raises this only when a row's matching reaches the end of the
+            # pattern: data-dependent, and after the first byte of an export if at all.
+            raise QueryError(name, "a pattern may not end in an unescaped backslash")
         # PostgREST's `*` stands for `%`, which is awkward to write in a URL.
         return Filter(column, operator, negated, value.replace("*", "%"), name)  # type: ignore[arg-type]
     if operator == "in":
@@ -241,6 +245,12 @@ def _parse_filter(dataset: Dataset, name: str, expression: str) -> Filter:
             raise QueryError(name, f"is.{value} needs a boolean column; '{name}' is {column.type}")
         return Filter(column, "is", negated, value, name)
     raise QueryError(name, f"unknown operator '{operator}'")
+
+
+def _ends_in_escape(pattern: str) -> bool:
+    """Whether LIKE's escape character (a backslash, which escapes whatever follows it) is
+    the pattern's last character: an odd run of backslashes at its end."""
+    return (len(pattern) - len(pattern.rstrip("\\"))) % 2 == 1
 
 
 def _parse_in_list(parameter: str, text: str) -> tuple[str, ...]:

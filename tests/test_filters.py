@@ -382,6 +382,58 @@ def test_injection_into_names_is_refused(client: httpx.Client, name: str, value:
     assert invalid(client, (name, value)) == [name]
 
 
+def test_a_like_pattern_ending_in_its_escape_is_400_not_500(client: httpx.Client) -> None:
+    # It was "500 Dataset could not be read": PostgreSQL raised it while matching rows.
+    for value in ("like.\\", "ilike.*\\", "not.like.Ada\\\\\\"):
+        assert invalid(client, ("name", value)) == ["name"]
+    assert ids(client, ("name", "like.*\\\\")) == []  # an escaped backslash is a backslash
+    assert ids(client, ("name", "like.\\Ada")) == [1]  # an escaped letter is the letter
+
+
+def test_like_escape_rule_agrees_with_postgresql(database: ExportDatabase) -> None:
+    """For each pattern, a subject it matches in full, so that PostgreSQL's matching reaches
+    the end of the pattern, where it raises for a trailing escape."""
+    patterns = ["\\", "a\\", "\\\\", "\\\\\\", "%\\", "_\\", "\\%", "a\\b", "%a\\\\\\", "\\\\a"]
+
+    def subject(pattern: str) -> str:
+        out, i = [], 0
+        while i < len(pattern):
+            char = pattern[i]
+            if char == "\\":
+                # A trailing escape is reached only with text left to match.
+                out.append(pattern[i + 1 : i + 2] or "x")
+                i += 2
+                continue
+            out.append({"%": "", "_": "x"}.get(char, char))
+            i += 1
+        return "".join(out)
+
+    async def verdicts() -> list[bool]:
+        conn = await asyncpg.connect(_asyncpg_dsn(database.url))
+        try:
+            accepted = []
+            for pattern in patterns:
+                try:
+                    await conn.fetchval("SELECT $1::text LIKE $2::text", subject(pattern), pattern)
+                    accepted.append(True)
+                except asyncpg.exceptions.PostgresError:
+                    accepted.append(False)
+            return accepted
+        finally:
+            await conn.close()
+
+    dataset = Dataset("d", "public", "d", "table", (Column("c", "text", "text", "text"),), (), None)
+    ours = []
+    for pattern in patterns:
+        try:
+            parse_query(dataset, [("c", f"like.{pattern}")])
+            ours.append(True)
+        except QueryError:
+            ours.append(False)
+    assert ours == asyncio.run(verdicts())
+    assert ours.count(False) >= 3
+
+
 def test_nothing_was_harmed(client: httpx.Client, database: ExportDatabase) -> None:
     assert ids(client) == [1, 2, 3, 4, 5]
     counts = run_sql(

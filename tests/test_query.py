@@ -173,6 +173,18 @@ def test_like_turns_stars_into_percent(operator: str) -> None:
     assert one_filter("name", f"not.{operator}.x*").negated
 
 
+@pytest.mark.parametrize("operator", ["like", "ilike", "not.like"])
+def test_a_pattern_ending_in_its_escape_character_is_refused(operator: str) -> None:
+    # PostgreSQL raises this only when a row's matching reaches the end of the pattern:
+    # left to it, `like.\` was a 500 after the request had been accepted.
+    for pattern in ("\\", "a\\", "*\\", "\\\\\\", "a\\b\\"):
+        problem = error(("name", f"{operator}.{pattern}"))
+        assert problem.parameter == "name"
+        assert "backslash" in problem.detail
+    for pattern in ("\\\\", "a\\\\", "\\*", "a\\b", "\\\\\\*"):
+        assert one_filter("name", f"{operator}.{pattern}").parameter == "name"
+
+
 def test_filters_keep_their_order_and_repeat() -> None:
     query = parse(("id", "gt.1"), ("name", "like.A*"), ("id", "lt.9"))
     assert [(f.parameter, f.operator, f.value) for f in query.filters] == [
