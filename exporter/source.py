@@ -257,6 +257,21 @@ def _value_check(f: Filter) -> tuple[str, Any] | None:
     return None
 
 
+# What casting a value alone raises when the value is at fault. Not only data exceptions (22)
+# and domain checks (23): input functions of other types raise a syntax error (42601: tsquery,
+# tsvector), an unknown object (42P01, 42704, 42883: regclass, regrole, regprocedure), a
+# program limit (54000: an array of more than six dimensions) or a feature not supported
+# (0A000: record); a column whose type takes no input fails to cast at all (42846). All of
+# them were 500s. A privilege the key's role lacks (42501) stays what it is: a 403.
+_VALUE_ERRORS = (
+    asyncpg.exceptions.DataError,
+    asyncpg.exceptions.IntegrityConstraintViolationError,
+    asyncpg.exceptions.SyntaxOrAccessError,
+    asyncpg.exceptions.ProgramLimitExceededError,
+    asyncpg.exceptions.FeatureNotSupportedError,
+)
+
+
 async def check_filter_values(connection: Any, query: ExportQuery) -> None:
     """Let PostgreSQL's input functions (and domain checks) judge each filter value on its own,
     so that a rejected value is a 400 naming its parameter, and a data error in the export's
@@ -268,10 +283,9 @@ async def check_filter_values(connection: Any, query: ExportQuery) -> None:
         sql, value = check
         try:
             await connection.fetchval(sql, value)
-        except (
-            asyncpg.exceptions.DataError,
-            asyncpg.exceptions.IntegrityConstraintViolationError,
-        ) as exc:
+        except asyncpg.exceptions.InsufficientPrivilegeError:
+            raise
+        except _VALUE_ERRORS as exc:
             raise QueryError(f.parameter, f"PostgreSQL rejects the value: {exc}") from exc
 
 

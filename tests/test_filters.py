@@ -687,6 +687,59 @@ def test_value_a_domain_check_refuses_is_400(client: httpx.Client, odd_table: st
     assert "positive" in [p["name"] for p in problem(response)["invalid-params"]]
 
 
+@pytest.fixture(scope="module")
+def value_types_table(database: ExportDatabase) -> Iterator[str]:
+    run_sql(
+        database.url,
+        """
+        CREATE TABLE public.filters_value_types (
+            id integer PRIMARY KEY, dims integer[], q tsquery, v tsvector, rel regclass,
+            who regrole, fn regprocedure
+        )
+        """,
+        "INSERT INTO public.filters_value_types VALUES"
+        " (1, '{{1}}', 'a & b', 'a b', 'public.people', 'pg_monitor', 'abs(integer)')",
+    )
+    try:
+        yield "filters_value_types"
+    finally:
+        run_sql(database.url, "DROP TABLE public.filters_value_types")
+
+
+@pytest.mark.parametrize(
+    ("column", "value"),
+    [
+        ("dims", "eq.{{{{{{{1}}}}}}}"),  # 54000: more than six dimensions
+        ("dims", "in.({{{{{{{1}}}}}}})"),
+        ("q", "eq.a &"),  # 42601: tsquery's own syntax error
+        ("v", "eq.'"),
+        ("rel", "eq.no_such_table"),  # 42P01
+        ("rel", "eq.a.b.c.d"),  # 42601
+        ("who", "eq.no_such_role"),  # 42704
+        ("fn", "eq.no_such_function(int)"),  # 42883
+    ],
+)
+def test_values_other_input_functions_reject_are_400(
+    client: httpx.Client, value_types_table: str, column: str, value: str
+) -> None:
+    # Each was a 500: the value check caught only data exceptions (22) and domain checks (23).
+    assert invalid(client, (column, value), dataset=f"{value_types_table}.csv") == [column]
+
+
+def test_values_other_input_functions_accept_still_filter(
+    client: httpx.Client, value_types_table: str
+) -> None:
+    for column, value in [
+        ("dims", "eq.{{1}}"),
+        ("q", "eq.a & b"),
+        ("v", "eq.a b"),
+        ("rel", "eq.people"),
+        ("who", "eq.pg_monitor"),
+        ("fn", "eq.abs(integer)"),
+    ]:
+        assert ids(client, (column, value), dataset=value_types_table) == [1], column
+
+
 # parse_query's checks agree with PostgreSQL's input functions
 
 
