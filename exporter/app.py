@@ -9,6 +9,7 @@ from exporter.api import router
 from exporter.db import Databases
 from exporter.memory import release_free_memory
 from exporter.middleware import (
+    HeaderLimitsMiddleware,
     RequestIdMiddleware,
     SecurityHeadersMiddleware,
     UnexpectedErrorMiddleware,
@@ -50,6 +51,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     problems.install(app)
     # Added last = outermost: every response, errors included, gets a request id.
     app.add_middleware(UnexpectedErrorMiddleware)
+    app.add_middleware(HeaderLimitsMiddleware)
     app.add_middleware(SecurityHeadersMiddleware)
     app.add_middleware(RequestIdMiddleware)
     return app
