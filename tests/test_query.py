@@ -447,6 +447,26 @@ def test_value_and_name_lengths_are_capped() -> None:
     assert problem.detail == "parameter name longer than 1000 characters"
 
 
+@pytest.mark.parametrize(
+    "params",
+    [
+        [("select", "x" * 9_000)],
+        [("select", "id," + "x" * 9_000)],
+        [("order", "x" * 9_000)],
+        [("order", "id" + ".desc" * 1_800)],
+        [("order", "id" + ".nullslast" * 900)],
+        [("id", "x" * 9_000 + ".1")],
+        [("x" * 900, "eq.1")],
+        [("id", "eq." + "x" * 9_000)],
+    ],
+)
+def test_errors_do_not_echo_long_client_text_whole(params: list[tuple[str, str]]) -> None:
+    # An unknown 9,000-character column was quoted whole, twice in the problem: a 10 KB
+    # request made a 20 KB answer.
+    problem = error(*params)
+    assert len(problem.detail) < 300, problem.detail[:50]
+
+
 def test_filters_are_checked_before_select_and_select_before_limit() -> None:
     assert error(("id", "eq.x"), ("name", "bad.x")).parameter == "id"
     assert error(("id", "eq.1"), ("limit", "x"), ("select", "nope")).parameter == "select"
