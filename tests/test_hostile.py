@@ -13,7 +13,9 @@ keeps no example database. EXPORTER_HOSTILE_EXAMPLES=N runs N examples per prope
 and EXPORTER_HOSTILE_RANDOM=1 draws new ones each run, for a longer hunt by hand.
 """
 
+import asyncio
 import base64
+import fnmatch
 import http.client
 import json
 import os
@@ -30,6 +32,8 @@ import zstandard
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from exporter.auth import create_key
+from exporter.db import Pool
 from tests.conftest import ExportDatabase, Server, run_sql, start_server, stop_server
 
 
@@ -111,6 +115,8 @@ TYPES_COLUMNS = [
     "j", "jb", "x", "by", "ip", "mac", "bits", "m", "arr", "tarr", "r", "q", "v", "p", "mood",
     "pos",
 ]  # fmt: skip
+# The dataset patterns of a second key, on both servers' names (bare and qualified).
+SCOPE = ("people", "public.people", "sales.*", "*types")
 PEOPLE_COLUMNS = ["id", "name", "age", "score", "height", "active", "born", "seen_at", "tag"]
 PEOPLE_COLUMNS += ["code", "doc"]
 
@@ -423,7 +429,8 @@ class Target:
 class Context:
     targets: list[Target]
     key: str
-    secrets: list[str]  # the key and every key digest, in the forms a leak might take
+    scoped_key: str  # reaches SCOPE only
+    secrets: list[str]  # the keys and every key digest, in the forms a leak might take
 
     def __repr__(self) -> str:
         return f"Context({self.targets})"
@@ -436,10 +443,14 @@ class Context:
 class Request:
     target: str
     headers: list[tuple[str, bytes]]
-    authorized: bool  # the Authorization header carries the key, in a form that is accepted
+    authorized: bool  # the Authorization header carries a key, in a form that is accepted
     route: str
     dataset: str | None = None
     request_id: bytes | None = None
+    scope: tuple[str, ...] = ("*",)  # the dataset patterns of the key sent
+
+    def may_read(self, dataset: str) -> bool:
+        return any(fnmatch.fnmatchcase(dataset, pattern) for pattern in self.scope)
 
 
 def encode(text: str) -> str:
@@ -447,7 +458,7 @@ def encode(text: str) -> str:
 
 
 @st.composite
-def requests(draw: st.DrawFn, target: Target, key: str) -> Request:
+def requests(draw: st.DrawFn, target: Target, context: Context) -> Request:
     # Mostly the routes that read data.
     route = draw(st.sampled_from(["describe", "csv", "ndjson"] * 2 + ["list", "healthz", "readyz"]))
     # The fixture's datasets but its large ones (which a request with a hostile limit would
@@ -474,10 +485,17 @@ def requests(draw: st.DrawFn, target: Target, key: str) -> Request:
     url = path + ("?" + "&".join(pairs) if pairs else "")
 
     headers: list[tuple[str, bytes]] = []
-    auth = draw(st.sampled_from(["key"] * 6 + ["bearer", "none", "hostile", "near", "basic"]))
-    authorized = auth in ("key", "bearer")
+    key = context.key
+    auth = draw(
+        st.sampled_from(["key"] * 5 + ["scoped"] * 2 + ["bearer", "none", "hostile", "near"])
+    )
+    authorized = auth in ("key", "scoped", "bearer")
+    scope: tuple[str, ...] = ("*",)
     if auth == "key":
         headers.append(("Authorization", f"Bearer {key}".encode()))
+    elif auth == "scoped":
+        headers.append(("Authorization", f"Bearer {context.scoped_key}".encode()))
+        scope = SCOPE
     elif auth == "bearer":
         headers.append(
             ("Authorization", f"{draw(st.sampled_from(['bearer', 'BEARER']))} {key}".encode())
@@ -492,9 +510,11 @@ def requests(draw: st.DrawFn, target: Target, key: str) -> Request:
             )
         )
         scheme = draw(st.sampled_from(["Bearer ", "Bearer  ", "Token ", "Bearer\t", ""]))
-        headers.append(("Authorization", (scheme + near).encode()))
-    elif auth == "basic":
-        headers.append(("Authorization", b"Basic " + base64.b64encode(f"{key}:".encode())))
+        if draw(st.booleans()):
+            headers.append(("Authorization", (scheme + near).encode()))
+        else:
+            basic = base64.b64encode(f"{draw(st.sampled_from([key, near]))}:".encode())
+            headers.append(("Authorization", b"Basic " + basic))
     if draw(st.booleans()):
         headers.append(("Accept", draw(accept_headers(MEDIA_TYPES))))
     if draw(st.booleans()):
@@ -508,7 +528,7 @@ def requests(draw: st.DrawFn, target: Target, key: str) -> Request:
             )
         )
         headers.append(("X-Request-Id", request_id))
-    return Request(url, headers, authorized, route, dataset, request_id)
+    return Request(url, headers, authorized, route, dataset, request_id, scope)
 
 
 # The client
@@ -525,15 +545,17 @@ class Reply:
         return self.body.decode("utf-8", "replace")
 
 
-def send(server: Server, target: str, headers: Sequence[tuple[str, bytes]]) -> Reply:
-    """GET through http.client: httpx normalises URLs and refuses long ones, and this must
-    send exactly the bytes a hostile client would."""
+def send(
+    server: Server, target: str, headers: Sequence[tuple[str, bytes]], method: str = "GET"
+) -> Reply:
+    """A request through http.client: httpx normalises URLs and refuses long ones, and this
+    must send exactly the bytes a hostile client would."""
     address = urllib.parse.urlsplit(server.base_url)
     assert address.hostname is not None and address.port is not None
     connection = http.client.HTTPConnection(address.hostname, address.port, timeout=30)
     started = time.monotonic()
     try:
-        connection.putrequest("GET", target, skip_accept_encoding=True)
+        connection.putrequest(method, target, skip_accept_encoding=True)
         for name, value in headers:
             connection.putheader(name, value)
         connection.endheaders()
@@ -563,10 +585,10 @@ def decoded(reply: Reply) -> bytes:
     return reply.body
 
 
-def secrets_of(database: ExportDatabase) -> list[str]:
-    """Every key digest, in each form a leak might take, and the test key itself."""
+def secrets_of(database: ExportDatabase, *keys: str) -> list[str]:
+    """Every key digest, in each form a leak might take, and the keys themselves."""
     rows = run_sql(database.url, "SELECT digest FROM exporter.api_keys")
-    forms = [database.key]
+    forms = list(keys)
     for row in rows:
         digest = bytes(row["digest"])
         forms += [
@@ -620,12 +642,12 @@ def check(reply: Reply, request: Request, target: Target, secrets: Sequence[str]
         if request.dataset is not None and ("/" in request.dataset or not request.dataset):
             refusals |= {404, 307}
         assert reply.status in refusals, f"{context}: {text[:300]}"
+    # Only the datasets of the listing that the key may read are listed, described or exported.
+    readable = {d for d in target.datasets if request.may_read(d)}
     if reply.status == 200 and request.route == "list":
-        listed = {d["name"] for d in json.loads(body)}
-        assert listed == target.datasets, context
+        assert {d["name"] for d in json.loads(body)} == readable, context
     elif reply.status == 200:
-        # Only a dataset of the listing is ever described or exported.
-        assert request.dataset in target.datasets, context
+        assert request.dataset in readable, context
 
 
 # Fixtures
@@ -783,9 +805,7 @@ def snapshot(database: ExportDatabase, roles: str) -> dict[str, Any]:
 
 
 @pytest.fixture(scope="module", autouse=True)
-def nothing_changes(
-    database: ExportDatabase, targets: list[Target], types_table: None
-) -> Iterator[None]:
+def nothing_changes(database: ExportDatabase, context: Context) -> Iterator[None]:
     """Whatever the module's requests did, the catalog and the data are as they were."""
     roles = roles_sql(database)
     before = snapshot(database, roles)
@@ -806,8 +826,20 @@ def nothing_changes(
 
 
 @pytest.fixture(scope="module")
-def context(targets: list[Target], database: ExportDatabase) -> Context:
-    return Context(targets, database.key, secrets_of(database))
+def context(targets: list[Target], database: ExportDatabase) -> Iterator[Context]:
+    async def make_key() -> str:
+        pool = await Pool.open(database.url, size=1)
+        try:
+            return await create_key(pool, "hostile-scoped", SCOPE)
+        finally:
+            await pool.close()
+
+    scoped_key = asyncio.run(make_key())
+    try:
+        secrets = secrets_of(database, database.key, scoped_key)
+        yield Context(targets, database.key, scoped_key, secrets)
+    finally:
+        run_sql(database.url, "DELETE FROM exporter.api_keys WHERE name = 'hostile-scoped'")
 
 
 # The properties
@@ -817,7 +849,7 @@ def context(targets: list[Target], database: ExportDatabase) -> Context:
 @given(data=st.data())
 def test_every_route_survives_hostile_requests(data: st.DataObject, context: Context) -> None:
     target = data.draw(st.sampled_from(context.targets), label="server")
-    request = data.draw(requests(target, context.key), label="request")
+    request = data.draw(requests(target, context), label="request")
     reply = send(target.server, request.target, request.headers)
     check(reply, request, target, context.secrets)
 
@@ -861,11 +893,15 @@ def test_hostile_filter_values_reach_every_input_function(
         assert column in names, reply.text()[:500]
 
 
-def test_fixture_datasets_are_what_the_properties_expect(targets: list[Target]) -> None:
-    # Guards the properties above: they only mean something if the exports can succeed.
-    for target in targets:
-        assert {target.people, target.types} <= target.datasets
-    assert "sales.orders" in targets[1].datasets
+def test_fixture_datasets_are_what_the_properties_expect(context: Context) -> None:
+    # Guards the properties above: they only mean something if the exports can succeed, and
+    # if the scoped key reaches some datasets and not others.
+    first, second = context.targets
+    assert {first.people, first.types} <= first.datasets
+    assert {second.people, second.types, "sales.orders"} <= second.datasets
+    assert listed(first.server, context.scoped_key) == {"people", "hostile_types"}
+    scoped = {"public.people", "public.hostile_types", "sales.orders"}
+    assert listed(second.server, context.scoped_key) == scoped
 
 
 # The own schema
@@ -912,6 +948,25 @@ def test_listings_never_show_the_own_schema(
     # With several (the own one among them, by mistake), none is of the own schema.
     assert not any(name.startswith("exporter.") for name in targets[1].datasets)
     assert not {name.partition(".")[2] for name in targets[1].datasets} & own
+
+
+@pytest.mark.parametrize("method", ["POST", "PUT", "DELETE", "PATCH", "OPTIONS", "TRACE", "HEAD"])
+def test_other_methods_are_405(method: str, context: Context) -> None:
+    auth = [("Authorization", f"Bearer {context.key}".encode())]
+    target = context.targets[0]
+    for path in [
+        "/datasets",
+        "/datasets/people",
+        "/datasets/people.csv",
+        "/datasets/exporter.api_keys.ndjson",
+        "/healthz",
+        "/readyz",
+    ]:
+        reply = send(target.server, path, auth, method)
+        assert reply.status == 405, (method, path, reply.body[:200])
+        assert reply.headers["content-type"] == PROBLEM
+        if method != "HEAD":
+            check(reply, Request(path, auth, True, "method"), target, context.secrets)
 
 
 # Oversized requests: each refused at once, never a 500, never a slow query.
