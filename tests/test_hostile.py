@@ -528,6 +528,11 @@ def requests(draw: st.DrawFn, target: Target, context: Context) -> Request:
             )
         )
         headers.append(("X-Request-Id", request_id))
+    # What uvicorn reads itself: X-Forwarded-* (trusted from 127.0.0.1 by default, so the
+    # export log's client address is whatever they say) and Host (the slash redirect's).
+    for name in ("X-Forwarded-For", "X-Forwarded-Proto", "Host"):
+        if draw(st.integers(0, 5)) == 0:
+            headers.append((name, header_value(draw(hostile_text))))
     return Request(url, headers, authorized, route, dataset, request_id, scope)
 
 
@@ -555,7 +560,8 @@ def send(
     connection = http.client.HTTPConnection(address.hostname, address.port, timeout=30)
     started = time.monotonic()
     try:
-        connection.putrequest(method, target, skip_accept_encoding=True)
+        skip_host = any(name.lower() == "host" for name, _ in headers)
+        connection.putrequest(method, target, skip_host=skip_host, skip_accept_encoding=True)
         for name, value in headers:
             connection.putheader(name, value)
         connection.endheaders()
