@@ -1,12 +1,13 @@
 """Every parameter of every route is hostile (issue 5): generated requests against the real
 server (`exporter serve` on a socket), checked for what must hold whatever a client sends.
 
-For every response: no 5xx; every 4xx is a problem+json carrying the request id; no text of a
-PostgreSQL or Python error about the statement or the code reaches the client; no key digest
-ever appears; a request without the key never gets past 401; an export or description is
-only ever of a listed dataset, and the service's own schema (`exporter`: keys and the export
-log) is never listed or read, under any spelling. Around the whole module, the database's
-catalog and the fixture data are checksummed: nothing a request does may change them.
+For every response: no 5xx, and none slow; every 4xx is a problem+json carrying the request
+id; no text of a PostgreSQL or Python error about the statement or the code reaches the
+client; no key and no key digest ever appears; a request without a valid key never gets past
+401; only datasets of the listing that the key may read (a second key is scoped) are listed,
+described or exported, and the service's own schema (`exporter`: keys and the export log) is
+never listed or read, under any spelling. Around the whole module, the database's catalog
+and the fixture data are checksummed: nothing a request does may change them.
 
 Hypothesis runs derandomized (the same examples on every run, so CI is reproducible) and
 keeps no example database. EXPORTER_HOSTILE_EXAMPLES=N runs N examples per property instead,
