@@ -10,6 +10,7 @@ from exporter.db import Databases
 from exporter.export_log_api import router as export_log_router
 from exporter.memory import release_free_memory
 from exporter.middleware import (
+    HeaderLimitsMiddleware,
     RequestIdMiddleware,
     SecurityHeadersMiddleware,
     UnexpectedErrorMiddleware,
@@ -52,6 +53,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     problems.install(app)
     # Added last = outermost: every response, errors included, gets a request id.
     app.add_middleware(UnexpectedErrorMiddleware)
+    app.add_middleware(HeaderLimitsMiddleware)
     app.add_middleware(SecurityHeadersMiddleware)
     app.add_middleware(RequestIdMiddleware)
     return app

@@ -261,6 +261,10 @@ async def load_datasets(
 async def find_dataset(
     pool: Pool, schemas: tuple[str, ...], name: str, role: str | None = None
 ) -> Dataset | None:
+    if "\x00" in name:
+        # PostgreSQL refuses NUL in any text it is sent (an error, not "no such relation"),
+        # and no identifier can hold one: such a name names nothing.
+        return None
     exposed = tuple(s for s in schemas if s != OWN_SCHEMA)
     if len(exposed) == 1:
         relation = name

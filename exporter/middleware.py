@@ -80,6 +80,74 @@ class SecurityHeadersMiddleware:
         await self.app(scope, receive, send_with_headers)
 
 
+# What no client of this API sends. uvicorn's default parser (httptools) bounds the request
+# line (~64 KiB) but not the header section: a 30 MB header reached the app. Past these
+# bounds a request is refused before anything else is done for it (a key lookup, say).
+MAX_HEADER_FIELDS = 100
+MAX_HEADER_BYTES = 32 * 1024
+
+
+class HeaderLimitsMiddleware:
+    """431 for too many or too large header fields; 400 for two Authorization fields, where a
+    proxy in front might have judged one and the app would read the other."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = scope["headers"]
+        if len(headers) > MAX_HEADER_FIELDS:
+            await send_problem(
+                send,
+                scope,
+                431,
+                "Request Header Fields Too Large",
+                f"at most {MAX_HEADER_FIELDS} header fields",
+            )
+            return
+        if sum(len(name) + len(value) for name, value in headers) > MAX_HEADER_BYTES:
+            await send_problem(
+                send,
+                scope,
+                431,
+                "Request Header Fields Too Large",
+                f"at most {MAX_HEADER_BYTES} bytes of header names and values",
+            )
+            return
+        if sum(1 for name, _ in headers if name == b"authorization") > 1:
+            await send_problem(
+                send, scope, 400, "Bad Request", "more than one Authorization header"
+            )
+            return
+        await self.app(scope, receive, send)
+
+
+async def send_problem(
+    send: Send, scope: Scope, status: int, title: str, detail: str | None = None
+) -> None:
+    """A problem+json response, from middleware (outside FastAPI's exception handlers)."""
+    problem: dict[str, object] = {"type": "about:blank", "title": title, "status": status}
+    if detail:
+        problem["detail"] = detail
+    problem["instance"] = scope.get("path", "")
+    problem["request_id"] = scope.get("state", {}).get("request_id")
+    body = json.dumps(problem).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"application/problem+json"),
+                (b"content-length", str(len(body)).encode()),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
+
+
 class UnexpectedErrorMiddleware:
     """Turn an unexpected exception into a problem+json 500 inside the other middleware, so
     that it carries the request id and security headers. Once a response has started, the
@@ -106,23 +174,4 @@ class UnexpectedErrorMiddleware:
             if started:
                 raise
             logging.getLogger("exporter").exception("unhandled error")
-            body = json.dumps(
-                {
-                    "type": "about:blank",
-                    "title": "Internal Server Error",
-                    "status": 500,
-                    "instance": scope.get("path", ""),
-                    "request_id": scope.get("state", {}).get("request_id"),
-                }
-            ).encode()
-            await send(
-                {
-                    "type": "http.response.start",
-                    "status": 500,
-                    "headers": [
-                        (b"content-type", b"application/problem+json"),
-                        (b"content-length", str(len(body)).encode()),
-                    ],
-                }
-            )
-            await send({"type": "http.response.body", "body": body})
+            await send_problem(send, scope, 500, "Internal Server Error")

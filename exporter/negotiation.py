@@ -1,6 +1,11 @@
 """Content negotiation: pick one of the offered media types for an Accept header (RFC 9110)."""
 
+import re
 from collections.abc import Sequence
+
+# RFC 9110 §12.4.2. float() would also take nan, inf, 1e9 and 1_0: a weight that is not a
+# qvalue counts as 0 (not acceptable), as in Accept-Encoding (compression.py).
+_QVALUE = re.compile(r"[01](?:\.[0-9]{0,3})?", re.ASCII)
 
 
 def _parse(accept: str) -> list[tuple[str, float]]:
@@ -14,10 +19,8 @@ def _parse(accept: str) -> list[tuple[str, float]]:
         for param in fields[1:]:
             name, _, value = param.partition("=")
             if name.strip().lower() == "q":
-                try:
-                    quality = min(max(float(value), 0.0), 1.0)
-                except ValueError:
-                    quality = 0.0
+                value = value.strip()
+                quality = min(float(value), 1.0) if _QVALUE.fullmatch(value) else 0.0
         ranges.append((media_range, quality))
     return ranges
 

@@ -135,10 +135,16 @@ def parse_query(
     return ExportQuery(dataset, columns, tuple(filters), order, limit, options)
 
 
+def _shown(text: str) -> str:
+    """Client text as an error message quotes it: a 10,000-character name is not echoed whole
+    (twice: in the detail and in invalid-params)."""
+    return text if len(text) <= 100 else text[:100] + "..."
+
+
 def _column(dataset: Dataset, parameter: str, name: str) -> Column:
     column = dataset.column(name)
     if column is None:
-        raise QueryError(parameter, f"unknown column '{name}' in dataset '{dataset.name}'")
+        raise QueryError(parameter, f"unknown column '{_shown(name)}' in dataset '{dataset.name}'")
     return column
 
 
@@ -189,11 +195,11 @@ def _parse_order_term(dataset: Dataset, term: str) -> OrderTerm:
         modifier = parts.pop()
         if modifier in ("asc", "desc"):
             if direction is not None:
-                raise QueryError("order", f"two directions in order term '{term}'")
+                raise QueryError("order", f"two directions in order term '{_shown(term)}'")
             direction = modifier
         else:
             if nulls is not None:
-                raise QueryError("order", f"two nulls modifiers in order term '{term}'")
+                raise QueryError("order", f"two nulls modifiers in order term '{_shown(term)}'")
             nulls = "first" if modifier == "nullsfirst" else "last"
     column = _column(dataset, "order", ".".join(parts))
     if not column.orderable:
@@ -213,7 +219,7 @@ def _parse_limit(text: str, max_limit: int | None) -> int:
 def _parse_filter(dataset: Dataset, name: str, expression: str) -> Filter:
     column = dataset.column(name)
     if column is None:
-        raise QueryError(name, f"unknown column '{name}' (or unknown parameter)")
+        raise QueryError(name, f"unknown column '{_shown(name)}' (or unknown parameter)")
     operator, dot, value = expression.partition(".")
     negated = operator == "not"
     if negated:
@@ -227,6 +233,10 @@ def _parse_filter(dataset: Dataset, name: str, expression: str) -> Filter:
         _check_value(column, name, value)
         return Filter(column, operator, negated, value, name)  # type: ignore[arg-type]
     if operator in ("like", "ilike"):
+        if _ends_in_escape(value):
+            # PostgreSQL raises this only when a row's matching reaches the end of the
+            # pattern: data-dependent, and after the first byte of an export if at all.
+            raise QueryError(name, "a pattern may not end in an unescaped backslash")
         # PostgREST's `*` stands for `%`, which is awkward to write in a URL.
         return Filter(column, operator, negated, value.replace("*", "%"), name)  # type: ignore[arg-type]
     if operator == "in":
@@ -240,7 +250,13 @@ def _parse_filter(dataset: Dataset, name: str, expression: str) -> Filter:
         if value != "null" and column.base_type != "bool":
             raise QueryError(name, f"is.{value} needs a boolean column; '{name}' is {column.type}")
         return Filter(column, "is", negated, value, name)
-    raise QueryError(name, f"unknown operator '{operator}'")
+    raise QueryError(name, f"unknown operator '{_shown(operator)}'")
+
+
+def _ends_in_escape(pattern: str) -> bool:
+    """Whether LIKE's escape character (a backslash, which escapes whatever follows it) is
+    the pattern's last character: an odd run of backslashes at its end."""
+    return (len(pattern) - len(pattern.rstrip("\\"))) % 2 == 1
 
 
 def _parse_in_list(parameter: str, text: str) -> tuple[str, ...]:
@@ -272,8 +288,7 @@ def _check_value(column: Column, parameter: str, value: str) -> None:
     else:
         return
     if not valid:
-        shown = value if len(value) <= 100 else value[:100] + "..."
-        raise QueryError(parameter, f"{shown!r} is not a valid {column.type}")
+        raise QueryError(parameter, f"{_shown(value)!r} is not a valid {column.type}")
 
 
 def _valid_integer(value: str, bound: int) -> bool:

@@ -254,10 +254,22 @@ def _value_check(f: Filter) -> tuple[str, Any] | None:
         return f"SELECT CAST($1::text AS {f.column.type_sql})", f.value
     if f.operator == "in":
         return f"SELECT CAST($1::text[] AS {f.column.type_sql}[])", list(f.value)
-    if f.operator in ("like", "ilike"):
-        # A pattern ending in the escape character is an error of its own.
-        return "SELECT '' LIKE $1::text", f.value
     return None
+
+
+# What casting a value alone raises when the value is at fault. Not only data exceptions (22)
+# and domain checks (23): input functions of other types raise a syntax error (42601: tsquery,
+# tsvector), an unknown object (42P01, 42704, 42883: regclass, regrole, regprocedure), a
+# program limit (54000: an array of more than six dimensions) or a feature not supported
+# (0A000: record); a column whose type takes no input fails to cast at all (42846). All of
+# them were 500s. A privilege the key's role lacks (42501) stays what it is: a 403.
+_VALUE_ERRORS = (
+    asyncpg.exceptions.DataError,
+    asyncpg.exceptions.IntegrityConstraintViolationError,
+    asyncpg.exceptions.SyntaxOrAccessError,
+    asyncpg.exceptions.ProgramLimitExceededError,
+    asyncpg.exceptions.FeatureNotSupportedError,
+)
 
 
 async def check_filter_values(connection: Any, query: ExportQuery) -> None:
@@ -271,10 +283,9 @@ async def check_filter_values(connection: Any, query: ExportQuery) -> None:
         sql, value = check
         try:
             await connection.fetchval(sql, value)
-        except (
-            asyncpg.exceptions.DataError,
-            asyncpg.exceptions.IntegrityConstraintViolationError,
-        ) as exc:
+        except asyncpg.exceptions.InsufficientPrivilegeError:
+            raise
+        except _VALUE_ERRORS as exc:
             raise QueryError(f.parameter, f"PostgreSQL rejects the value: {exc}") from exc
 
 

@@ -79,6 +79,16 @@ def test_exposed_schemas_setting_through_the_server(
         stop_server(server)
 
 
+def test_a_name_with_nul_names_nothing(database: ExportDatabase, client: httpx.Client) -> None:
+    # PostgreSQL refuses NUL in a bound text: asking the catalog for such a name was a 500.
+    assert _load(database.url, ("public",), "people\x00") == []
+    assert _load(database.url, ("public", "sales"), "sales.orders\x00") == []
+    for path in ("/datasets/%00", "/datasets/people%00.csv", "/datasets/%00.ndjson"):
+        response = client.get(path)
+        assert response.status_code == 404, (path, response.text)
+        assert response.headers["content-type"] == "application/problem+json"
+
+
 # Column -> (type, two distinct values, whether PostgreSQL can ORDER BY it). The test below
 # asks PostgreSQL itself too; these verdicts only make the intent readable.
 ORDERING_COLUMNS: dict[str, tuple[str, str, str, bool]] = {

@@ -382,6 +382,58 @@ def test_injection_into_names_is_refused(client: httpx.Client, name: str, value:
     assert invalid(client, (name, value)) == [name]
 
 
+def test_a_like_pattern_ending_in_its_escape_is_400_not_500(client: httpx.Client) -> None:
+    # It was "500 Dataset could not be read": PostgreSQL raised it while matching rows.
+    for value in ("like.\\", "ilike.*\\", "not.like.Ada\\\\\\"):
+        assert invalid(client, ("name", value)) == ["name"]
+    assert ids(client, ("name", "like.*\\\\")) == []  # an escaped backslash is a backslash
+    assert ids(client, ("name", "like.\\Ada")) == [1]  # an escaped letter is the letter
+
+
+def test_like_escape_rule_agrees_with_postgresql(database: ExportDatabase) -> None:
+    """For each pattern, a subject it matches in full, so that PostgreSQL's matching reaches
+    the end of the pattern, where it raises for a trailing escape."""
+    patterns = ["\\", "a\\", "\\\\", "\\\\\\", "%\\", "_\\", "\\%", "a\\b", "%a\\\\\\", "\\\\a"]
+
+    def subject(pattern: str) -> str:
+        out, i = [], 0
+        while i < len(pattern):
+            char = pattern[i]
+            if char == "\\":
+                # A trailing escape is reached only with text left to match.
+                out.append(pattern[i + 1 : i + 2] or "x")
+                i += 2
+                continue
+            out.append({"%": "", "_": "x"}.get(char, char))
+            i += 1
+        return "".join(out)
+
+    async def verdicts() -> list[bool]:
+        conn = await asyncpg.connect(_asyncpg_dsn(database.url))
+        try:
+            accepted = []
+            for pattern in patterns:
+                try:
+                    await conn.fetchval("SELECT $1::text LIKE $2::text", subject(pattern), pattern)
+                    accepted.append(True)
+                except asyncpg.exceptions.PostgresError:
+                    accepted.append(False)
+            return accepted
+        finally:
+            await conn.close()
+
+    dataset = Dataset("d", "public", "d", "table", (Column("c", "text", "text", "text"),), (), None)
+    ours = []
+    for pattern in patterns:
+        try:
+            parse_query(dataset, [("c", f"like.{pattern}")])
+            ours.append(True)
+        except QueryError:
+            ours.append(False)
+    assert ours == asyncio.run(verdicts())
+    assert ours.count(False) >= 3
+
+
 def test_nothing_was_harmed(client: httpx.Client, database: ExportDatabase) -> None:
     assert ids(client) == [1, 2, 3, 4, 5]
     counts = run_sql(
@@ -633,6 +685,59 @@ def test_value_a_domain_check_refuses_is_400(client: httpx.Client, odd_table: st
         f"/datasets/{urllib.parse.quote(odd_table)}.ndjson", params={"positive": "eq.-1"}
     )
     assert "positive" in [p["name"] for p in problem(response)["invalid-params"]]
+
+
+@pytest.fixture(scope="module")
+def value_types_table(database: ExportDatabase) -> Iterator[str]:
+    run_sql(
+        database.url,
+        """
+        CREATE TABLE public.filters_value_types (
+            id integer PRIMARY KEY, dims integer[], q tsquery, v tsvector, rel regclass,
+            who regrole, fn regprocedure
+        )
+        """,
+        "INSERT INTO public.filters_value_types VALUES"
+        " (1, '{{1}}', 'a & b', 'a b', 'public.people', 'pg_monitor', 'abs(integer)')",
+    )
+    try:
+        yield "filters_value_types"
+    finally:
+        run_sql(database.url, "DROP TABLE public.filters_value_types")
+
+
+@pytest.mark.parametrize(
+    ("column", "value"),
+    [
+        ("dims", "eq.{{{{{{{1}}}}}}}"),  # 54000: more than six dimensions
+        ("dims", "in.({{{{{{{1}}}}}}})"),
+        ("q", "eq.a &"),  # 42601: tsquery's own syntax error
+        ("v", "eq.'"),
+        ("rel", "eq.no_such_table"),  # 42P01
+        ("rel", "eq.a.b.c.d"),  # 42601
+        ("who", "eq.no_such_role"),  # 42704
+        ("fn", "eq.no_such_function(int)"),  # 42883
+    ],
+)
+def test_values_other_input_functions_reject_are_400(
+    client: httpx.Client, value_types_table: str, column: str, value: str
+) -> None:
+    # Each was a 500: the value check caught only data exceptions (22) and domain checks (23).
+    assert invalid(client, (column, value), dataset=f"{value_types_table}.csv") == [column]
+
+
+def test_values_other_input_functions_accept_still_filter(
+    client: httpx.Client, value_types_table: str
+) -> None:
+    for column, value in [
+        ("dims", "eq.{{1}}"),
+        ("q", "eq.a & b"),
+        ("v", "eq.a b"),
+        ("rel", "eq.people"),
+        ("who", "eq.pg_monitor"),
+        ("fn", "eq.abs(integer)"),
+    ]:
+        assert ids(client, (column, value), dataset=value_types_table) == [1], column
 
 
 # parse_query's checks agree with PostgreSQL's input functions

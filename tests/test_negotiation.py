@@ -23,6 +23,19 @@ OFFERS = ["application/json", "text/csv", "application/x-ndjson"]
         ("text/csv;q=0", None),
         ("garbage", None),
         ("text/csv;q=abc, application/x-ndjson", "application/x-ndjson"),
+        ("text/csv;q=0.5, application/x-ndjson;q=0.499", "text/csv"),
+        ("text/csv; q = 0.5 , application/x-ndjson;q=0.4", "text/csv"),
+        # Weights that are not RFC 9110 qvalues (float() takes them all) are 0: the range
+        # is not acceptable. nan compared as neither more nor less than anything.
+        ("text/csv;q=nan", None),
+        ("text/csv;q=inf", None),
+        ("text/csv;q=1e9", None),
+        ("text/csv;q=1_0", None),
+        ("text/csv;q=-1", None),
+        ("text/csv;q=2", None),
+        ("text/csv;q=0.0001", None),
+        ("text/csv;q=nan, application/x-ndjson;q=0.1", "application/x-ndjson"),
+        ("*/*;q=nan, text/csv;q=0.1", "text/csv"),
     ],
 )
 def test_negotiate(accept: str | None, chosen: str | None) -> None:

@@ -173,6 +173,18 @@ def test_like_turns_stars_into_percent(operator: str) -> None:
     assert one_filter("name", f"not.{operator}.x*").negated
 
 
+@pytest.mark.parametrize("operator", ["like", "ilike", "not.like"])
+def test_a_pattern_ending_in_its_escape_character_is_refused(operator: str) -> None:
+    # PostgreSQL raises this only when a row's matching reaches the end of the pattern:
+    # left to it, `like.\` was a 500 after the request had been accepted.
+    for pattern in ("\\", "a\\", "*\\", "\\\\\\", "a\\b\\"):
+        problem = error(("name", f"{operator}.{pattern}"))
+        assert problem.parameter == "name"
+        assert "backslash" in problem.detail
+    for pattern in ("\\\\", "a\\\\", "\\*", "a\\b", "\\\\\\*"):
+        assert one_filter("name", f"{operator}.{pattern}").parameter == "name"
+
+
 def test_filters_keep_their_order_and_repeat() -> None:
     query = parse(("id", "gt.1"), ("name", "like.A*"), ("id", "lt.9"))
     assert [(f.parameter, f.operator, f.value) for f in query.filters] == [
@@ -433,6 +445,26 @@ def test_value_and_name_lengths_are_capped() -> None:
     problem = error((long_name, "eq.1"))
     assert problem.parameter == "n" * 100 + "..."
     assert problem.detail == "parameter name longer than 1000 characters"
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        [("select", "x" * 9_000)],
+        [("select", "id," + "x" * 9_000)],
+        [("order", "x" * 9_000)],
+        [("order", "id" + ".desc" * 1_800)],
+        [("order", "id" + ".nullslast" * 900)],
+        [("id", "x" * 9_000 + ".1")],
+        [("x" * 900, "eq.1")],
+        [("id", "eq." + "x" * 9_000)],
+    ],
+)
+def test_errors_do_not_echo_long_client_text_whole(params: list[tuple[str, str]]) -> None:
+    # An unknown 9,000-character column was quoted whole, twice in the problem: a 10 KB
+    # request made a 20 KB answer.
+    problem = error(*params)
+    assert len(problem.detail) < 300, problem.detail[:50]
 
 
 def test_filters_are_checked_before_select_and_select_before_limit() -> None:
