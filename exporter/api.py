@@ -18,6 +18,7 @@ from exporter.db import UNREACHABLE, Databases
 from exporter.encoders import ENCODERS, Encoder, encoder_for_media_type
 from exporter.negotiation import negotiate
 from exporter.problems import PROBLEM_MEDIA_TYPE, Problem
+from exporter.query import shown
 from exporter.responses import ActiveExports, export_request, start_export
 from exporter.settings import Settings
 
@@ -139,7 +140,7 @@ async def _dataset(name: str, key: ApiKey, settings: Settings, databases: Databa
             databases.catalog, settings.exposed_schemas, name, role=key.role
         )
     if dataset is None:
-        raise Problem(404, "Not Found", f"no dataset named {name!r}")
+        raise Problem(404, "Not Found", f"no dataset named {shown(name)!r}")
     return dataset
 
 
@@ -253,14 +254,16 @@ async def describe_dataset(
     active: ActiveDep,
 ) -> Any:
     chosen = negotiate(request.headers.get("accept"), _DESCRIBE_OFFERS)
+    encoder = None if chosen is None else encoder_for_media_type(chosen)
+    if encoder is not None:
+        # An export: the key is checked inside the export log's record of the request.
+        export = await _export(name, encoder, request, credentials, settings, databases, active)
+        export.headers.add_vary_header("Accept")
+        return export
+    # The key first: nothing, not even what is offered, is told to a client without one.
+    key = await _authenticated(databases, credentials)
     if chosen is None:
         raise Problem(406, "Not Acceptable", "offered: " + ", ".join(_DESCRIBE_OFFERS))
-    encoder = encoder_for_media_type(chosen)
-    if encoder is None:
-        key = await _authenticated(databases, credentials)
-        dataset = await _dataset(name, key, settings, databases)
-        response.headers["Vary"] = "Accept"
-        return DatasetInfo.of(dataset)
-    export = await _export(name, encoder, request, credentials, settings, databases, active)
-    export.headers.add_vary_header("Accept")
-    return export
+    dataset = await _dataset(name, key, settings, databases)
+    response.headers["Vary"] = "Accept"
+    return DatasetInfo.of(dataset)

@@ -135,7 +135,7 @@ def parse_query(
     return ExportQuery(dataset, columns, tuple(filters), order, limit, options)
 
 
-def _shown(text: str) -> str:
+def shown(text: str) -> str:
     """Client text as an error message quotes it: a 10,000-character name is not echoed whole
     (twice: in the detail and in invalid-params)."""
     return text if len(text) <= 100 else text[:100] + "..."
@@ -144,7 +144,7 @@ def _shown(text: str) -> str:
 def _column(dataset: Dataset, parameter: str, name: str) -> Column:
     column = dataset.column(name)
     if column is None:
-        raise QueryError(parameter, f"unknown column '{_shown(name)}' in dataset '{dataset.name}'")
+        raise QueryError(parameter, f"unknown column '{shown(name)}' in dataset '{dataset.name}'")
     return column
 
 
@@ -195,11 +195,11 @@ def _parse_order_term(dataset: Dataset, term: str) -> OrderTerm:
         modifier = parts.pop()
         if modifier in ("asc", "desc"):
             if direction is not None:
-                raise QueryError("order", f"two directions in order term '{_shown(term)}'")
+                raise QueryError("order", f"two directions in order term '{shown(term)}'")
             direction = modifier
         else:
             if nulls is not None:
-                raise QueryError("order", f"two nulls modifiers in order term '{_shown(term)}'")
+                raise QueryError("order", f"two nulls modifiers in order term '{shown(term)}'")
             nulls = "first" if modifier == "nullsfirst" else "last"
     column = _column(dataset, "order", ".".join(parts))
     if not column.orderable:
@@ -219,7 +219,7 @@ def _parse_limit(text: str, max_limit: int | None) -> int:
 def _parse_filter(dataset: Dataset, name: str, expression: str) -> Filter:
     column = dataset.column(name)
     if column is None:
-        raise QueryError(name, f"unknown column '{_shown(name)}' (or unknown parameter)")
+        raise QueryError(name, f"unknown column '{shown(name)}' (or unknown parameter)")
     operator, dot, value = expression.partition(".")
     negated = operator == "not"
     if negated:
@@ -250,7 +250,7 @@ def _parse_filter(dataset: Dataset, name: str, expression: str) -> Filter:
         if value != "null" and column.base_type != "bool":
             raise QueryError(name, f"is.{value} needs a boolean column; '{name}' is {column.type}")
         return Filter(column, "is", negated, value, name)
-    raise QueryError(name, f"unknown operator '{_shown(operator)}'")
+    raise QueryError(name, f"unknown operator '{shown(operator)}'")
 
 
 def _ends_in_escape(pattern: str) -> bool:
@@ -288,7 +288,7 @@ def _check_value(column: Column, parameter: str, value: str) -> None:
     else:
         return
     if not valid:
-        raise QueryError(parameter, f"{_shown(value)!r} is not a valid {column.type}")
+        raise QueryError(parameter, f"{shown(value)!r} is not a valid {column.type}")
 
 
 def _valid_integer(value: str, bound: int) -> bool:

@@ -370,3 +370,9 @@ def test_refused_export_requests_are_in_the_export_log(
     with server.client(database.key) as client:
         response = client.get("/datasets/people.csv")
     assert logged_export(database.url, response.headers["x-request-id"])["status"] == 200
+
+
+def test_a_long_unknown_dataset_name_is_not_echoed_whole(client: httpx.Client) -> None:
+    response = client.get("/datasets/" + "n" * 5000 + ".csv")
+    assert response.status_code == 404
+    assert len(response.json()["detail"]) < 150
