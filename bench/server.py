@@ -30,7 +30,15 @@ def exporter_command() -> list[str]:
 
 
 def exporter_env(database_url: str) -> dict[str, str]:
-    return {**os.environ, "EXPORTER_DATABASE_URL": database_url}
+    # The concurrency measurement runs 8 exports of one key at once (the default limit per key
+    # is 2); the warm-up of --workers 2 runs up to 8 as well. Settings from the environment
+    # still win.
+    return {
+        "EXPORTER_MAX_EXPORTS_PER_KEY": "16",
+        "EXPORTER_MAX_EXPORTS": "16",
+        **os.environ,
+        "EXPORTER_DATABASE_URL": database_url,
+    }
 
 
 def run_exporter(database_url: str, *args: str) -> str:
