@@ -216,4 +216,7 @@ async def _release(pool: Pool, connection: Any, timeout_s: float) -> None:
     if not reset:
         # The pool replaces a closed connection with a new one on demand.
         connection.terminate()
-    await pool.release(connection)
+    try:
+        await pool.release(connection)
+    except Exception as exc:  # asyncpg re-raises a failed reset; the connection is gone
+        log.warning("could not return export connection to the pool: %s", exc)

@@ -23,7 +23,7 @@ from exporter.limits import Slots, TooManyExports
 from exporter.memory import release_free_memory
 from exporter.pace import PaceLimits, SendMeter
 from exporter.problems import Problem
-from exporter.query import ExportQuery, parse_query
+from exporter.query import ExportQuery, QueryError, parse_query
 from exporter.settings import Settings
 from exporter.source import CopyTimeout
 from exporter.stream import Caps, ExportAborted, ExportStream
@@ -220,6 +220,9 @@ async def _open_unless_client_leaves(stream: ExportStream, request: Request) -> 
 def _open_error(exc: Exception, query: ExportQuery) -> Problem | None:
     """A problem for a failure before the first byte that is the request's fault or the
     database's state; None for anything else (a bug: a 500 with a traceback in the log)."""
+    if isinstance(exc, QueryError):
+        # A filter value PostgreSQL's input function rejects (source.check_filter_values).
+        return Problem.from_query_error(exc)
     if isinstance(exc, asyncpg.exceptions.UndefinedFunctionError):
         # No operator for a column's type: `eq` on a json column, say.
         names = dict.fromkeys(f.parameter for f in query.filters)
@@ -313,19 +316,34 @@ class ExportResponse(StreamingResponse):
         self.pace = pace or PaceLimits()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        ended = False
+
+        async def send_tracking_the_end(message: Message) -> None:
+            nonlocal ended
+            await send(message)
+            if message["type"] == "http.response.body" and not message.get("more_body"):
+                ended = True
+
         try:
             if self.pace.active:
-                await self._send_paced(scope, receive, send)
+                await self._send_paced(scope, receive, send_tracking_the_end)
             else:
-                await super().__call__(scope, receive, send)
+                await super().__call__(scope, receive, send_tracking_the_end)
         finally:
+            if not ended:
+                # Every row was read, but the response did not end (its last chunk, a gzip
+                # trailer or the terminating chunk was never sent): not a complete export.
+                self.stream.completed = False
             with anyio.CancelScope(shield=True):
                 try:
-                    aclose = getattr(self.body_iterator, "aclose", None)
-                    if aclose is not None:
-                        await aclose()
-                    await self.stream.aclose()
-                    await self.on_end(self.stream)
+                    try:
+                        aclose = getattr(self.body_iterator, "aclose", None)
+                        if aclose is not None:
+                            await aclose()
+                        await self.stream.aclose()
+                    finally:
+                        # Logged however the release went.
+                        await self.on_end(self.stream)
                 finally:
                     self.on_released()
                     release_free_memory()

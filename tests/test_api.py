@@ -348,9 +348,12 @@ def test_refused_export_requests_are_in_the_export_log(
         (database.key, "/datasets/no_such_table.csv", 404, "tests"),
         (database.key, "/datasets/people.csv?nope=eq.1", 400, "tests"),
         (database.key, "/datasets/people.csv?age=eq.%00" + "x" * 5000, 400, "tests"),
+        # Refused by PostgreSQL's date input, after the export's connection was taken.
+        (database.key, "/datasets/people.csv?born=eq.2024-13-45", 400, "tests"),
     ]
+    run = uuid.uuid4().hex[:8]
     for index, (key, path, status, key_name) in enumerate(cases):
-        request_id = f"refused-{index}-{uuid.uuid4().hex[:8]}"
+        request_id = f"refused-{index}-{run}"
         with server.client(key) as client:
             response = client.get(path, headers={"X-Request-Id": request_id})
         assert response.status_code == status, response.text
@@ -363,7 +366,7 @@ def test_refused_export_requests_are_in_the_export_log(
         assert logged["dataset"] == path.removeprefix("/datasets/").split(".")[0]
         assert logged["client_addr"] == "127.0.0.1"
         assert logged["error"]
-    parameters = json.loads(logged["parameters"])
+    parameters = json.loads(logged_export(database.url, f"refused-4-{run}")["parameters"])
     assert parameters["age"] == ["eq.\ufffd" + "x" * 996]
     assert parameters["_truncated"] == ["true"]
     # The export that is not refused says 200.
