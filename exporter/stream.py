@@ -138,6 +138,7 @@ class ExportStream:
         # the rows are, and the buffer never holds much more than one chunk.
         bytes_per_row = 100.0
         encoded_rows = 0
+        max_rows = self.caps.max_rows
         async with self._ending():
             encoder.begin()
             batch = self._first_batch
@@ -145,8 +146,17 @@ class ExportStream:
             while batch:
                 start = 0
                 while start < len(batch):
+                    if max_rows is not None and encoded_rows == max_rows:
+                        # A row past the cap exists (the query stops at the first): the cap's
+                        # rows go out whole, then the export is aborted.
+                        if encoder.pending():
+                            yield self._take(encoded_rows)
+                            self.rows = encoded_rows
+                        self._check_caps(max_rows + 1, self.bytes)
                     before = encoder.pending()
                     wanted = max(1, int((chunk_bytes - before) / bytes_per_row))
+                    if max_rows is not None:
+                        wanted = min(wanted, max_rows - encoded_rows)
                     part = batch[start : start + wanted]
                     start += len(part)
                     encoder.write_rows(part)
@@ -164,11 +174,7 @@ class ExportStream:
 
     async def _copy_chunks(self, copy: CopySource) -> AsyncIterator[bytes]:
         records = 0
-        # A CSV field may hold a line break, so counting lines may overcount rows; only COPY's
-        # own count, known at its end, is exact. Under a row cap each chunk therefore waits
-        # for the next read (the query stops one row past the cap): the chunk that would pass
-        # the cap is the last one, and it is never sent.
-        look_ahead = self.caps.max_rows is not None
+        max_rows = self.caps.max_rows
         async with self._ending():
             chunk = self._first_chunk
             self._first_chunk = None
@@ -178,15 +184,29 @@ class ExportStream:
                 self.bytes += len(preamble)
                 yield preamble
             while chunk is not None:
-                chunk = self.encoder.convert(chunk)
-                records += self.encoder.count_records(chunk)
-                following = await copy.read() if look_ahead else None
-                exact = copy.rows if look_ahead and following is None else None
-                self._check_caps(exact if exact is not None else 0, self.bytes + len(chunk))
+                if max_rows is not None:
+                    # Counted exactly (a CSV field may hold a line break): the query stops one
+                    # row past the cap, and not a byte of that row is sent.
+                    ends = self.encoder.record_ends(chunk)
+                    if records + len(ends) > max_rows:
+                        last = max_rows - records
+                        head = self.encoder.convert(chunk[: ends[last - 1]] if last else b"")
+                        if head:
+                            self._check_caps(0, self.bytes + len(head))
+                            self.bytes += len(head)
+                            self.rows = records = max_rows
+                            yield head
+                        self._check_caps(max_rows + 1, self.bytes)
+                    records += len(ends)
+                    chunk = self.encoder.convert(chunk)
+                else:
+                    chunk = self.encoder.convert(chunk)
+                    records += self.encoder.count_records(chunk)
+                self._check_caps(0, self.bytes + len(chunk))
                 self.bytes += len(chunk)
                 yield chunk
                 self.rows = records
-                chunk = following if look_ahead else await copy.read()
+                chunk = await copy.read()
             self.rows = copy.rows if copy.rows is not None else records
             self.completed = True
 

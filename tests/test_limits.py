@@ -2,6 +2,8 @@
 so across worker processes and replicas), per-export caps, and slow clients."""
 
 import contextlib
+import csv
+import io
 import json
 import time
 import uuid
@@ -195,8 +197,8 @@ def test_max_rows_aborts_an_export_that_would_pass_it(
         for fmt, header_lines in (("csv", 1), ("ndjson", 0)):
             request_id = f"max-rows-{fmt}-{use_copy}"
             body = read_until_cut(server, key, f"/datasets/big.{fmt}", request_id)
-            # Never more than the cap reaches the client, and never a complete-looking file.
-            assert body.count(b"\n") - header_lines <= 1000
+            # The cap's rows, whole, and not a byte more; never a complete-looking file.
+            assert body.count(b"\n") - header_lines == 1000 and body.endswith(b"\n")
             logged = logged_export(database.url, request_id)
             assert (logged["outcome"], logged["aborted_by"]) == ("aborted", "max_rows")
             assert "more than 1000 rows" in logged["error"]
@@ -208,14 +210,26 @@ def test_max_rows_aborts_an_export_that_would_pass_it(
             read_until_cut(server, key, f"/datasets/big.{fmt}?limit=1001", f"{request_id}-1001")
 
 
-def test_max_rows_counts_rows_not_line_breaks(database: ExportDatabase, tmp_path: Path) -> None:
-    # people has 5 rows, one of them with a line break inside a field: 6 lines of data.
+@pytest.mark.parametrize("use_copy", ["true", "false"])
+def test_max_rows_counts_rows_not_line_breaks(
+    database: ExportDatabase, tmp_path: Path, use_copy: str
+) -> None:
+    # people has 5 rows; the last holds a line break inside a field: 6 lines of data.
     key = new_key(database.url)
-    with running_server(database, tmp_path, max_rows="5") as server:
+    with running_server(database, tmp_path, max_rows="5", use_copy=use_copy) as server:
         with server.client(key) as client:
             response = client.get("/datasets/people.csv")
             assert response.status_code == 200 and b"multi\nline" in response.content
-        read_until_cut(server, key, "/datasets/big.csv", "max-rows-5")
+    with running_server(database, tmp_path, max_rows="2", use_copy=use_copy) as server:
+        # Newest first, the two-line row leads: the cut falls after the second row, not the
+        # second line.
+        for crlf in ("false", "true"):
+            path = f"/datasets/people.csv?order=id.desc&crlf={crlf}"
+            body = read_until_cut(server, key, path, f"cut-2-{crlf}-{use_copy}")
+            rows = list(csv.reader(io.StringIO(body.decode(), newline="")))
+            assert [row[0] for row in rows] == ["id", "5", "4"]
+            assert rows[1][1] == "multi\nline"
+            assert body.endswith(b"\r\n" if crlf == "true" else b"\n")
 
 
 def test_max_bytes_aborts_before_sending_more(database: ExportDatabase, tmp_path: Path) -> None:

@@ -56,6 +56,9 @@ class CsvEncoder(Encoder):
         self.line_end = "\r\n" if self.crlf else "\n"
         self._header_pending = self.header
         self._in_quotes = False  # where COPY's output stands, for convert()
+        # The same, for record_ends(), which reads the output before convert() does.
+        self._header_unended = self.header
+        self._ends_in_quotes = False
 
     @staticmethod
     def _check_null(null: str, delimiter: str) -> None:
@@ -103,6 +106,28 @@ class CsvEncoder(Encoder):
         parts.append(lines[-1])
         self._in_quotes = quoted
         return b"".join(parts)
+
+    def record_ends(self, data: bytes) -> list[int]:
+        # A line break ends a record where the quotes before it, counted across chunks, are
+        # balanced (COPY quotes every value holding a line break), as in convert().
+        ends = []
+        quoted = self._ends_in_quotes
+        start = 0
+        at = data.find(b"\n")
+        while at >= 0:
+            if data.count(b'"', start, at) & 1:
+                quoted = not quoted
+            if not quoted:
+                if self._header_unended:
+                    self._header_unended = False
+                else:
+                    ends.append(at + 1)
+            start = at + 1
+            at = data.find(b"\n", start)
+        if data.count(b'"', start) & 1:
+            quoted = not quoted
+        self._ends_in_quotes = quoted
+        return ends
 
     def count_records(self, data: bytes) -> int:
         # Line breaks, minus the header's: exact unless a field holds a line break. Telling
