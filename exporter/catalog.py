@@ -1,11 +1,14 @@
 """What may be read: the tables and views of the exposed schemas, introspected from PostgreSQL."""
 
+import logging
 from dataclasses import dataclass
 
 import asyncpg
 
 from exporter.db import Pool, RoleUnavailable
 from exporter.settings import OWN_SCHEMA
+
+log = logging.getLogger(__name__)
 
 KINDS = {
     "r": "table",
@@ -215,12 +218,9 @@ async def load_datasets(
     not exist)."""
     exposed = [s for s in schemas if s != OWN_SCHEMA]
     async with pool.connection() as connection:
-        try:
-            rows = await connection.fetch(_CATALOG_SQL, exposed, OWN_SCHEMA, relation, role)
-        except asyncpg.exceptions.UndefinedObjectError as exc:
-            if role is None:
-                raise
-            raise RoleUnavailable("this key's PostgreSQL role cannot be used") from exc
+        if role is not None:
+            await _check_role(connection, role)
+        rows = await connection.fetch(_CATALOG_SQL, exposed, OWN_SCHEMA, relation, role)
 
     grouped: dict[tuple[str, str], list[dict[str, object]]] = {}
     for row in rows:
@@ -256,6 +256,21 @@ async def load_datasets(
             )
         )
     return datasets
+
+
+async def _check_role(connection: asyncpg.Connection, role: str) -> None:
+    """RoleUnavailable unless the role exists and the service may take it (SET ROLE needs
+    membership), so that the catalog never shows what an export could not read."""
+    try:
+        member = await connection.fetchval("SELECT pg_has_role(current_user, $1, 'MEMBER')", role)
+    except asyncpg.exceptions.UndefinedObjectError as exc:
+        member = False
+        reason: BaseException | None = exc
+    else:
+        reason = None
+    if not member:
+        log.warning("cannot export as role %r: %s", role, reason or "not a member of it")
+        raise RoleUnavailable("this key's PostgreSQL role cannot be used") from reason
 
 
 async def find_dataset(

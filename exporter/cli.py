@@ -190,8 +190,9 @@ async def _keys(settings: Settings, args: argparse.Namespace) -> int:
         expires_at = parse_expiry(args.expires, now) if args.expires else None
         if args.role is not None:
             role: str = args.role
-            # "none" means RESET ROLE to PostgreSQL, never a role: it would read as the service.
-            if not role.strip() or role.lower() == "none" or "\x00" in role:
+            # "none" means RESET ROLE to PostgreSQL, never a role: it would read as the service;
+            # "public" is the pseudo-role of every role, which no session can take.
+            if not role.strip() or role.lower() in ("none", "public") or "\x00" in role:
                 raise CliError(f"--role: {role!r} cannot name a role")
             if len(role.encode()) > 63:
                 raise CliError("--role: PostgreSQL role names are at most 63 bytes")

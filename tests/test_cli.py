@@ -295,6 +295,7 @@ def test_admin_keys(database: ExportDatabase, server: Server) -> None:
         (["--expires", "999999999d"], "at most 10000d"),
         (["--expires", "\u00b2d"], "is neither"),
         (["--role", "none"], "cannot name a role"),
+        (["--role", "PUBLIC"], "cannot name a role"),
         (["--role", "NONE"], "cannot name a role"),
         (["--role", "r" * 64], "at most 63 bytes"),
         (["--datasets", ""], "not a dataset pattern"),
