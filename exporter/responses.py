@@ -128,6 +128,16 @@ async def start_export(
             ended.elapsed_s,
         )
 
+    async def record_client_gone() -> None:
+        await audit.record_end(
+            databases.state,
+            logged,
+            outcome="disconnected",
+            status=CLIENT_CLOSED_REQUEST,
+            rows=0,
+            bytes_sent=0,
+        )
+
     done = active.begin()
     try:
         opened = await _open_unless_client_leaves(stream, request)
@@ -143,27 +153,13 @@ async def start_export(
                 await audit.record_refusal(databases.state, logged, 500, repr(exc))
             else:
                 # Cancellation (a shutdown): the log entry must not stay "running".
-                await audit.record_end(
-                    databases.state,
-                    logged,
-                    outcome="disconnected",
-                    status=CLIENT_CLOSED_REQUEST,
-                    rows=0,
-                    bytes_sent=0,
-                )
+                await record_client_gone()
         active.end(done)
         if problem is None:
             raise
         raise problem from exc
     if not opened:
-        await audit.record_end(
-            databases.state,
-            logged,
-            outcome="disconnected",
-            status=CLIENT_CLOSED_REQUEST,
-            rows=0,
-            bytes_sent=0,
-        )
+        await record_client_gone()
         active.end(done)
         return Response(status_code=CLIENT_CLOSED_REQUEST)
 
