@@ -449,9 +449,7 @@ class Writer:
                 await self.poller.wait_for_pulls(1, timeout_s=5)
             if first_write_at is None:
                 first_write_at = self.poller.started
-            self.origin = (
-                f"{'a late ' if late else ''}{kind} transaction {self.number}.{self.transactions}"
-            )
+            self.origin = f"transaction {self.number}.{self.transactions} ({kind})"
             await step(changes, counts)
         if late:
             await self.poller.wait_for_pulls(1, timeout_s=5)
