@@ -41,6 +41,10 @@ class Dataset:
     columns: tuple[Column, ...]
     primary_key: tuple[str, ...]
     estimated_rows: int | None
+    # pg_class.oid: what a cursor token checks to know a table dropped and made again.
+    relid: int = 0
+    # relkind: r, p (partitioned), v, m, f.
+    relkind: str = "r"
 
     def column(self, name: str) -> Column | None:
         for column in self.columns:
@@ -64,6 +68,7 @@ class Dataset:
 _CATALOG_SQL = """
     WITH RECURSIVE columns AS MATERIALIZED (
         SELECT n.nspname AS schema, c.relname AS relation, c.relkind::text AS kind,
+               c.oid::bigint AS relid,
                CASE WHEN c.reltuples < 0 THEN NULL ELSE c.reltuples::bigint END
                    AS estimated_rows,
                a.attnum, a.attname AS column_name, a.atttypid,
@@ -197,7 +202,7 @@ _CATALOG_SQL = """
         JOIN leaf_orderable lo ON lo.oid = p.oid
         GROUP BY p.column_type
     )
-    SELECT c.schema, c.relation, c.kind, c.estimated_rows, c.column_name, c.column_type,
+    SELECT c.schema, c.relation, c.kind, c.relid, c.estimated_rows, c.column_name, c.column_type,
            c.column_type_sql, types.base_type, types.orderable, c.pk_position
     FROM columns c
     JOIN types ON types.column_type = c.atttypid
@@ -253,6 +258,8 @@ async def load_datasets(
                 ),
                 primary_key=tuple(name for _, name in pk),
                 estimated_rows=int(str(estimated)) if estimated is not None else None,
+                relid=int(str(first["relid"])),
+                relkind=str(first["kind"]),
             )
         )
     return datasets

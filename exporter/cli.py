@@ -282,6 +282,47 @@ def demo(args: argparse.Namespace) -> int:
     return run_demo(Path(args.data_dir), args.host, args.port, args.rows)
 
 
+async def _tracking(settings: Settings, args: argparse.Namespace) -> int:
+    from exporter.catalog import find_dataset
+    from exporter.db import Pool
+    from exporter.tracking import TrackingError, prune, track, untrack
+
+    pool = await Pool.open(settings.database_url, size=1)
+    try:
+        if args.command == "prune-changes":
+            retention: float = (
+                args.retention if args.retention is not None else settings.change_retention_s
+            )
+            async with pool.connection() as connection:
+                pruned = await prune(connection, retention)
+            if pruned is None:
+                print("another process is pruning; nothing done")
+            else:
+                print(f"deleted {pruned.changes} changes")
+            return 0
+        # Before the connection is taken: the catalog takes one of its own from the pool.
+        dataset = await find_dataset(pool, settings.exposed_schemas, args.table)
+        if dataset is None:
+            raise CliError(f"no dataset named {args.table!r}", FAILED)
+        async with pool.connection() as connection:
+            try:
+                if args.command == "track":
+                    done = await track(connection, dataset)
+                    print(f"tracking {dataset.name}" if done else f"{dataset.name} was tracked")
+                else:
+                    done = await untrack(connection, dataset)
+                    print(
+                        f"stopped tracking {dataset.name}"
+                        if done
+                        else f"{dataset.name} was not tracked"
+                    )
+            except TrackingError as exc:
+                raise CliError(str(exc), FAILED) from None
+    finally:
+        await pool.close()
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="exporter", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -340,6 +381,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--json", action="store_true", help="NDJSON: one entry per line")
 
+    p = commands.add_parser(
+        "track",
+        help="record a table's changes, so that since= pulls are exact and report deletes",
+    )
+    p.add_argument("table", help="the dataset name of a table with a primary key")
+    p = commands.add_parser("untrack", help="stop recording a table's changes and drop them")
+    p.add_argument("table")
+    p = commands.add_parser(
+        "prune-changes",
+        help="delete recorded changes older than the retention (serve does it every 10 min)",
+    )
+    p.add_argument(
+        "--retention",
+        type=float,
+        metavar="SECONDS",
+        help="keep changes this long (default: EXPORTER_CHANGE_RETENTION_S)",
+    )
+
     p = commands.add_parser("export", help="export a dataset to a file, as the HTTP API does")
     p.add_argument("dataset")
     # Checked against the encoder registry in export_to_file: importing it here would make every
@@ -386,7 +445,8 @@ def _run(args: argparse.Namespace) -> int:
         return 0
     # Exports read the database; keys, the export log and migrations live in the state
     # database.
-    url = settings.database_url if args.command == "export" else settings.state_url
+    tracking = args.command in ("track", "untrack", "prune-changes")
+    url = settings.database_url if args.command == "export" or tracking else settings.state_url
     try:
         if args.command == "migrate":
             migrate(settings)
@@ -395,6 +455,8 @@ def _run(args: argparse.Namespace) -> int:
             return asyncio.run(_keys(settings, args))
         if args.command == "log":
             return show_log(settings, args)
+        if tracking:
+            return asyncio.run(_tracking(settings, args))
         from exporter.file_export import export_to_file
 
         return asyncio.run(export_to_file(settings, args))

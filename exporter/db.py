@@ -130,6 +130,8 @@ class Databases:
     exports: Pool  # export snapshots only
     catalog: Pool  # introspection of the exported database
     state: Pool  # keys and the export log
+    # Signs cursor tokens (exporter.cursor); read once. None: the schema predates it.
+    _cursor_secret: bytes | None = None
 
     @classmethod
     async def open(cls, settings: Settings) -> "Databases":
@@ -140,6 +142,19 @@ class Databases:
             catalog=await Pool.open(settings.database_url, _SIDE_POOL_SIZE),
             state=await Pool.open(settings.state_url, _SIDE_POOL_SIZE),
         )
+
+    async def cursor_secret(self) -> bytes | None:
+        if self._cursor_secret is None:
+            async with self.state.connection() as connection:
+                try:
+                    secret = await connection.fetchval(
+                        "SELECT secret FROM exporter.cursor_secret WHERE id = 1"
+                    )
+                except asyncpg.exceptions.UndefinedTableError:
+                    log.warning("no cursor secret: run `exporter migrate` for incremental pulls")
+                    return None
+            self._cursor_secret = bytes(secret) if secret is not None else None
+        return self._cursor_secret
 
     async def close(self) -> None:
         for pool in (self.exports, self.catalog, self.state):

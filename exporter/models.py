@@ -1,8 +1,12 @@
 """Tables of the service's own schema; `metadata` is Alembic's target."""
 
+from typing import Any
+
 from sqlalchemy import (
+    CHAR,
     BigInteger,
     Boolean,
+    CheckConstraint,
     Column,
     DateTime,
     Identity,
@@ -16,11 +20,27 @@ from sqlalchemy import (
     func,
     text,
 )
-from sqlalchemy.dialects.postgresql import ARRAY, JSONB
+from sqlalchemy.dialects.postgresql import ARRAY, JSONB, OID
+from sqlalchemy.dialects.postgresql import base as postgresql_base
+from sqlalchemy.types import UserDefinedType
 
 from exporter.settings import OWN_SCHEMA
 
 metadata = MetaData(schema=OWN_SCHEMA)
+
+
+class XID8(UserDefinedType[int]):
+    """PostgreSQL's 64-bit transaction id (pg_current_xact_id())."""
+
+    cache_ok = True
+
+    def get_col_spec(self, **kw: Any) -> str:
+        return "xid8"
+
+
+# So that reflecting a database (Alembic's comparison of models and migrations) knows it.
+postgresql_base.ischema_names.setdefault("xid8", XID8)
+
 
 api_keys = Table(
     "api_keys",
@@ -65,4 +85,43 @@ export_log = Table(
     Index("export_log_started_at", "started_at"),
     Index("export_log_request_id", "request_id"),
     Index("export_log_key_name", "key_name", "id"),
+)
+
+# Signs cursor tokens (exporter/cursor.py); one row, made by the migration.
+cursor_secret = Table(
+    "cursor_secret",
+    metadata,
+    Column("id", SmallInteger, primary_key=True),
+    Column("secret", LargeBinary, nullable=False),
+    CheckConstraint("id = 1", name="cursor_secret_one_row"),
+)
+
+# Tables whose changes are recorded (exporter track); see exporter/tracking.py.
+tracked_tables = Table(
+    "tracked_tables",
+    metadata,
+    Column("relid", OID, primary_key=True),
+    Column("key_columns", ARRAY(Text), nullable=False),
+    Column("since_xid", XID8, nullable=False),
+    Column("pruned_xid", XID8),
+    Column("tracked_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+)
+
+# One row per key changed per statement, written by exporter.record_changes(): the top-level
+# transaction, I/U/D, and the primary key as jsonb.
+changes = Table(
+    "changes",
+    metadata,
+    Column("relid", OID, nullable=False),
+    Column("xid", XID8, nullable=False),
+    Column("op", CHAR(1), nullable=False),
+    Column("key", JSONB, nullable=False),
+    Index("changes_relid_xid", "relid", "xid"),
+)
+
+xid_clock = Table(
+    "xid_clock",
+    metadata,
+    Column("at", DateTime(timezone=True), primary_key=True),
+    Column("xid", XID8, nullable=False),
 )

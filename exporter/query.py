@@ -9,7 +9,7 @@ from typing import Literal
 
 from exporter.catalog import Column, Dataset
 
-RESERVED = frozenset({"select", "order", "limit"})
+RESERVED = frozenset({"select", "order", "limit", "since", "deletes"})
 # Options of the export formats (the encoders judge them); like `select`, never filters.
 FORMAT_OPTIONS = frozenset(
     {"header", "delimiter", "null", "bom", "quote", "crlf", "profile", "numbers"}
@@ -78,6 +78,26 @@ class OrderTerm:
 
 
 @dataclass(frozen=True)
+class VersionsSince:
+    """Snapshot mode: row versions whose xmin is at most `max_age` transactions old (PostgreSQL's
+    age(xmin)), i.e. written by a transaction at or after the cursor's oldest running one."""
+
+    max_age: int
+
+
+@dataclass(frozen=True)
+class ChangesSince:
+    """Tracked mode: the rows (and, with deletes, the tombstones) of the keys that the change
+    table records for transactions the cursor's snapshot did not see."""
+
+    relid: int
+    snapshot: str  # pg_snapshot text
+    oldest: int  # the snapshot's xmin: no change below it is wanted (the index's range)
+    key_columns: tuple[Column, ...]
+    deletes: bool
+
+
+@dataclass(frozen=True)
 class ExportQuery:
     dataset: Dataset
     columns: tuple[Column, ...]
@@ -86,6 +106,19 @@ class ExportQuery:
     limit: int | None
     # Format options as given (name -> value); the encoder validates them.
     options: tuple[tuple[str, str], ...] = ()
+    # The cursor token of an incremental pull (since=), as given; and deletes=true.
+    since: str | None = None
+    deletes: bool = False
+    # What the pull reads, once the cursor has been judged against the database.
+    changes: VersionsSince | ChangesSince | None = None
+
+    @property
+    def filter_terms(self) -> tuple[str, ...]:
+        """The filters, as a cursor is bound to them: a pull with other filters would miss the
+        rows that match only the new ones."""
+        return tuple(
+            sorted(repr((f.column.name, f.operator, f.negated, f.value)) for f in self.filters)
+        )
 
 
 def parse_query(
@@ -132,7 +165,23 @@ def parse_query(
 
     limit = _parse_limit(seen["limit"], max_limit) if "limit" in seen else None
     options = tuple((name, value) for name, value in seen.items() if name in FORMAT_OPTIONS)
-    return ExportQuery(dataset, columns, tuple(filters), order, limit, options)
+    since = seen.get("since")
+    deletes = _parse_deletes(seen["deletes"]) if "deletes" in seen else False
+    if since is not None and limit is not None:
+        # A pull hands on the next cursor, which stands for everything up to its snapshot:
+        # rows held back by a limit would never come.
+        raise QueryError("limit", "limit cannot be combined with since")
+    if deletes and since is None:
+        raise QueryError("deletes", "deletes=true goes with since=<cursor>")
+    return ExportQuery(
+        dataset, columns, tuple(filters), order, limit, options, since=since, deletes=deletes
+    )
+
+
+def _parse_deletes(text: str) -> bool:
+    if text not in ("true", "false"):
+        raise QueryError("deletes", "deletes is true or false")
+    return text == "true"
 
 
 def shown(text: str) -> str:

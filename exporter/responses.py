@@ -17,8 +17,10 @@ from exporter import audit
 from exporter.auth import ApiKey
 from exporter.catalog import Dataset
 from exporter.compression import Compressor, choose_coding, compressed, compressor_for
+from exporter.cursor import CursorExpired
 from exporter.db import UNREACHABLE, Databases, PoolTimeout, RoleUnavailable
 from exporter.encoders import Encoder
+from exporter.incremental import read_cursor
 from exporter.limits import Slots, TooManyExports
 from exporter.memory import release_free_memory
 from exporter.pace import PaceLimits, SendMeter
@@ -84,6 +86,15 @@ async def start_export(
 ) -> Response:
     params = request.query_params.multi_items()
     query = parse_query(dataset, params, max_limit=settings.max_limit)
+    secret = await databases.cursor_secret()
+    since = None
+    if query.since is not None:
+        if secret is None:
+            raise Problem(503, "Service Unavailable", "incremental pulls need `exporter migrate`")
+        if query.deletes and encoder.format != "ndjson":
+            # A deleted row has no CSV form that a reader could tell from a row.
+            raise QueryError("deletes", "deletes=true needs NDJSON (a tombstone is a JSON line)")
+        since = read_cursor(query, secret)
     media_type = encoder.media_type + (
         "; charset=utf-8" if encoder.media_type.startswith("text/") else ""
     )
@@ -99,6 +110,8 @@ async def start_export(
         role=key.role,
         slots=Slots(key.id, settings.max_exports_per_key, settings.export_slots),
         caps=Caps(max_rows=settings.max_rows, max_bytes=settings.max_bytes),
+        cursor_secret=secret,
+        since=since,
     )
     await audit.record_start(databases.state, logged)
 
@@ -168,6 +181,7 @@ async def start_export(
         "Cache-Control": "no-store",
         # Compressed or not, the response depends on the header.
         "Vary": "Accept-Encoding",
+        **_cursor_headers(stream),
     }
     return ExportResponse(
         stream,
@@ -182,6 +196,16 @@ async def start_export(
             window_s=settings.min_rate_window_s,
         ),
     )
+
+
+def _cursor_headers(stream: ExportStream) -> dict[str, str]:
+    headers = {}
+    if stream.next_cursor is not None:
+        headers["X-Export-Cursor"] = stream.next_cursor
+    if stream.pull_mode is not None:
+        headers["X-Export-Cursor-Mode"] = stream.pull_mode
+        headers["X-Export-Possibly-Repeated"] = str(stream.possibly_repeated or 0)
+    return headers
 
 
 async def _open_unless_client_leaves(stream: ExportStream, request: Request) -> bool:
@@ -236,6 +260,10 @@ def _open_error(exc: Exception, query: ExportQuery) -> Problem | None:
             "Service Unavailable",
             "the query timed out before its first rows",
             headers={"Retry-After": "30"},
+        )
+    if isinstance(exc, CursorExpired):
+        return Problem(
+            410, "Gone", f"{exc}; run a full export (without since=) and pull from its cursor"
         )
     if isinstance(exc, TooManyExports):
         return Problem(

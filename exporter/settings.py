@@ -46,6 +46,10 @@ class Settings(BaseSettings):
     # export waits on it) is cut off, so that it does not hold a snapshot for hours.
     min_bytes_per_second: int | None = Field(default=None, ge=1)
     min_rate_window_s: float = Field(default=30.0, gt=0)
+    # Tracked tables: how long recorded changes are kept (a cursor older than that is a 410),
+    # and how often `serve` deletes older ones.
+    change_retention_s: float = Field(default=7 * 24 * 3600, ge=0)
+    prune_interval_s: float = Field(default=600, gt=0)
 
     @field_validator("schemas", mode="before")
     @classmethod

@@ -11,7 +11,7 @@ import asyncpg
 from exporter.catalog import Column
 from exporter.db import quote_ident
 from exporter.encoders import Rendering, RenderOptions
-from exporter.query import COMPARISONS, ExportQuery, Filter, QueryError
+from exporter.query import COMPARISONS, ChangesSince, ExportQuery, Filter, QueryError, VersionsSince
 
 # Scalar types whose cast to text differs from their output function (what COPY writes):
 # `true::text` is 'true' where COPY writes 't', char(n) casts drop padding, inet casts add
@@ -60,8 +60,8 @@ _PLAIN_TEXT_TYPES = frozenset(
 )
 
 
-def _json_value(column: Column, render: RenderOptions) -> str:
-    ref = _column_ref(column)
+def _json_value(column: Column, render: RenderOptions, ref: str | None = None) -> str:
+    ref = ref or _column_ref(column)
     if column.base_type == "bytea":
         # Base64, without the line break encode() puts after every 76 characters.
         return rf"translate(encode({ref}, 'base64'), E'\n', '')"
@@ -174,6 +174,16 @@ def _build(
 ) -> str:
     dataset = query.dataset
     relation = f"{quote_ident(dataset.schema)}.{quote_ident(dataset.relation)} AS t"
+    changes = query.changes
+    conditions = []
+    if isinstance(changes, ChangesSince):
+        # Filters join the changed keys to their rows: with deletes, a changed row that no
+        # longer matches them leaves the job's copy as a deleted one does.
+        relation = _changed_rows(changes, relation, query.filters, parameters)
+    else:
+        conditions = [_condition(f, parameters) for f in query.filters]
+        if isinstance(changes, VersionsSince):
+            conditions.append(_new_version(changes, parameters))
     if rendering is Rendering.COLUMNS:
         # COPY renders every value with its output function and names the header's columns.
         select = ", ".join(f"{_column_ref(c)} AS {quote_ident(c.name)}" for c in query.columns)
@@ -209,8 +219,9 @@ def _build(
             # object per line.
             select = f"replace(replace({select}, E'\\n', ' '), E'\\r', ' ')"
         from_clause = f"{relation} CROSS JOIN LATERAL (SELECT {inner}) AS r"
+        if isinstance(changes, ChangesSince) and changes.deletes:
+            select, from_clause = _with_tombstones(changes, render, select, from_clause)
 
-    conditions = [_condition(f, parameters) for f in query.filters]
     sql = f"SELECT {select} FROM {from_clause}"
     if conditions:
         sql += " WHERE " + " AND ".join(conditions)
@@ -224,6 +235,82 @@ def _build(
     if query.limit is not None:
         sql += f" LIMIT {parameters.add(query.limit, 'bigint')}"
     return sql
+
+
+def _new_version(changes: VersionsSince, parameters: _Parameters) -> str:
+    """Snapshot mode (exporter.incremental): written at or after the cursor's oldest running
+    transaction. age() of a frozen or bootstrap xmin is the largest integer: never new."""
+    return f"age(t.xmin) <= CAST({parameters.add(str(changes.max_age), 'text')} AS integer)"
+
+
+def _key_value(column: Column) -> str:
+    """A tracked key column's value, as the change table keeps it (jsonb), in its own type."""
+    return f"CAST(c.key ->> {_string_literal(column.name)} AS {column.type_sql})"
+
+
+def _string_literal(text: str) -> str:
+    # Catalog names only (a key column's); standard_conforming_strings is on in every snapshot.
+    return "'" + text.replace("'", "''") + "'"
+
+
+def _changed_rows(
+    changes: ChangesSince, relation: str, filters: Sequence[Filter], parameters: _Parameters
+) -> str:
+    """Tracked mode: the keys changed by transactions the cursor's snapshot did not see (the
+    change rows this snapshot sees are those committed before it), joined to their rows; with
+    deletes, a key without a row (deleted, or no longer matching the filters) is kept, with
+    NULLs for the row."""
+    relid = parameters.add(str(changes.relid), "text")
+    oldest = parameters.add(str(changes.oldest), "text")
+    snapshot = parameters.add(changes.snapshot, "text")
+    keys = (
+        "SELECT DISTINCT c.key FROM exporter.changes AS c"
+        f" WHERE c.relid = CAST({relid} AS oid) AND c.xid >= CAST({oldest} AS xid8)"
+        f" AND NOT pg_visible_in_snapshot(c.xid, CAST({snapshot} AS pg_snapshot))"
+    )
+    on = [f"{_column_ref(k)} = {_key_value(k)}" for k in changes.key_columns]
+    on += [_condition(f, parameters) for f in filters]
+    join = "LEFT JOIN" if changes.deletes else "JOIN"
+    return f"({keys}) AS c {join} {relation} ON {' AND '.join(on)}"
+
+
+def _with_tombstones(
+    changes: ChangesSince, render: RenderOptions, select: str, from_clause: str
+) -> tuple[str, str]:
+    """An NDJSON line for a changed key without a row: {"_deleted": {<key columns>}}, its
+    values rendered as a row's would be."""
+    values = ", ".join(
+        f"{_json_value(k, render, _key_value(k))} AS {quote_ident(k.name)}"
+        for k in changes.key_columns
+    )
+    tombstone = """'{"_deleted":' || row_to_json(k.*)::text || '}'"""
+    # A primary key column is never NULL in a row: NULL here means no row joined.
+    missing = f"{_column_ref(changes.key_columns[0])} IS NULL"
+    return (
+        f"CASE WHEN {missing} THEN {tombstone} ELSE {select} END",
+        f"{from_clause} CROSS JOIN LATERAL (SELECT {values}) AS k",
+    )
+
+
+def build_repeat_count(
+    query: ExportQuery, oldest_running: int, xmax: int, running: Sequence[int]
+) -> tuple[str, list[Any]]:
+    """Snapshot mode: how many rows of the pull have an xmin among the cursor snapshot's
+    undecidable transactions (above its oldest running one, below its xmax, not running)."""
+    assert isinstance(query.changes, VersionsSince)
+    parameters = _Parameters(for_copy=False)
+    dataset = query.dataset
+    relation = f"{quote_ident(dataset.schema)}.{quote_ident(dataset.relation)} AS t"
+    conditions = [_condition(f, parameters) for f in query.filters]
+    newest = parameters.add(str(xmax % 2**32), "text")
+    oldest = parameters.add(str(oldest_running % 2**32), "text")
+    listed = parameters.add([str(x % 2**32) for x in running], "text[]")
+    conditions += [
+        f"age(t.xmin) < age(CAST({oldest} AS xid))",
+        f"age(t.xmin) > age(CAST({newest} AS xid))",
+        f"t.xmin <> ALL(CAST({listed} AS xid[]))",
+    ]
+    return f"SELECT count(*) FROM {relation} WHERE {' AND '.join(conditions)}", parameters.values
 
 
 def _condition(f: Filter, parameters: _Parameters) -> str:

@@ -15,12 +15,21 @@ from typing import Any
 
 import anyio
 
+from exporter.cursor import Cursor
 from exporter.db import Pool, snapshot
 from exporter.encoders import Encoder
+from exporter.incremental import cursor_for, issues_cursors, plan_pull, read_position
 from exporter.limits import Slots
-from exporter.query import ExportQuery
+from exporter.query import ChangesSince, ExportQuery
 from exporter.settings import Settings
-from exporter.source import CopySource, Source, build_copy, build_sql, check_filter_values
+from exporter.source import (
+    CopySource,
+    Source,
+    build_copy,
+    build_repeat_count,
+    build_sql,
+    check_filter_values,
+)
 
 
 def _seconds(milliseconds: int) -> float | None:
@@ -63,7 +72,11 @@ class ExportStream:
         role: str | None = None,
         slots: Slots | None = None,
         caps: Caps = Caps(),
+        cursor_secret: bytes | None = None,
+        since: Cursor | None = None,
     ) -> None:
+        # What the request asked for, before the cap's look-ahead limit below.
+        self.requested_limit = query.limit
         if caps.max_rows is not None and (query.limit is None or query.limit > caps.max_rows):
             # One row past the cap is enough to know the export would pass it; PostgreSQL
             # need not read further.
@@ -78,6 +91,13 @@ class ExportStream:
         self.caps = caps
         # Which limit ended the export, if one did (ExportAborted.limit).
         self.aborted_by: str | None = None
+        # Incremental pulls (exporter.incremental): with a secret, a table's export hands out
+        # a cursor; with `since`, it reads only what changed after that cursor.
+        self.cursor_secret = cursor_secret
+        self.since = since
+        self.next_cursor: str | None = None
+        self.pull_mode: str | None = None  # "snapshot" or "tracked", for a pull
+        self.possibly_repeated: int | None = None
         self.rows = 0
         self.bytes = 0
         self.started = time.monotonic()
@@ -95,6 +115,7 @@ class ExportStream:
                 snapshot(self.pool, self.settings, self.label, self.role, self.slots)
             )
             await check_filter_values(connection, self.query)
+            await self._position(connection)
             copy_options = self.encoder.copy_options()
             if copy_options is not None and self.settings.use_copy:
                 sql, settings_sql, args = build_copy(
@@ -119,6 +140,27 @@ class ExportStream:
         except BaseException:
             await self.aclose()
             raise
+
+    async def _position(self, connection: Any) -> None:
+        """The cursor this export hands out and, for a pull, what it reads since its cursor."""
+        if self.cursor_secret is None:
+            return
+        position = await read_position(connection)
+        if self.since is not None:
+            changes, repeated = await plan_pull(
+                connection, self.query, self.since, position, self.role
+            )
+            self.query = dataclasses.replace(self.query, changes=changes)
+            if repeated < 0:
+                then = self.since.snapshot
+                sql, args = build_repeat_count(
+                    self.query, then.oldest_running, then.xmax, then.running
+                )
+                repeated = int(await connection.fetchval(sql, *args))
+            self.possibly_repeated = repeated
+            self.pull_mode = "tracked" if isinstance(changes, ChangesSince) else "snapshot"
+        if issues_cursors(self.query.dataset, self.requested_limit):
+            self.next_cursor = cursor_for(self.query, position, self.cursor_secret)
 
     def chunks(self) -> AsyncIterator[bytes]:
         """The export as UTF-8 chunks of about `chunk_bytes`; closing it closes the stream.

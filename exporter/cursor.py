@@ -1,0 +1,166 @@
+"""Cursor tokens: the opaque `X-Export-Cursor` an export hands out and `since=` takes back.
+
+A token stands for the snapshot an export read (PostgreSQL's pg_current_snapshot()), for one
+table of one PostgreSQL cluster and one set of filters. It is self-contained, so a pull that
+failed is retried with the same token and nothing is stored per job; it is signed (HMAC with
+a secret of the service's schema), so a token cannot be edited into a snapshot that would
+skip rows.
+
+Layout, version 1 (then base64url without padding):
+    version 1 byte | system identifier 8 | table oid 4 | name digest 8 | filter digest 8 |
+    snapshot xmin 8 | varint xmax - xmin | varint count | count varints: each running xid
+    minus the previous one (the first minus xmin) | HMAC-SHA256, first 16 bytes
+"""
+
+import base64
+import binascii
+import hashlib
+import hmac
+import struct
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+VERSION = 1
+MAX_TOKEN_LENGTH = 16_384
+_HEAD = struct.Struct(">BQI8s8sQ")
+_MAC_BYTES = 16
+
+
+class CursorInvalid(ValueError):
+    """Malformed, tampered with, or made for another dataset or other filters: a 400."""
+
+
+class CursorExpired(Exception):
+    """A genuine cursor that can no longer be honoured: a 410, and a full export."""
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """A PostgreSQL snapshot with 64-bit transaction ids: every id below xmin had ended, none
+    from xmax on had started, and those in `running` were in progress."""
+
+    xmin: int
+    xmax: int
+    running: tuple[int, ...]
+
+    @classmethod
+    def parse(cls, text: str) -> "Snapshot":
+        """From pg_snapshot's text form, `xmin:xmax:xip,xip`."""
+        xmin, xmax, running = text.split(":")
+        return cls(int(xmin), int(xmax), tuple(int(x) for x in running.split(",") if x))
+
+    def __str__(self) -> str:
+        return f"{self.xmin}:{self.xmax}:{','.join(map(str, self.running))}"
+
+    @property
+    def oldest_running(self) -> int:
+        """Every transaction below this id had ended when the snapshot was taken: a row
+        version whose xmin is below it (a subtransaction's id included, since a
+        subtransaction's id is above its parent's) was visible in the snapshot if it is
+        committed now."""
+        return min(self.running, default=self.xmax)
+
+    def saw_committed(self, xid: int) -> bool:
+        """Whether the top-level transaction `xid`, committed by now, was visible in the
+        snapshot (PostgreSQL's pg_visible_in_snapshot; exact for top-level ids only)."""
+        return xid < self.xmin or (xid < self.xmax and xid not in self.running)
+
+
+@dataclass(frozen=True)
+class Cursor:
+    system_identifier: int
+    relid: int
+    name_digest: bytes
+    filter_digest: bytes
+    snapshot: Snapshot
+
+
+def digest(*parts: str) -> bytes:
+    """Eight bytes standing for a dataset's name or a request's filters."""
+    h = hashlib.sha256()
+    for part in parts:
+        h.update(part.encode("utf-8", "surrogatepass"))
+        h.update(b"\x00")
+    return h.digest()[:8]
+
+
+def encode(cursor: Cursor, secret: bytes) -> str:
+    snapshot = cursor.snapshot
+    body = bytearray(
+        _HEAD.pack(
+            VERSION,
+            cursor.system_identifier,
+            cursor.relid,
+            cursor.name_digest,
+            cursor.filter_digest,
+            snapshot.xmin,
+        )
+    )
+    _put_varint(body, snapshot.xmax - snapshot.xmin)
+    running = sorted(snapshot.running)
+    _put_varint(body, len(running))
+    previous = snapshot.xmin
+    for xid in running:
+        _put_varint(body, xid - previous)
+        previous = xid
+    body += _mac(secret, body)
+    return base64.urlsafe_b64encode(bytes(body)).rstrip(b"=").decode("ascii")
+
+
+def decode(token: str, secret: bytes) -> Cursor:
+    """The cursor a token stands for; CursorInvalid unless this service made it, unchanged."""
+    if len(token) > MAX_TOKEN_LENGTH:
+        raise CursorInvalid(f"a cursor is at most {MAX_TOKEN_LENGTH} characters")
+    try:
+        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
+    except (binascii.Error, ValueError):
+        raise CursorInvalid("not a cursor this service issued (not base64url)") from None
+    if len(raw) < _HEAD.size + _MAC_BYTES or raw[0] != VERSION:
+        raise CursorInvalid("not a cursor this service issued (unknown format)")
+    body, mac = raw[:-_MAC_BYTES], raw[-_MAC_BYTES:]
+    if not hmac.compare_digest(mac, _mac(secret, body)):
+        raise CursorInvalid("not a cursor this service issued, or altered")
+    _, system_identifier, relid, name_digest, filter_digest, xmin = _HEAD.unpack_from(body)
+    values = _varints(body[_HEAD.size :])
+    try:
+        span, count = next(values), next(values)
+        running = []
+        previous = xmin
+        for _ in range(count):
+            previous += next(values)
+            running.append(previous)
+    except StopIteration:
+        raise CursorInvalid("not a cursor this service issued (truncated)") from None
+    if next(values, None) is not None:
+        raise CursorInvalid("not a cursor this service issued (trailing data)")
+    snapshot = Snapshot(xmin, xmin + span, tuple(running))
+    return Cursor(system_identifier, relid, name_digest, filter_digest, snapshot)
+
+
+def _mac(secret: bytes, body: bytes | bytearray) -> bytes:
+    return hmac.new(secret, bytes(body), hashlib.sha256).digest()[:_MAC_BYTES]
+
+
+def _put_varint(out: bytearray, value: int) -> None:
+    while True:
+        low = value & 0x7F
+        value >>= 7
+        if value:
+            out.append(low | 0x80)
+        else:
+            out.append(low)
+            return
+
+
+def _varints(data: Iterable[int]) -> Iterator[int]:
+    value = shift = 0
+    for byte in data:
+        value |= (byte & 0x7F) << shift
+        shift += 7
+        if not byte & 0x80:
+            yield value
+            value = shift = 0
+        elif shift > 63:
+            raise CursorInvalid("not a cursor this service issued (bad number)")
+    if shift:
+        raise CursorInvalid("not a cursor this service issued (truncated)")

@@ -1,0 +1,189 @@
+"""Incremental pulls: what a cursor token stands for, and what a `since=` pull reads.
+
+Snapshot mode (any table). A row version is new to a cursor unless the cursor's snapshot
+certainly saw it. Below the snapshot's oldest running transaction, every transaction had ended,
+so a version committed now whose xmin is below it was visible; from it on, the version is
+returned. Comparing xmin with the snapshot itself (pg_visible_in_snapshot) would be wrong: a
+version written in a savepoint or an exception block carries a subtransaction's id, which no
+snapshot lists, and would pass for visible while its transaction was still open. Versions
+between the oldest running transaction and the snapshot's xmax that the snapshot did not list
+may have been visible (a top-level transaction that had ended) or not (a subtransaction of
+one still running): PostgreSQL keeps no way to tell, so they are returned and counted
+(X-Export-Possibly-Repeated). xmin is 32 bits and PostgreSQL's age() compares it modulo 2^32
+with the transaction's own stable reference, so a cursor is honoured up to HORIZON
+transactions.
+
+Tracked mode (exporter track). A trigger records each changed key with the top-level
+transaction id (pg_current_xact_id(), the parent's id even inside a subtransaction). Whether
+the cursor's snapshot saw a top-level id is exact, and the change rows this pull's snapshot
+sees are exactly those committed before it: the keys changed in between are read by index,
+and each is returned as its row now (or a tombstone).
+"""
+
+from dataclasses import dataclass
+from typing import Any
+
+from exporter.catalog import Dataset
+from exporter.cursor import (
+    Cursor,
+    CursorExpired,
+    CursorInvalid,
+    Snapshot,
+    decode,
+    digest,
+    encode,
+)
+from exporter.query import ChangesSince, ExportQuery, QueryError, VersionsSince
+
+# How many transactions a cursor may lag behind: xmin comparisons are modulo 2^32, and age()
+# answers within +-2^31; a margin keeps the comparison exact however busy the server gets
+# while a pull runs.
+HORIZON = 2**31 - 2**28
+# Kinds of relation whose rows are versions with an xmin.
+VERSIONED_KINDS = frozenset({"r", "p", "m"})
+
+
+@dataclass(frozen=True)
+class Position:
+    """Where an export reads: the cluster and the snapshot of its transaction."""
+
+    system_identifier: int
+    snapshot: Snapshot
+
+
+@dataclass(frozen=True)
+class Tracking:
+    since_xid: int
+    pruned_xid: int | None
+    key_columns: tuple[str, ...]
+
+
+async def read_position(connection: Any) -> Position:
+    row = await connection.fetchrow(
+        "SELECT (pg_catalog.pg_control_system()).system_identifier,"
+        " pg_catalog.pg_current_snapshot()::text AS snapshot"
+    )
+    return Position(int(row["system_identifier"]), Snapshot.parse(row["snapshot"]))
+
+
+def issues_cursors(dataset: Dataset, limit: int | None) -> bool:
+    """Whether an export hands out a cursor: a table's, whole (a limit leaves rows out)."""
+    return dataset.relkind in VERSIONED_KINDS and limit is None
+
+
+def cursor_for(query: ExportQuery, position: Position, secret: bytes) -> str:
+    dataset = query.dataset
+    return encode(
+        Cursor(
+            position.system_identifier,
+            dataset.relid,
+            digest(dataset.name),
+            digest(*query.filter_terms),
+            position.snapshot,
+        ),
+        secret,
+    )
+
+
+def read_cursor(query: ExportQuery, secret: bytes) -> Cursor:
+    """The `since=` token, checked against the request (400s); the database is not asked."""
+    assert query.since is not None
+    dataset = query.dataset
+    if dataset.relkind not in VERSIONED_KINDS:
+        raise QueryError("since", f"since= needs a table; {dataset.name!r} is a {dataset.kind}")
+    try:
+        cursor = decode(query.since, secret)
+    except CursorInvalid as exc:
+        raise QueryError("since", str(exc)) from None
+    if cursor.name_digest != digest(dataset.name):
+        raise QueryError("since", "this cursor belongs to another dataset")
+    if cursor.filter_digest != digest(*query.filter_terms):
+        raise QueryError(
+            "since",
+            "this cursor was issued for other filters; pull with the filters of the export"
+            " that issued it",
+        )
+    return cursor
+
+
+async def plan_pull(
+    connection: Any,
+    query: ExportQuery,
+    cursor: Cursor,
+    now: Position,
+    role: str | None,
+) -> tuple[VersionsSince | ChangesSince, int]:
+    """What the pull reads, and how many of its rows the cursor's snapshot may have seen
+    already (-1: to be counted, see source.build_repeat_count); CursorExpired when the
+    cursor can no longer be honoured."""
+    dataset = query.dataset
+    then = cursor.snapshot
+    if cursor.system_identifier != now.system_identifier:
+        raise CursorExpired(
+            "this cursor was issued by another PostgreSQL cluster (restored or replaced?)"
+        )
+    if cursor.relid != dataset.relid:
+        raise CursorExpired(f"{dataset.name!r} has been dropped and created again since")
+    if now.snapshot.xmax - then.oldest_running > HORIZON:
+        raise CursorExpired("this cursor is too many transactions old")
+    tracking = None if role is not None else await _tracking(connection, dataset)
+    if tracking is not None and then.saw_committed(tracking.since_xid):
+        if tracking.pruned_xid is not None and tracking.pruned_xid > then.xmin:
+            raise CursorExpired("the changes since this cursor are past the change retention")
+        key_columns = tuple(dataset.column(name) for name in tracking.key_columns)
+        if any(column is None for column in key_columns):
+            raise CursorExpired(f"{dataset.name!r} no longer has its tracked key columns")
+        changes = ChangesSince(
+            dataset.relid,
+            str(then),
+            then.xmin,
+            tuple(c for c in key_columns if c is not None),
+            query.deletes,
+        )
+        return changes, 0
+    if query.deletes:
+        if role is not None:
+            raise QueryError(
+                "deletes",
+                "deletes=true is not available to keys with a PostgreSQL role: a deleted row"
+                " cannot be checked against the role's privileges and policies",
+            )
+        if tracking is None:
+            raise QueryError(
+                "deletes", f"deletes=true needs a tracked table (exporter track {dataset.name})"
+            )
+        raise CursorExpired("this cursor is older than the table's change tracking")
+    max_age = await connection.fetchval(
+        "SELECT age($1::text::xid)", str(then.oldest_running % 2**32)
+    )
+    return VersionsSince(int(max_age)), -1 if has_undecidable(then) else 0
+
+
+async def _tracking(connection: Any, dataset: Dataset) -> Tracking | None:
+    # The change tables live in the service's schema of the exported database; a database
+    # where the service was never migrated (state kept elsewhere) tracks nothing.
+    row = await connection.fetchrow(
+        "SELECT to_regclass('exporter.tracked_tables') IS NOT NULL AS migrated"
+    )
+    if not row["migrated"]:
+        return None
+    row = await connection.fetchrow(
+        "SELECT since_xid::text, pruned_xid::text, key_columns"
+        " FROM exporter.tracked_tables WHERE relid = $1::bigint::oid",
+        dataset.relid,
+    )
+    if row is None:
+        return None
+    pruned = row["pruned_xid"]
+    return Tracking(
+        int(row["since_xid"]),
+        int(pruned) if pruned is not None else None,
+        tuple(row["key_columns"]),
+    )
+
+
+def has_undecidable(then: Snapshot) -> bool:
+    """Whether some transaction id between the snapshot's oldest running one and its xmax was
+    not listed as running: a version with that xmin may or may not have been visible."""
+    listed = sum(1 for xid in then.running if xid > then.oldest_running)
+    return then.xmax - then.oldest_running - 1 > listed

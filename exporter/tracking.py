@@ -1,0 +1,156 @@
+"""Tracked tables (exporter track / untrack) and the change table's retention.
+
+Tracking installs statement-level triggers that call exporter.record_changes() (migration
+0004) with the table's primary key columns. Tracking begins with the transaction that installs
+them: CREATE TRIGGER waits for every transaction writing the table to end, so whatever a
+snapshot that saw the tracking transaction committed did not see is in the change table.
+"""
+
+from dataclasses import dataclass
+from typing import Any
+
+from exporter.catalog import Dataset
+from exporter.db import quote_ident
+
+# The key's text forms must read back as the same value whatever the writer's settings:
+# jsonb keeps numbers, booleans, dates and times in fixed forms; floats (extra_float_digits),
+# money (lc_monetary) and intervals (IntervalStyle) depend on the session, and arrays,
+# composites and JSON do not come back from a jsonb string by a cast.
+KEY_TYPES = frozenset(
+    {"int2", "int4", "int8", "numeric", "text", "varchar", "bpchar", "uuid", "bool", "oid"}
+    | {"date", "time", "timetz", "timestamp", "timestamptz", "bytea", "inet", "cidr"}
+    | {"macaddr", "macaddr8"}
+)
+_TRIGGERS = {
+    "insert": "AFTER INSERT ON {table} REFERENCING NEW TABLE AS new_rows",
+    "update": "AFTER UPDATE ON {table} REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows",
+    "delete": "AFTER DELETE ON {table} REFERENCING OLD TABLE AS old_rows",
+    "truncate": "BEFORE TRUNCATE ON {table}",
+}
+# Only one pruning at a time, across processes and replicas (the limits use other classes).
+_PRUNE_LOCK = 0x45787055
+
+
+class TrackingError(Exception):
+    """What `exporter track` cannot do, in words for its user."""
+
+
+@dataclass(frozen=True)
+class Pruned:
+    changes: int
+    cutoff_xid: int | None
+
+
+def _table(dataset: Dataset) -> str:
+    return f"{quote_ident(dataset.schema)}.{quote_ident(dataset.relation)}"
+
+
+def _trigger_name(event: str) -> str:
+    return f"exporter_track_{event}"
+
+
+async def track(connection: Any, dataset: Dataset) -> bool:
+    """Track the dataset's table; False if it already was."""
+    if dataset.relkind not in ("r", "p"):
+        raise TrackingError(f"{dataset.name!r} is a {dataset.kind}; only tables can be tracked")
+    if not dataset.primary_key:
+        raise TrackingError(f"{dataset.name!r} has no primary key; tracking records keys")
+    for name in dataset.primary_key:
+        column = dataset.column(name)
+        if column is None or column.base_type not in KEY_TYPES:
+            kind = column.type if column is not None else "unknown"
+            raise TrackingError(
+                f"the key column {name!r} of {dataset.name!r} is {kind}, whose text form"
+                " depends on session settings or cannot be read back; tracking needs keys"
+                " of integer, numeric, text, uuid, date/time, boolean, bytea or network types"
+            )
+    async with connection.transaction():
+        if await connection.fetchval("SELECT to_regclass('exporter.changes')") is None:
+            raise TrackingError(
+                "the exported database has no change table: run `exporter migrate` with"
+                " EXPORTER_DATABASE_URL (tracking lives in the database it exports)"
+            )
+        tracked = await connection.fetchval(
+            "SELECT true FROM exporter.tracked_tables WHERE relid = $1::bigint::oid",
+            dataset.relid,
+        )
+        if tracked:
+            return False
+        arguments = ", ".join(_literal(name) for name in dataset.primary_key)
+        for event, clause in _TRIGGERS.items():
+            await connection.execute(
+                f"CREATE TRIGGER {_trigger_name(event)} {clause.format(table=_table(dataset))}"
+                f" FOR EACH STATEMENT EXECUTE FUNCTION exporter.record_changes({arguments})"
+            )
+        await connection.execute(
+            "INSERT INTO exporter.tracked_tables (relid, key_columns, since_xid)"
+            " VALUES ($1::bigint::oid, $2, pg_current_xact_id())",
+            dataset.relid,
+            list(dataset.primary_key),
+        )
+    return True
+
+
+async def untrack(connection: Any, dataset: Dataset) -> bool:
+    """Stop tracking the table and drop its changes; False if it was not tracked."""
+    async with connection.transaction():
+        if await connection.fetchval("SELECT to_regclass('exporter.changes')") is None:
+            return False
+        for event in _TRIGGERS:
+            await connection.execute(
+                f"DROP TRIGGER IF EXISTS {_trigger_name(event)} ON {_table(dataset)}"
+            )
+        status = await connection.execute(
+            "DELETE FROM exporter.tracked_tables WHERE relid = $1::bigint::oid", dataset.relid
+        )
+        await connection.execute(
+            "DELETE FROM exporter.changes WHERE relid = $1::bigint::oid", dataset.relid
+        )
+    return bool(status != "DELETE 0")
+
+
+async def prune(connection: Any, retention_s: float) -> Pruned | None:
+    """Delete the changes of transactions that ended more than retention_s ago; None if
+    another process is pruning.
+
+    Transaction ids are not times: each run notes the oldest transaction still running
+    (xid_clock), and a later run deletes the changes of transactions below the id noted
+    retention_s earlier, which all had ended by then.
+    """
+    async with connection.transaction():
+        if not await connection.fetchval("SELECT pg_try_advisory_xact_lock($1)", _PRUNE_LOCK):
+            return None
+        await connection.execute(
+            "INSERT INTO exporter.xid_clock (at, xid)"
+            " VALUES (clock_timestamp(), pg_snapshot_xmin(pg_current_snapshot()))"
+            " ON CONFLICT DO NOTHING"
+        )
+        cutoff = await connection.fetchval(
+            "SELECT max(xid)::text FROM exporter.xid_clock"
+            " WHERE at <= clock_timestamp() - make_interval(secs => $1)",
+            float(retention_s),
+        )
+        if cutoff is None:
+            return Pruned(0, None)
+        deleted = 0
+        for (relid,) in await connection.fetch("SELECT relid FROM exporter.tracked_tables"):
+            status = await connection.execute(
+                "DELETE FROM exporter.changes WHERE relid = $1 AND xid < $2::text::xid8",
+                relid,
+                cutoff,
+            )
+            deleted += int(status.rpartition(" ")[2])
+        # A cursor whose snapshot's xmin is below the cutoff may need what was deleted: 410.
+        await connection.execute(
+            "UPDATE exporter.tracked_tables SET pruned_xid = $1::text::xid8"
+            " WHERE pruned_xid IS NULL OR pruned_xid < $1::text::xid8",
+            cutoff,
+        )
+        await connection.execute(
+            "DELETE FROM exporter.xid_clock WHERE xid < $1::text::xid8", cutoff
+        )
+    return Pruned(deleted, int(cutoff))
+
+
+def _literal(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"
