@@ -411,6 +411,18 @@ class Writer:
             "payload = excluded.payload RETURNING t.version"
         )
         self.delete_sql = f"DELETE FROM public.{t} WHERE id = $1 RETURNING id"
+        # Several rows in one statement (a statement-level trigger sees them all at once).
+        self.update_many_sql = (
+            f"UPDATE public.{t} SET version = nextval('public.{seq}'), payload = $2 "
+            "WHERE id = ANY($1) RETURNING id, version"
+        )
+        # A key change: the old id is gone (as if deleted), the new one appears. The writer
+        # owns both ids, so no other transaction can take the new one meanwhile.
+        self.move_sql = (
+            f"UPDATE public.{t} SET id = $2, version = nextval('public.{seq}'), payload = $3 "
+            f"WHERE id = $1 AND NOT EXISTS (SELECT FROM public.{t} WHERE id = $2) "
+            "RETURNING version"
+        )
         self.block_sql = (
             f"SELECT changed_id, changed_version FROM public.{workload.function}($1, $2, $3, $4)"
         )
@@ -501,15 +513,31 @@ class Writer:
         self, changes: dict[int, Row | None], counts: Counter[str], where: str = "plain write"
     ) -> None:
         upserts, deletes = self.pick()
+        origin = f"{self.origin}, {where}"
+        if len(upserts) > 1 and self.rng.random() < 0.3:
+            payload = self.payload()
+            for row in await self.conn.fetch(self.update_many_sql, upserts, payload):
+                changes[int(row["id"])] = (int(row["version"]), payload)
+                self.origins[int(row["id"])] = f"{origin} (an UPDATE of several rows)"
+                counts["rows updated by multi-row updates"] += 1
+            upserts = []
         for id_ in upserts:
             payload = self.payload()
             version = await self.conn.fetchval(self.upsert_sql, id_, payload)
             changes[id_] = (int(version), payload)
-            self.origins[id_] = f"{self.origin}, {where}"
+            self.origins[id_] = origin
         for id_ in deletes:
-            if await self.conn.fetchval(self.delete_sql, id_) is not None:
+            if self.rng.random() < 0.3:
+                new, payload = self.rng.choice(self.ids), self.payload()
+                version = await self.conn.fetchval(self.move_sql, id_, new, payload)
+                if version is not None:
+                    changes[id_], changes[new] = None, (int(version), payload)
+                    self.origins[id_] = f"{origin} (its key changed to {new})"
+                    self.origins[new] = f"{origin} (key changed from {id_})"
+                    counts["key changes"] += 1
+            elif await self.conn.fetchval(self.delete_sql, id_) is not None:
                 changes[id_] = None
-                self.origins[id_] = f"{self.origin}, {where}"
+                self.origins[id_] = origin
 
     def savepoint(self, release: bool) -> Callable[[dict[int, Row | None], Counter[str]], Any]:
         async def step(changes: dict[int, Row | None], counts: Counter[str]) -> None:
@@ -645,10 +673,26 @@ async def run_workload(
                             f"{len(poller.problems)} problems"
                         )
 
+            async def vacuum() -> None:
+                # VACUUM removes dead versions, prunes HOT chains and freezes what every
+                # transaction sees: none of it may hide a version from a pull.
+                conn = await asyncpg.connect(asyncpg_dsn(database_url))
+                try:
+                    while not writers_done.is_set():
+                        await conn.execute(f"VACUUM (FREEZE) public.{workload.name}")
+                        stats["vacuums (freeze)"] += 1
+                        try:
+                            await asyncio.wait_for(writers_done.wait(), 1)
+                        except TimeoutError:
+                            pass
+                finally:
+                    await conn.close()
+
             async with asyncio.TaskGroup() as group:
                 group.create_task(write())
                 group.create_task(poller.run(writers_done, interval_s))
                 group.create_task(report())
+                group.create_task(vacuum())
                 await asyncio.sleep(seconds)
                 stop.set()
         finally:
