@@ -124,11 +124,16 @@ async def _ensure_database(server_url: str, name: str) -> None:
         await conn.close()
 
 
+def default_database() -> str:
+    """The URL of database exporter_bench on the default server, created if missing."""
+    asyncio.run(_ensure_database(DEFAULT_SERVER_URL, DEFAULT_DATABASE))
+    return with_database(DEFAULT_SERVER_URL, DEFAULT_DATABASE)
+
+
 def prepare(database_url: str | None, rows: int, small_rows: int, log: Any) -> BenchDatabase:
     """The database (created unless given) and both tables, reused if they already match."""
     if database_url is None:
-        asyncio.run(_ensure_database(DEFAULT_SERVER_URL, DEFAULT_DATABASE))
-        database_url = with_database(DEFAULT_SERVER_URL, DEFAULT_DATABASE)
+        database_url = default_database()
     created = asyncio.run(_ensure_tables(database_url, rows, small_rows, log))
     return BenchDatabase(database_url, rows, small_rows, created)
 

@@ -22,7 +22,11 @@ import asyncpg
 import httpx
 from sqlalchemy.engine import make_url
 
-Mode = Literal["snapshot", "tracked"]
+# snapshot: the table is not tracked. tracked: it is from the start, and pulls ask for deletes.
+# track-midway: `exporter track` runs while writers and pulls do; pulls switch from snapshot
+# mode to tracked mode and never back, and ask for no deletes (a client cannot know when its
+# cursor will be served from the change table).
+Mode = Literal["snapshot", "tracked", "track-midway"]
 Row = tuple[int, str | None]  # (version, payload) of an id
 KINDS = ("plain", "savepoint", "block", "rollback", "late")
 # Payloads that an encoder could get wrong: quotes, backslashes, separators, line breaks,
@@ -304,16 +308,20 @@ class Poller:
             self.copy[id_] = (version, payload)
         if pull.number == 0:
             return
-        if pull.mode != self.mode:
+        expected = {"snapshot": "snapshot", "tracked": "tracked"}.get(self.mode)
+        if expected is None:  # track-midway
+            switched = any(p.mode == "tracked" for p in self.pulls[1:-1])
+            expected = "tracked" if switched else pull.mode
+        if pull.mode != expected or pull.mode not in ("snapshot", "tracked"):
             self.problem(f"pull {pull.number}: X-Export-Cursor-Mode {pull.mode!r}")
         if pull.possibly_repeated < 0:
             self.problem(f"pull {pull.number}: no X-Export-Possibly-Repeated header")
-        if pull.repeats > pull.possibly_repeated or (self.mode == "tracked" and pull.repeats):
+        if pull.repeats > pull.possibly_repeated or (pull.mode == "tracked" and pull.repeats):
             self.problem(
                 f"pull {pull.number}: {pull.repeats} versions repeated, "
                 f"X-Export-Possibly-Repeated {pull.possibly_repeated}"
             )
-        if self.mode == "tracked" and pull.possibly_repeated != 0:
+        if pull.mode == "tracked" and pull.possibly_repeated != 0:
             self.problem(
                 f"pull {pull.number}: tracked, X-Export-Possibly-Repeated {pull.possibly_repeated}"
             )
@@ -613,7 +621,7 @@ def differences(
         held, actual = copy.get(id_), table.get(id_)
         if held == actual:
             continue
-        if actual is None and mode == "snapshot":
+        if actual is None and mode != "tracked":
             events = history.events.get(id_)
             if events and events[-1].version is None:
                 continue  # deleted, and snapshot mode reports no deletes
@@ -634,9 +642,12 @@ async def run_workload(
     seed: int = 1,
     pause_s: float = 0.005,
     progress: Callable[[str], None] | None = None,
+    track: Callable[[], None] | None = None,
 ) -> Outcome:
     """Writers for `seconds` (plus the transactions they have started), the poller throughout,
-    one last pull, and the copy compared with the table."""
+    one last pull, and the copy compared with the table. In mode track-midway, `track` (which
+    runs `exporter track`) is called in a thread a third of the way in."""
+    assert (mode == "track-midway") == (track is not None)
     headers = {"Authorization": f"Bearer {key}", "Accept-Encoding": "identity"}
     started = time.monotonic()
     stats: Counter[str] = Counter()
@@ -688,7 +699,14 @@ async def run_workload(
                 finally:
                     await conn.close()
 
+            async def start_tracking() -> None:
+                if track is not None:
+                    await asyncio.sleep(seconds / 3)
+                    await asyncio.to_thread(track)
+                    stats["tracking started midway"] += 1
+
             async with asyncio.TaskGroup() as group:
+                group.create_task(start_tracking())
                 group.create_task(write())
                 group.create_task(poller.run(writers_done, interval_s))
                 group.create_task(report())

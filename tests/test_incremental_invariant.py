@@ -32,19 +32,19 @@ def exporter_cli(database: ExportDatabase, *args: str) -> None:
     assert done.returncode == 0, f"exporter {' '.join(args)}: {done.stderr}"
 
 
-@pytest.fixture(params=["snapshot", "tracked"])
+@pytest.fixture(params=["snapshot", "tracked", "track-midway"])
 def table(
     database: ExportDatabase, request: pytest.FixtureRequest
 ) -> Iterator[tuple[Mode, Workload]]:
     mode: Mode = request.param
-    workload = Workload(f"invariant_{mode}")
+    workload = Workload(f"invariant_{mode.replace('-', '_')}")
     run_sql(database.url, *workload.setup_sql())
     if mode == "tracked":
         exporter_cli(database, "track", workload.name)
     try:
         yield mode, workload
     finally:
-        if mode == "tracked":
+        if mode != "snapshot":
             exporter_cli(database, "untrack", workload.name)
         run_sql(database.url, *workload.teardown_sql())
 
@@ -68,12 +68,24 @@ def test_pulls_keep_an_exact_copy_while_writers_run(
     database: ExportDatabase, table: tuple[Mode, Workload], tmp_path: Path
 ) -> None:
     mode, workload = table
+
+    def track() -> None:
+        exporter_cli(database, "track", workload.name)
+
     key = new_key(database.url)
     # Two worker processes: a pull need not reach the process that issued its cursor.
     server = start_server(database.url, tmp_path, workers=2)
     try:
         outcome = asyncio.run(
-            run_workload(database.url, server.base_url, key, workload, mode, WRITE_SECONDS)
+            run_workload(
+                database.url,
+                server.base_url,
+                key,
+                workload,
+                mode,
+                WRITE_SECONDS,
+                track=track if mode == "track-midway" else None,
+            )
         )
     finally:
         stop_server(server)
@@ -98,3 +110,7 @@ def test_pulls_keep_an_exact_copy_while_writers_run(
     assert sum(p.rows for p in pulls) > 0
     if mode == "tracked":
         assert sum(p.tombstones for p in pulls) > 0, outcome.summary()
+    if mode == "track-midway":
+        # Pulls in snapshot mode, then (from the first cursor that saw tracking begin) tracked.
+        modes = [p.mode for p in pulls]
+        assert "snapshot" in modes and "tracked" in modes, modes
