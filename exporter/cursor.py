@@ -9,7 +9,8 @@ skip rows.
 Layout, version 1 (then base64url without padding):
     version 1 byte | system identifier 8 | table oid 4 | name digest 8 | filter digest 8 |
     snapshot xmin 8 | varint xmax - xmin | varint count | count varints: each running xid
-    minus the previous one (the first minus xmin) | HMAC-SHA256, first 16 bytes
+    minus the previous one (the first minus xmin) | varint oldest writer - xmin |
+    HMAC-SHA256, first 16 bytes
 """
 
 import base64
@@ -21,7 +22,8 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 VERSION = 1
-MAX_TOKEN_LENGTH = 16_384
+# As every query parameter (query.MAX_VALUE_LENGTH): room for some 2,500 running transactions.
+MAX_TOKEN_LENGTH = 10_000
 _HEAD = struct.Struct(">BQI8s8sQ")
 _MAC_BYTES = 16
 
@@ -73,6 +75,10 @@ class Cursor:
     name_digest: bytes
     filter_digest: bytes
     snapshot: Snapshot
+    # The oldest transaction running at the snapshot that could have written the table: the
+    # snapshot's oldest running one, unless that ran in another database (which no
+    # subtransaction of it could write here).
+    oldest_writer: int
 
 
 def digest(*parts: str) -> bytes:
@@ -103,6 +109,7 @@ def encode(cursor: Cursor, secret: bytes) -> str:
     for xid in running:
         _put_varint(body, xid - previous)
         previous = xid
+    _put_varint(body, cursor.oldest_writer - snapshot.xmin)
     body += _mac(secret, body)
     return base64.urlsafe_b64encode(bytes(body)).rstrip(b"=").decode("ascii")
 
@@ -129,12 +136,15 @@ def decode(token: str, secret: bytes) -> Cursor:
         for _ in range(count):
             previous += next(values)
             running.append(previous)
+        oldest_writer = xmin + next(values)
     except StopIteration:
         raise CursorInvalid("not a cursor this service issued (truncated)") from None
     if next(values, None) is not None:
         raise CursorInvalid("not a cursor this service issued (trailing data)")
     snapshot = Snapshot(xmin, xmin + span, tuple(running))
-    return Cursor(system_identifier, relid, name_digest, filter_digest, snapshot)
+    if not snapshot.oldest_running <= oldest_writer <= snapshot.xmax:
+        raise CursorInvalid("not a cursor this service issued (inconsistent)")
+    return Cursor(system_identifier, relid, name_digest, filter_digest, snapshot, oldest_writer)
 
 
 def _mac(secret: bytes, body: bytes | bytearray) -> bytes:

@@ -9,9 +9,11 @@ snapshot lists, and would pass for visible while its transaction was still open.
 between the oldest running transaction and the snapshot's xmax that the snapshot did not list
 may have been visible (a top-level transaction that had ended) or not (a subtransaction of
 one still running): PostgreSQL keeps no way to tell, so they are returned and counted
-(X-Export-Possibly-Repeated). xmin is 32 bits and PostgreSQL's age() compares it modulo 2^32
-with the transaction's own stable reference, so a cursor is honoured up to HORIZON
-transactions.
+(X-Export-Possibly-Repeated). Transactions running in other databases of the cluster are left
+out of "oldest running" (no subtransaction of theirs can write here), so that a session idle
+in a transaction elsewhere does not widen the window. xmin is 32 bits and PostgreSQL's
+age() compares it modulo 2^32 with the transaction's own stable reference, so a cursor is
+honoured up to HORIZON transactions.
 
 Tracked mode (exporter track). A trigger records each changed key with the top-level
 transaction id (pg_current_xact_id(), the parent's id even inside a subtransaction). Whether
@@ -45,10 +47,12 @@ VERSIONED_KINDS = frozenset({"r", "p", "m"})
 
 @dataclass(frozen=True)
 class Position:
-    """Where an export reads: the cluster and the snapshot of its transaction."""
+    """Where an export reads: the cluster, the snapshot of its transaction, and the oldest
+    transaction running at it that could write this database (see Cursor.oldest_writer)."""
 
     system_identifier: int
     snapshot: Snapshot
+    oldest_writer: int
 
 
 @dataclass(frozen=True)
@@ -59,11 +63,23 @@ class Tracking:
 
 
 async def read_position(connection: Any) -> Position:
+    # Transaction ids are the cluster's: a transaction left open in another database would
+    # widen snapshot mode's window of possible repeats. A backend never changes database, so
+    # an id running now in another database's backend ran there at the snapshot too; an id
+    # not found (ended since, prepared, or hidden from this role) is kept, which is safe.
     row = await connection.fetchrow(
         "SELECT (pg_catalog.pg_control_system()).system_identifier,"
-        " pg_catalog.pg_current_snapshot()::text AS snapshot"
+        " pg_catalog.pg_current_snapshot()::text AS snapshot,"
+        " ARRAY(SELECT a.backend_xid::text FROM pg_catalog.pg_stat_activity AS a"
+        "       WHERE a.backend_xid IS NOT NULL AND a.datid IS DISTINCT FROM"
+        "           (SELECT oid FROM pg_catalog.pg_database"
+        "            WHERE datname = pg_catalog.current_database())) AS elsewhere"
     )
-    return Position(int(row["system_identifier"]), Snapshot.parse(row["snapshot"]))
+    snapshot = Snapshot.parse(row["snapshot"])
+    elsewhere = {int(xid) for xid in row["elsewhere"]}
+    # backend_xid is 32 bits: matched against the running ids modulo 2^32.
+    writers = [xid for xid in snapshot.running if xid % 2**32 not in elsewhere]
+    return Position(int(row["system_identifier"]), snapshot, min(writers, default=snapshot.xmax))
 
 
 def issues_cursors(dataset: Dataset, limit: int | None) -> bool:
@@ -80,6 +96,7 @@ def cursor_for(query: ExportQuery, position: Position, secret: bytes) -> str:
             digest(dataset.name),
             digest(*query.filter_terms),
             position.snapshot,
+            position.oldest_writer,
         ),
         secret,
     )
@@ -124,7 +141,7 @@ async def plan_pull(
         )
     if cursor.relid != dataset.relid:
         raise CursorExpired(f"{dataset.name!r} has been dropped and created again since")
-    if now.snapshot.xmax - then.oldest_running > HORIZON:
+    if now.snapshot.xmax - cursor.snapshot.oldest_running > HORIZON:
         raise CursorExpired("this cursor is too many transactions old")
     tracking = None if role is not None else await _tracking(connection, dataset)
     if tracking is not None and then.saw_committed(tracking.since_xid):
@@ -154,9 +171,9 @@ async def plan_pull(
             )
         raise CursorExpired("this cursor is older than the table's change tracking")
     max_age = await connection.fetchval(
-        "SELECT age($1::text::xid)", str(then.oldest_running % 2**32)
+        "SELECT age($1::text::xid)", str(cursor.oldest_writer % 2**32)
     )
-    return VersionsSince(int(max_age)), -1 if has_undecidable(then) else 0
+    return VersionsSince(int(max_age)), -1 if has_undecidable(cursor) else 0
 
 
 async def _tracking(connection: Any, dataset: Dataset) -> Tracking | None:
@@ -182,8 +199,9 @@ async def _tracking(connection: Any, dataset: Dataset) -> Tracking | None:
     )
 
 
-def has_undecidable(then: Snapshot) -> bool:
-    """Whether some transaction id between the snapshot's oldest running one and its xmax was
-    not listed as running: a version with that xmin may or may not have been visible."""
-    listed = sum(1 for xid in then.running if xid > then.oldest_running)
-    return then.xmax - then.oldest_running - 1 > listed
+def has_undecidable(cursor: Cursor) -> bool:
+    """Whether some transaction id between the cursor's oldest writer and its snapshot's xmax
+    was not listed as running: a version with that xmin may or may not have been visible."""
+    then, oldest = cursor.snapshot, cursor.oldest_writer
+    listed = sum(1 for xid in then.running if xid > oldest)
+    return then.xmax - oldest - 1 > listed

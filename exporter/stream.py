@@ -154,7 +154,7 @@ class ExportStream:
             if repeated < 0:
                 then = self.since.snapshot
                 sql, args = build_repeat_count(
-                    self.query, then.oldest_running, then.xmax, then.running
+                    self.query, self.since.oldest_writer, then.xmax, then.running
                 )
                 repeated = int(await connection.fetchval(sql, *args))
             self.possibly_repeated = repeated

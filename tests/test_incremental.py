@@ -1,0 +1,482 @@
+"""Incremental pulls (since=), through the real server: cursors, both modes, and every way a
+cursor is refused. The invariant under concurrent writers is tests/test_incremental_invariant.py.
+"""
+
+import asyncio
+import base64
+import json
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import httpx
+import pytest
+
+from exporter.cursor import Cursor, CursorInvalid, Snapshot, decode, digest, encode
+from tests.conftest import ExportDatabase, Server, new_key, run_sql, start_server, stop_server
+
+
+def _dsn(url: str) -> str:
+    return "postgresql://" + url.partition("://")[2]
+
+
+def exporter_cli(database: ExportDatabase, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "exporter", *args],
+        env={"EXPORTER_DATABASE_URL": database.url, "PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+@pytest.fixture
+def table(database: ExportDatabase) -> Iterator[str]:
+    name = f"inc_{uuid.uuid4().hex[:8]}"
+    run_sql(
+        database.url,
+        f"CREATE TABLE {name} (id bigint PRIMARY KEY, v text NOT NULL)",
+        f"INSERT INTO {name} SELECT g, 'v' || g FROM generate_series(1, 5) g",
+    )
+    yield name
+    run_sql(database.url, f"DROP TABLE IF EXISTS {name}")
+
+
+def tracked(database: ExportDatabase, name: str) -> None:
+    result = exporter_cli(database, "track", name)
+    assert result.returncode == 0, result.stderr
+    assert f"tracking {name}" in result.stdout
+
+
+def lines(response: httpx.Response) -> list[dict[str, Any]]:
+    assert response.status_code == 200, response.text
+    return [json.loads(line) for line in response.text.splitlines()]
+
+
+def full(client: httpx.Client, name: str, **params: str) -> tuple[list[dict[str, Any]], str]:
+    response = client.get(f"/datasets/{name}.ndjson", params=params)
+    return lines(response), response.headers["x-export-cursor"]
+
+
+def pull(
+    client: httpx.Client, name: str, cursor: str, **params: str
+) -> tuple[list[dict[str, Any]], httpx.Response]:
+    response = client.get(f"/datasets/{name}.ndjson", params={"since": cursor, **params})
+    return lines(response), response
+
+
+def refused(response: httpx.Response, status: int, words: str) -> None:
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"] == "application/problem+json"
+    assert words in response.json()["detail"], response.json()
+
+
+# --- the cursor itself -------------------------------------------------------------------------
+
+
+def test_a_cursor_round_trips_and_any_change_is_refused() -> None:
+    secret = b"s" * 32
+    snapshot = Snapshot(2**40, 2**40 + 900, (2**40, 2**40 + 7))
+    cursor = Cursor(2**63 + 5, 2**32 - 1, digest("t"), digest(), snapshot, 2**40 + 7)
+    token = encode(cursor, secret)
+    assert decode(token, secret) == cursor
+    raw = bytearray(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
+    for i in range(len(raw)):
+        altered = bytearray(raw)
+        altered[i] ^= 1
+        text = base64.urlsafe_b64encode(bytes(altered)).rstrip(b"=").decode()
+        with pytest.raises(CursorInvalid):
+            decode(text, secret)
+    with pytest.raises(CursorInvalid):
+        decode(token, b"another secret")
+    for garbage in ("", "x", "!!!!", token[:-3], token + "AAAA", "A" * 20_000):
+        with pytest.raises(CursorInvalid):
+            decode(garbage, secret)
+
+
+def test_snapshot_text_and_what_it_saw() -> None:
+    snapshot = Snapshot.parse("100:110:100,104")
+    assert str(snapshot) == "100:110:100,104"
+    assert snapshot.oldest_running == 100
+    assert snapshot.saw_committed(99) and snapshot.saw_committed(103)
+    assert not snapshot.saw_committed(104) and not snapshot.saw_committed(110)
+    assert Snapshot.parse("7:7:").oldest_running == 7
+
+
+# --- which exports hand out cursors ------------------------------------------------------------
+
+
+def test_a_table_export_carries_a_cursor_a_view_or_a_limited_one_does_not(
+    client: httpx.Client, database: ExportDatabase, table: str
+) -> None:
+    run_sql(database.url, f"CREATE VIEW {table}_v AS SELECT * FROM {table}")
+    try:
+        for extension in ("csv", "ndjson"):
+            response = client.get(f"/datasets/{table}.{extension}")
+            assert response.status_code == 200
+            assert response.headers["x-export-cursor"]
+            assert "x-export-cursor-mode" not in response.headers
+        assert "x-export-cursor" not in client.get(f"/datasets/{table}_v.csv").headers
+        assert "x-export-cursor" not in client.get(f"/datasets/{table}.csv?limit=2").headers
+        _, cursor = full(client, table)
+        refused(
+            client.get(f"/datasets/{table}_v.ndjson", params={"since": cursor}),
+            400,
+            "needs a table",
+        )
+    finally:
+        run_sql(database.url, f"DROP VIEW {table}_v")
+
+
+# --- snapshot mode -----------------------------------------------------------------------------
+
+
+def test_snapshot_mode_returns_new_versions_once_and_keeps_the_filters(
+    client: httpx.Client, database: ExportDatabase, table: str
+) -> None:
+    rows, cursor = full(client, table, v="like.v*")
+    assert len(rows) == 5
+    run_sql(
+        database.url,
+        f"UPDATE {table} SET v = 'v-two' WHERE id = 2",
+        f"INSERT INTO {table} VALUES (6, 'v6'), (7, 'other')",
+        f"DELETE FROM {table} WHERE id = 3",
+    )
+    changed, response = pull(client, table, cursor, v="like.v*")
+    assert response.headers["x-export-cursor-mode"] == "snapshot"
+    assert response.headers["x-export-possibly-repeated"] == "0"
+    assert changed == [{"id": 2, "v": "v-two"}, {"id": 6, "v": "v6"}]
+    # Retried with the same cursor: the same rows, plus newer ones.
+    run_sql(database.url, f"INSERT INTO {table} VALUES (8, 'v8')")
+    again, _ = pull(client, table, cursor, v="like.v*")
+    assert again == changed + [{"id": 8, "v": "v8"}]
+    # The next cursor: only what came after it.
+    nothing, _ = pull(client, table, response.headers["x-export-cursor"], v="like.v*")
+    assert nothing == [{"id": 8, "v": "v8"}]
+    # Other filters than the cursor's would miss rows that only they match.
+    refused(client.get(f"/datasets/{table}.ndjson", params={"since": cursor}), 400, "filters")
+    # CSV pulls too.
+    csv_pull = client.get(f"/datasets/{table}.csv", params={"since": cursor, "v": "like.v*"})
+    assert csv_pull.text.splitlines() == ["id,v", "2,v-two", "6,v6", "8,v8"]
+
+
+def test_snapshot_mode_never_misses_a_savepoint_write_and_counts_what_may_repeat(
+    server: Server, database: ExportDatabase, table: str
+) -> None:
+    """The trap of the issue: transaction A inserts a row, then another inside a savepoint,
+    and stays open; B commits; the cursor's snapshot is taken; A commits. The savepoint row's
+    xmin is a subtransaction id that no snapshot lists."""
+
+    async def scenario() -> None:
+        a = await asyncpg.connect(_dsn(database.url))
+        b = await asyncpg.connect(_dsn(database.url))
+        try:
+            await a.execute("BEGIN")
+            await a.execute(f"INSERT INTO {table} VALUES (100, 'a')")
+            await a.execute("SAVEPOINT s")
+            await a.execute(f"INSERT INTO {table} VALUES (101, 'a in savepoint')")
+            await a.execute("RELEASE SAVEPOINT s")
+            await b.execute(f"INSERT INTO {table} VALUES (200, 'b')")
+            async with httpx.AsyncClient(
+                base_url=server.base_url, headers={"Authorization": f"Bearer {database.key}"}
+            ) as client:
+                first = await client.get(f"/datasets/{table}.ndjson")
+                seen = {row["id"] for row in map(json.loads, first.text.splitlines())}
+                assert 200 in seen and 100 not in seen and 101 not in seen
+                await a.execute("COMMIT")
+                response = await client.get(
+                    f"/datasets/{table}.ndjson",
+                    params={"since": first.headers["x-export-cursor"]},
+                )
+            ids = [row["id"] for row in map(json.loads, response.text.splitlines())]
+            # Never missed: both of A's rows. B's row may come again (its transaction ended
+            # while A, open at the cursor, ran), and so may the savepoint's row: both are
+            # counted; A's own first row is certainly new.
+            assert sorted(ids) == [100, 101, 200]
+            assert response.headers["x-export-possibly-repeated"] == "2"
+        finally:
+            await a.close()
+            await b.close()
+
+    asyncio.run(scenario())
+
+
+# --- tracked mode ------------------------------------------------------------------------------
+
+
+def test_tracked_mode_is_exact_savepoints_exception_blocks_and_deletes_included(
+    server: Server, client: httpx.Client, database: ExportDatabase, table: str
+) -> None:
+    tracked(database, table)
+
+    async def scenario() -> tuple[list[int], httpx.Response]:
+        a = await asyncpg.connect(_dsn(database.url))
+        b = await asyncpg.connect(_dsn(database.url))
+        try:
+            await a.execute("BEGIN")
+            await a.execute(f"INSERT INTO {table} VALUES (100, 'a')")
+            await a.execute("SAVEPOINT s")
+            await a.execute(f"INSERT INTO {table} VALUES (101, 'a in savepoint')")
+            await a.execute("RELEASE SAVEPOINT s")
+            await a.execute("SAVEPOINT r")
+            await a.execute(f"INSERT INTO {table} VALUES (102, 'rolled back')")
+            await a.execute("ROLLBACK TO SAVEPOINT r")
+            await b.execute(f"INSERT INTO {table} VALUES (200, 'b')")
+            async with httpx.AsyncClient(
+                base_url=server.base_url, headers={"Authorization": f"Bearer {database.key}"}
+            ) as http:
+                first = await http.get(f"/datasets/{table}.ndjson")
+                await a.execute(
+                    "DO $$ BEGIN"
+                    f" BEGIN INSERT INTO {table} VALUES (103, 'in a block'); END;"
+                    f" BEGIN INSERT INTO {table} VALUES (104, 'undone');"
+                    "   RAISE EXCEPTION 'undo'; EXCEPTION WHEN raise_exception THEN NULL; END;"
+                    " END $$"
+                )
+                await a.execute("COMMIT")
+                response = await http.get(
+                    f"/datasets/{table}.ndjson",
+                    params={"since": first.headers["x-export-cursor"], "deletes": "true"},
+                )
+            return [row["id"] for row in map(json.loads, response.text.splitlines())], response
+        finally:
+            await a.close()
+            await b.close()
+
+    ids, response = asyncio.run(scenario())
+    assert response.headers["x-export-cursor-mode"] == "tracked"
+    assert response.headers["x-export-possibly-repeated"] == "0"
+    # Exactly A's committed rows: not B's, which the cursor saw; not the rolled-back ones.
+    assert ids == [100, 101, 103]
+
+    cursor = response.headers["x-export-cursor"]
+    run_sql(
+        database.url,
+        f"DELETE FROM {table} WHERE id = 1",
+        f"UPDATE {table} SET id = 50 WHERE id = 2",
+        f"UPDATE {table} SET v = 'changed' WHERE id = 4",
+        # Inserted and deleted after the cursor: a tombstone for a key the job never had.
+        f"INSERT INTO {table} VALUES (300, 'brief')",
+        f"DELETE FROM {table} WHERE id = 300",
+    )
+    changed, response = pull(client, table, cursor, deletes="true")
+    assert changed == [
+        {"id": 4, "v": "changed"},
+        {"id": 50, "v": "v2"},
+        {"_deleted": {"id": 1}},
+        {"_deleted": {"id": 2}},
+        {"_deleted": {"id": 300}},
+    ]
+    # Without deletes: the rows only.
+    rows, _ = pull(client, table, cursor)
+    assert rows == [{"id": 4, "v": "changed"}, {"id": 50, "v": "v2"}]
+    # Wide numbers as strings, tombstones alike.
+    as_strings, _ = pull(client, table, cursor, deletes="true", numbers="string")
+    assert as_strings[2] == {"_deleted": {"id": "1"}}
+
+    cursor = response.headers["x-export-cursor"]
+    run_sql(database.url, f"TRUNCATE {table}", f"INSERT INTO {table} VALUES (7, 'after')")
+    after_truncate, _ = pull(client, table, cursor, deletes="true")
+    deleted = sorted(line["_deleted"]["id"] for line in after_truncate if "_deleted" in line)
+    assert deleted == [3, 4, 5, 50, 100, 101, 103, 200]
+    assert {"id": 7, "v": "after"} in after_truncate
+
+
+def test_a_tracked_pull_with_filters_deletes_what_left_them(
+    client: httpx.Client, database: ExportDatabase, table: str
+) -> None:
+    tracked(database, table)
+    _, cursor = full(client, table, id="lte.3")
+    run_sql(
+        database.url,
+        f"UPDATE {table} SET id = 30 WHERE id = 3",
+        f"UPDATE {table} SET v = 'x' WHERE id IN (1, 5)",
+    )
+    changed, _ = pull(client, table, cursor, id="lte.3", deletes="true")
+    assert {"id": 1, "v": "x"} in changed
+    assert {"_deleted": {"id": 3}} in changed
+    # 5 and 30 changed, but match no filter: gone from the filtered copy, if it had them.
+    assert {"_deleted": {"id": 5}} in changed and {"_deleted": {"id": 30}} in changed
+    assert all(line.get("id") in (None, 1) for line in changed)
+
+
+def test_tracked_pulls_read_the_same_through_the_cursor_path(
+    database: ExportDatabase, table: str, tmp_path: Path
+) -> None:
+    tracked(database, table)
+    server = start_server(database.url, tmp_path, use_copy="false")
+    try:
+        with server.client(database.key) as client:
+            _, cursor = full(client, table)
+            run_sql(
+                database.url,
+                f"DELETE FROM {table} WHERE id = 1",
+                f"UPDATE {table} SET v = 'y' WHERE id = 2",
+            )
+            changed, response = pull(client, table, cursor, deletes="true")
+            assert response.headers["x-export-cursor-mode"] == "tracked"
+            assert changed == [{"id": 2, "v": "y"}, {"_deleted": {"id": 1}}]
+            csv_pull = client.get(f"/datasets/{table}.csv", params={"since": cursor})
+            assert csv_pull.text.splitlines() == ["id,v", "2,y"]
+    finally:
+        stop_server(server)
+
+
+def test_a_cursor_from_before_tracking_pulls_in_snapshot_mode_but_not_deletes(
+    client: httpx.Client, database: ExportDatabase, table: str
+) -> None:
+    _, cursor = full(client, table)
+    tracked(database, table)
+    run_sql(database.url, f"UPDATE {table} SET v = 'z' WHERE id = 5")
+    changed, response = pull(client, table, cursor)
+    assert response.headers["x-export-cursor-mode"] == "snapshot"
+    assert changed == [{"id": 5, "v": "z"}]
+    refused(
+        client.get(f"/datasets/{table}.ndjson", params={"since": cursor, "deletes": "true"}),
+        410,
+        "older than the table's change tracking",
+    )
+    # Its next cursor is tracked.
+    _, response = pull(client, table, response.headers["x-export-cursor"], deletes="true")
+    assert response.headers["x-export-cursor-mode"] == "tracked"
+
+
+def test_untracked_tables_go_back_to_snapshot_mode(
+    client: httpx.Client, database: ExportDatabase, table: str
+) -> None:
+    tracked(database, table)
+    _, cursor = full(client, table)
+    result = exporter_cli(database, "untrack", table)
+    assert result.returncode == 0 and f"stopped tracking {table}" in result.stdout
+    run_sql(database.url, f"UPDATE {table} SET v = 'z' WHERE id = 5")
+    changed, response = pull(client, table, cursor)
+    assert response.headers["x-export-cursor-mode"] == "snapshot"
+    assert changed == [{"id": 5, "v": "z"}]
+    refused(
+        client.get(f"/datasets/{table}.ndjson", params={"since": cursor, "deletes": "true"}),
+        400,
+        "needs a tracked table",
+    )
+    assert run_sql(database.url, "SELECT count(*) FROM exporter.changes")[0][0] >= 0
+    assert exporter_cli(database, "untrack", table).stdout.strip().endswith("was not tracked")
+
+
+def test_changes_past_the_retention_make_a_cursor_gone(
+    client: httpx.Client, database: ExportDatabase, table: str
+) -> None:
+    tracked(database, table)
+    _, cursor = full(client, table)
+    run_sql(database.url, f"UPDATE {table} SET v = 'z' WHERE id = 5")
+    _, fresh = pull(client, table, cursor, deletes="true")
+    result = exporter_cli(database, "prune-changes", "--retention", "0")
+    assert result.returncode == 0, result.stderr
+    assert "deleted" in result.stdout
+    refused(
+        client.get(f"/datasets/{table}.ndjson", params={"since": cursor, "deletes": "true"}),
+        410,
+        "retention",
+    )
+    # A cursor taken after the pruning is honoured.
+    _, later = full(client, table)
+    run_sql(database.url, f"UPDATE {table} SET v = 'w' WHERE id = 4")
+    changed, _ = pull(client, table, later, deletes="true")
+    assert changed == [{"id": 4, "v": "w"}]
+    assert fresh.status_code == 200
+
+
+# --- refusals ----------------------------------------------------------------------------------
+
+
+def test_bad_cursors_and_parameters_are_400s(
+    client: httpx.Client, database: ExportDatabase, table: str
+) -> None:
+    _, cursor = full(client, table)
+    path = f"/datasets/{table}.ndjson"
+    flipped = cursor[:10] + ("A" if cursor[10] != "A" else "B") + cursor[11:]
+    for bad, words in [
+        ("garbage!", "not a cursor"),
+        ("", "not a cursor"),
+        (flipped, "not a cursor"),
+        ("A" * 20_000, "longer than"),
+    ]:
+        refused(client.get(path, params={"since": bad}), 400, words)
+    refused(client.get(path, params={"since": cursor, "limit": "3"}), 400, "limit")
+    refused(client.get(path, params={"deletes": "true"}), 400, "goes with since")
+    refused(client.get(path, params={"since": cursor, "deletes": "yes"}), 400, "true or false")
+    refused(
+        client.get(f"/datasets/{table}.csv", params={"since": cursor, "deletes": "true"}),
+        400,
+        "NDJSON",
+    )
+    refused(client.get(path, params={"since": cursor, "deletes": "true"}), 400, "tracked table")
+    refused(client.get("/datasets/people.ndjson", params={"since": cursor}), 400, "another dataset")
+    refused(client.get(path, params=[("since", cursor), ("since", cursor)]), 400, "more than once")
+
+
+def test_a_table_made_again_makes_its_cursors_gone(
+    client: httpx.Client, database: ExportDatabase, table: str
+) -> None:
+    _, cursor = full(client, table)
+    run_sql(
+        database.url,
+        f"DROP TABLE {table}",
+        f"CREATE TABLE {table} (id bigint PRIMARY KEY, v text NOT NULL)",
+    )
+    refused(client.get(f"/datasets/{table}.ndjson", params={"since": cursor}), 410, "created again")
+
+
+def test_a_key_with_a_role_pulls_in_snapshot_mode_without_deletes(
+    client: httpx.Client, database: ExportDatabase, table: str, server: Server
+) -> None:
+    role = f"reader_{uuid.uuid4().hex[:8]}"
+    run_sql(database.url, f"CREATE ROLE {role}", f"GRANT SELECT ON {table} TO {role}")
+    try:
+        tracked(database, table)
+        key = new_key(database.url, role=role)
+        with server.client(key) as role_client:
+            _, cursor = full(role_client, table)
+            run_sql(database.url, f"UPDATE {table} SET v = 'r' WHERE id = 1")
+            changed, response = pull(role_client, table, cursor)
+            assert response.headers["x-export-cursor-mode"] == "snapshot"
+            assert changed == [{"id": 1, "v": "r"}]
+            refused(
+                role_client.get(
+                    f"/datasets/{table}.ndjson", params={"since": cursor, "deletes": "true"}
+                ),
+                400,
+                "role",
+            )
+    finally:
+        run_sql(database.url, f"DROP OWNED BY {role}", f"DROP ROLE {role}")
+
+
+def test_track_refuses_what_it_cannot_track(database: ExportDatabase, table: str) -> None:
+    run_sql(
+        database.url,
+        f"CREATE TABLE {table}_nokey (v text)",
+        f"CREATE TABLE {table}_float (x float8 PRIMARY KEY)",
+        f"CREATE VIEW {table}_view AS SELECT 1 AS one",
+    )
+    try:
+        for suffix, words in [
+            ("_nokey", "no primary key"),
+            ("_float", "double precision"),
+            ("_view", "only tables"),
+            ("_missing", "no dataset named"),
+        ]:
+            result = exporter_cli(database, "track", table + suffix)
+            assert result.returncode != 0
+            assert words in result.stderr, result.stderr
+        tracked(database, table)
+        assert exporter_cli(database, "track", table).stdout.strip().endswith("was tracked")
+    finally:
+        run_sql(
+            database.url,
+            f"DROP TABLE {table}_nokey",
+            f"DROP TABLE {table}_float",
+            f"DROP VIEW {table}_view",
+        )
