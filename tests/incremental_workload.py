@@ -38,6 +38,13 @@ def asyncpg_dsn(url: str) -> str:
     return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
 
 
+def other_database(url: str) -> str:
+    """Another database of the same cluster: `postgres`, which every cluster has (unless the
+    workload's own database is that one: then template1, only read)."""
+    other = "postgres" if make_url(url).database != "postgres" else "template1"
+    return make_url(url).set(database=other).render_as_string(hide_password=False)
+
+
 @dataclass(frozen=True)
 class Workload:
     """The table `name` (in schema public, exported as dataset `name`), its sequence and its
@@ -654,6 +661,13 @@ async def run_workload(
     async with httpx.AsyncClient(base_url=base_url, headers=headers, timeout=60) as client:
         poller = Poller(client, workload, mode)
         conns = [await asyncpg.connect(asyncpg_dsn(database_url)) for _ in range(workload.writers)]
+        # A transaction left open in another database of the cluster, with an id older than
+        # every writer's: it cannot write here, and must neither hide a writer's versions
+        # nor make every pull repeat everything.
+        bystander = await asyncpg.connect(asyncpg_dsn(other_database(database_url)))
+        conns.append(bystander)
+        await bystander.execute("BEGIN")
+        await bystander.fetchval("SELECT pg_current_xact_id()")
         try:
             initial = await read_table(database_url, workload)
             poller.history.committing(dict(initial), sent=-1.0)
@@ -662,7 +676,7 @@ async def run_workload(
             await poller.pull()
             writers = [
                 Writer(n, conn, workload, poller, stats, seed * 1000 + n, pause_s)
-                for n, conn in enumerate(conns)
+                for n, conn in enumerate(conns[: workload.writers])
             ]
             stop, writers_done = asyncio.Event(), asyncio.Event()
 
