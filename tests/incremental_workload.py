@@ -470,7 +470,7 @@ class Writer:
             # The transaction starts without an xid; it takes one only after a pull.
             await self.conn.fetchval(f"SELECT count(*) FROM public.{self.workload.name}")
             await self.poller.wait_for_pulls(1, timeout_s=5)
-        steps = self.steps(kind)
+        steps = self.steps(kind, scripted)
         for position, step in enumerate(steps):
             if late and position:
                 await self.poller.wait_for_pulls(1, timeout_s=5)
@@ -497,10 +497,12 @@ class Writer:
         if late and first_write_at is not None and self.poller.finished >= first_write_at + 2:
             self.stats["late commits (open across 2+ pulls)"] += 1
 
-    def steps(self, kind: str) -> list[Callable[[dict[int, Row | None], Counter[str]], Any]]:
+    def steps(
+        self, kind: str, scripted: bool
+    ) -> list[Callable[[dict[int, Row | None], Counter[str]], Any]]:
         rng = self.rng
         if kind == "plain":
-            return [self.plain]
+            return [self.every_statement] if scripted else [self.plain]
         if kind == "savepoint":
             chosen = [self.savepoint(release=True), self.savepoint(release=False)]
             rng.shuffle(chosen)
@@ -530,11 +532,7 @@ class Writer:
         upserts, deletes = self.pick()
         origin = f"{self.origin}, {where}"
         if len(upserts) > 1 and self.rng.random() < 0.3:
-            payload = self.payload()
-            for row in await self.conn.fetch(self.update_many_sql, upserts, payload):
-                changes[int(row["id"])] = (int(row["version"]), payload)
-                self.origins[int(row["id"])] = f"{origin} (an UPDATE of several rows)"
-                counts["rows updated by multi-row updates"] += 1
+            await self.update_many(upserts, changes, counts, origin)
             upserts = []
         for id_ in upserts:
             payload = self.payload()
@@ -543,16 +541,50 @@ class Writer:
             self.origins[id_] = origin
         for id_ in deletes:
             if self.rng.random() < 0.3:
-                new, payload = self.rng.choice(self.ids), self.payload()
-                version = await self.conn.fetchval(self.move_sql, id_, new, payload)
-                if version is not None:
-                    changes[id_], changes[new] = None, (int(version), payload)
-                    self.origins[id_] = f"{origin} (its key changed to {new})"
-                    self.origins[new] = f"{origin} (key changed from {id_})"
-                    counts["key changes"] += 1
+                await self.move(id_, self.rng.choice(self.ids), changes, counts, origin)
             elif await self.conn.fetchval(self.delete_sql, id_) is not None:
                 changes[id_] = None
                 self.origins[id_] = origin
+
+    async def every_statement(self, changes: dict[int, Row | None], counts: Counter[str]) -> None:
+        """A step with each kind of statement, on rows known to exist (or not)."""
+        origin = f"{self.origin}, plain write"
+        existing = {
+            int(r["id"])
+            for r in await self.conn.fetch(
+                f"SELECT id FROM public.{self.workload.name} WHERE id = ANY($1)", self.ids
+            )
+        }
+        held, free = sorted(existing), sorted(set(self.ids) - existing)
+        await self.update_many(held[:3], changes, counts, origin)
+        await self.move(held[3], free[0], changes, counts, origin)
+        if await self.conn.fetchval(self.delete_sql, held[4]) is not None:
+            changes[held[4]] = None
+            self.origins[held[4]] = origin
+        payload = self.payload()
+        version = await self.conn.fetchval(self.upsert_sql, free[1], payload)
+        changes[free[1]] = (int(version), payload)
+        self.origins[free[1]] = origin
+
+    async def update_many(
+        self, ids: list[int], changes: dict[int, Row | None], counts: Counter[str], origin: str
+    ) -> None:
+        payload = self.payload()
+        for row in await self.conn.fetch(self.update_many_sql, ids, payload):
+            changes[int(row["id"])] = (int(row["version"]), payload)
+            self.origins[int(row["id"])] = f"{origin} (an UPDATE of several rows)"
+            counts["rows updated by multi-row updates"] += 1
+
+    async def move(
+        self, old: int, new: int, changes: dict[int, Row | None], counts: Counter[str], origin: str
+    ) -> None:
+        payload = self.payload()
+        version = await self.conn.fetchval(self.move_sql, old, new, payload)
+        if version is not None:
+            changes[old], changes[new] = None, (int(version), payload)
+            self.origins[old] = f"{origin} (its key changed to {new})"
+            self.origins[new] = f"{origin} (key changed from {old})"
+            counts["key changes"] += 1
 
     def savepoint(self, release: bool) -> Callable[[dict[int, Row | None], Counter[str]], Any]:
         async def step(changes: dict[int, Row | None], counts: Counter[str]) -> None:
