@@ -6,11 +6,16 @@ them: CREATE TRIGGER waits for every transaction writing the table to end, so wh
 snapshot that saw the tracking transaction committed did not see is in the change table.
 """
 
+import asyncio
+import logging
 from dataclasses import dataclass
 from typing import Any
 
 from exporter.catalog import Dataset
-from exporter.db import quote_ident
+from exporter.db import Pool, quote_ident
+from exporter.settings import Settings
+
+log = logging.getLogger(__name__)
 
 # The key's text forms must read back as the same value whatever the writer's settings:
 # jsonb keeps numbers, booleans, dates and times in fixed forms; floats (extra_float_digits),
@@ -150,6 +155,23 @@ async def prune(connection: Any, retention_s: float) -> Pruned | None:
             "DELETE FROM exporter.xid_clock WHERE xid < $1::text::xid8", cutoff
         )
     return Pruned(deleted, int(cutoff))
+
+
+async def prune_changes_forever(pool: Pool, settings: Settings) -> None:
+    """`serve`'s pruning: every prune_interval_s, in every process (one prunes at a time).
+    Failures are logged, never fatal: a read-only replica or a database never migrated for
+    tracking simply has nothing to prune here."""
+    while True:
+        await asyncio.sleep(settings.prune_interval_s)
+        try:
+            async with pool.connection() as connection:
+                if await connection.fetchval("SELECT to_regclass('exporter.changes')") is None:
+                    continue
+                pruned = await prune(connection, settings.change_retention_s)
+            if pruned is not None and pruned.changes:
+                log.info("pruned %d recorded changes", pruned.changes)
+        except Exception as exc:
+            log.warning("could not prune recorded changes: %s", exc)
 
 
 def _literal(text: str) -> str:

@@ -7,6 +7,7 @@ import base64
 import json
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -480,3 +481,25 @@ def test_track_refuses_what_it_cannot_track(database: ExportDatabase, table: str
             f"DROP TABLE {table}_float",
             f"DROP VIEW {table}_view",
         )
+
+
+def test_serve_prunes_changes_past_the_retention(
+    database: ExportDatabase, table: str, tmp_path: Path
+) -> None:
+    tracked(database, table)
+    server = start_server(database.url, tmp_path, change_retention_s="0", prune_interval_s="0.2")
+    try:
+        with server.client(database.key) as client:
+            _, cursor = full(client, table)
+            run_sql(database.url, f"UPDATE {table} SET v = 'z' WHERE id = 5")
+            deadline = time.monotonic() + 10
+            while True:
+                response = client.get(
+                    f"/datasets/{table}.ndjson", params={"since": cursor, "deletes": "true"}
+                )
+                if response.status_code == 410 or time.monotonic() > deadline:
+                    break
+                time.sleep(0.2)
+            refused(response, 410, "retention")
+    finally:
+        stop_server(server)
