@@ -503,3 +503,17 @@ def test_serve_prunes_changes_past_the_retention(
             refused(response, 410, "retention")
     finally:
         stop_server(server)
+
+
+def test_pruning_forgets_dropped_tracked_tables(database: ExportDatabase, table: str) -> None:
+    tracked(database, table)
+    (relid,) = run_sql(database.url, f"SELECT '{table}'::regclass::oid::bigint")[0]
+    run_sql(database.url, f"UPDATE {table} SET v = 'gone' WHERE id = 1", f"DROP TABLE {table}")
+    assert exporter_cli(database, "prune-changes").returncode == 0
+    left = run_sql(
+        database.url,
+        f"SELECT (SELECT count(*) FROM exporter.tracked_tables WHERE relid = {relid}),"
+        f" (SELECT count(*) FROM exporter.changes WHERE relid = {relid}),"
+        f" to_regproc('exporter.track_{relid}') IS NULL",
+    )[0]
+    assert tuple(left) == (0, 0, True)
