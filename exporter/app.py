@@ -1,3 +1,5 @@
+import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -17,6 +19,7 @@ from exporter.middleware import (
 )
 from exporter.responses import ActiveExports
 from exporter.settings import Settings
+from exporter.tracking import prune_changes_forever
 
 log = logging.getLogger(__name__)
 
@@ -31,9 +34,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.databases = databases
         app.state.active_exports = active = ActiveExports()
         release_free_memory()
+        pruning = asyncio.create_task(prune_changes_forever(databases.exports, settings))
         try:
             yield
         finally:
+            pruning.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await pruning
             # Exports cancelled by a shutdown still roll back and write their export log
             # entries (shielded); the pools must outlive that.
             left = await active.wait(settings.cleanup_timeout_s + 5)

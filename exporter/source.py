@@ -175,15 +175,10 @@ def _build(
     dataset = query.dataset
     relation = f"{quote_ident(dataset.schema)}.{quote_ident(dataset.relation)} AS t"
     changes = query.changes
-    conditions = []
     if isinstance(changes, ChangesSince):
         # Filters join the changed keys to their rows: with deletes, a changed row that no
         # longer matches them leaves the job's copy as a deleted one does.
         relation = _changed_rows(changes, relation, query.filters, parameters)
-    else:
-        conditions = [_condition(f, parameters) for f in query.filters]
-        if isinstance(changes, VersionsSince):
-            conditions.append(_new_version(changes, parameters))
     if rendering is Rendering.COLUMNS:
         # COPY renders every value with its output function and names the header's columns.
         select = ", ".join(f"{_column_ref(c)} AS {quote_ident(c.name)}" for c in query.columns)
@@ -222,6 +217,11 @@ def _build(
         if isinstance(changes, ChangesSince) and changes.deletes:
             select, from_clause = _with_tombstones(changes, render, select, from_clause)
 
+    conditions = []
+    if not isinstance(changes, ChangesSince):
+        conditions = [_condition(f, parameters) for f in query.filters]
+    if isinstance(changes, VersionsSince):
+        conditions.append(_new_version(changes, parameters))
     sql = f"SELECT {select} FROM {from_clause}"
     if conditions:
         sql += " WHERE " + " AND ".join(conditions)

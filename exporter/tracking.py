@@ -1,16 +1,28 @@
 """Tracked tables (exporter track / untrack) and the change table's retention.
 
-Tracking installs statement-level triggers that call exporter.record_changes() (migration
-0004) with the table's primary key columns. Tracking begins with the transaction that installs
-them: CREATE TRIGGER waits for every transaction writing the table to end, so whatever a
-snapshot that saw the tracking transaction committed did not see is in the change table.
+Tracking installs statement-level triggers, over transition tables, that call a function made
+for the table (exporter.track_<oid>): one INSERT into exporter.changes per statement, however
+many rows it wrote, recording each changed key with pg_current_xact_id(), the top-level
+transaction's id even inside a savepoint or an exception block. The function's SQL is static,
+so PL/pgSQL plans it once per session. SECURITY DEFINER: writers need no privilege on the
+service's schema. Keys are kept as jsonb, whose text forms of numbers, booleans, dates and times
+do not depend on the writer's DateStyle or extra_float_digits.
+
+Tracking begins with the transaction that installs the triggers: CREATE TRIGGER waits for every
+transaction writing the table to end, so whatever a snapshot that saw the tracking transaction
+committed did not see is in the change table.
 """
 
+import asyncio
+import logging
 from dataclasses import dataclass
 from typing import Any
 
 from exporter.catalog import Dataset
-from exporter.db import quote_ident
+from exporter.db import Pool, quote_ident
+from exporter.settings import Settings
+
+log = logging.getLogger(__name__)
 
 # The key's text forms must read back as the same value whatever the writer's settings:
 # jsonb keeps numbers, booleans, dates and times in fixed forms; floats (extra_float_digits),
@@ -49,6 +61,52 @@ def _trigger_name(event: str) -> str:
     return f"exporter_track_{event}"
 
 
+def _function_name(dataset: Dataset) -> str:
+    return f"exporter.track_{int(dataset.relid)}"
+
+
+def _record_function(dataset: Dataset) -> str:
+    """The table's trigger function. Identifiers come from the catalog, quoted."""
+    relid = int(dataset.relid)
+    keys = tuple(quote_ident(name) for name in dataset.primary_key)
+
+    def key_of(alias: str) -> str:
+        pairs = ", ".join(
+            f"{_literal(name)}, {alias}.{key}"
+            for name, key in zip(dataset.primary_key, keys, strict=True)
+        )
+        return f"jsonb_build_object({pairs})"
+
+    def insert(op: str, source: str) -> str:
+        return (
+            "INSERT INTO exporter.changes (relid, xid, op, key)"
+            f" SELECT {relid}, pg_current_xact_id(), '{op}', {key_of('r')} FROM {source}"
+        )
+
+    same_key = " AND ".join(f"n.{key} = r.{key}" for key in keys)
+    return f"""
+CREATE OR REPLACE FUNCTION {_function_name(dataset)}() RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $track$
+BEGIN
+    IF TG_OP = 'INSERT' THEN
+        {insert("I", "new_rows AS r")};
+    ELSIF TG_OP = 'UPDATE' THEN
+        -- The new keys, and the old ones an update changed: both changed.
+        {insert("U", "new_rows AS r")};
+        {insert("U", "old_rows AS r")}
+            WHERE NOT EXISTS (SELECT FROM new_rows AS n WHERE {same_key});
+    ELSIF TG_OP = 'DELETE' THEN
+        {insert("D", "old_rows AS r")};
+    ELSE
+        -- TRUNCATE has no transition table: every row it removes is recorded as deleted
+        -- (it holds an ACCESS EXCLUSIVE lock: nobody else writes meanwhile).
+        {insert("D", _table(dataset) + " AS r")};
+    END IF;
+    RETURN NULL;
+END
+$track$"""
+
+
 async def track(connection: Any, dataset: Dataset) -> bool:
     """Track the dataset's table; False if it already was."""
     if dataset.relkind not in ("r", "p"):
@@ -76,11 +134,11 @@ async def track(connection: Any, dataset: Dataset) -> bool:
         )
         if tracked:
             return False
-        arguments = ", ".join(_literal(name) for name in dataset.primary_key)
+        await connection.execute(_record_function(dataset))
         for event, clause in _TRIGGERS.items():
             await connection.execute(
                 f"CREATE TRIGGER {_trigger_name(event)} {clause.format(table=_table(dataset))}"
-                f" FOR EACH STATEMENT EXECUTE FUNCTION exporter.record_changes({arguments})"
+                f" FOR EACH STATEMENT EXECUTE FUNCTION {_function_name(dataset)}()"
             )
         await connection.execute(
             "INSERT INTO exporter.tracked_tables (relid, key_columns, since_xid)"
@@ -100,6 +158,7 @@ async def untrack(connection: Any, dataset: Dataset) -> bool:
             await connection.execute(
                 f"DROP TRIGGER IF EXISTS {_trigger_name(event)} ON {_table(dataset)}"
             )
+        await connection.execute(f"DROP FUNCTION IF EXISTS {_function_name(dataset)}()")
         status = await connection.execute(
             "DELETE FROM exporter.tracked_tables WHERE relid = $1::bigint::oid", dataset.relid
         )
@@ -130,6 +189,7 @@ async def prune(connection: Any, retention_s: float) -> Pruned | None:
             " WHERE at <= clock_timestamp() - make_interval(secs => $1)",
             float(retention_s),
         )
+        await _forget_dropped_tables(connection)
         if cutoff is None:
             return Pruned(0, None)
         deleted = 0
@@ -150,6 +210,38 @@ async def prune(connection: Any, retention_s: float) -> Pruned | None:
             "DELETE FROM exporter.xid_clock WHERE xid < $1::text::xid8", cutoff
         )
     return Pruned(deleted, int(cutoff))
+
+
+async def _forget_dropped_tables(connection: Any) -> None:
+    """A dropped table takes its triggers with it, not its function, its changes or its row
+    in tracked_tables."""
+    gone = await connection.fetch(
+        "DELETE FROM exporter.tracked_tables AS t"
+        " WHERE NOT EXISTS (SELECT FROM pg_catalog.pg_class AS c WHERE c.oid = t.relid)"
+        " RETURNING relid::bigint"
+    )
+    for (relid,) in gone:
+        await connection.execute(
+            "DELETE FROM exporter.changes WHERE relid = $1::bigint::oid", relid
+        )
+        await connection.execute(f"DROP FUNCTION IF EXISTS exporter.track_{int(relid)}()")
+
+
+async def prune_changes_forever(pool: Pool, settings: Settings) -> None:
+    """`serve`'s pruning: every prune_interval_s, in every process (one prunes at a time).
+    Failures are logged, never fatal: a read-only replica or a database never migrated for
+    tracking simply has nothing to prune here."""
+    while True:
+        await asyncio.sleep(settings.prune_interval_s)
+        try:
+            async with pool.connection() as connection:
+                if await connection.fetchval("SELECT to_regclass('exporter.changes')") is None:
+                    continue
+                pruned = await prune(connection, settings.change_retention_s)
+            if pruned is not None and pruned.changes:
+                log.info("pruned %d recorded changes", pruned.changes)
+        except Exception as exc:
+            log.warning("could not prune recorded changes: %s", exc)
 
 
 def _literal(text: str) -> str:

@@ -7,6 +7,7 @@ import base64
 import json
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -480,3 +481,39 @@ def test_track_refuses_what_it_cannot_track(database: ExportDatabase, table: str
             f"DROP TABLE {table}_float",
             f"DROP VIEW {table}_view",
         )
+
+
+def test_serve_prunes_changes_past_the_retention(
+    database: ExportDatabase, table: str, tmp_path: Path
+) -> None:
+    tracked(database, table)
+    server = start_server(database.url, tmp_path, change_retention_s="0", prune_interval_s="0.2")
+    try:
+        with server.client(database.key) as client:
+            _, cursor = full(client, table)
+            run_sql(database.url, f"UPDATE {table} SET v = 'z' WHERE id = 5")
+            deadline = time.monotonic() + 10
+            while True:
+                response = client.get(
+                    f"/datasets/{table}.ndjson", params={"since": cursor, "deletes": "true"}
+                )
+                if response.status_code == 410 or time.monotonic() > deadline:
+                    break
+                time.sleep(0.2)
+            refused(response, 410, "retention")
+    finally:
+        stop_server(server)
+
+
+def test_pruning_forgets_dropped_tracked_tables(database: ExportDatabase, table: str) -> None:
+    tracked(database, table)
+    (relid,) = run_sql(database.url, f"SELECT '{table}'::regclass::oid::bigint")[0]
+    run_sql(database.url, f"UPDATE {table} SET v = 'gone' WHERE id = 1", f"DROP TABLE {table}")
+    assert exporter_cli(database, "prune-changes").returncode == 0
+    left = run_sql(
+        database.url,
+        f"SELECT (SELECT count(*) FROM exporter.tracked_tables WHERE relid = {relid}),"
+        f" (SELECT count(*) FROM exporter.changes WHERE relid = {relid}),"
+        f" to_regproc('exporter.track_{relid}') IS NULL",
+    )[0]
+    assert tuple(left) == (0, 0, True)

@@ -21,46 +21,6 @@ depends_on: str | Sequence[str] | None = None
 
 SCHEMA = "exporter"
 
-# Statement-level, over transition tables: one INSERT per statement, however many rows it
-# wrote. pg_current_xact_id() is the top-level transaction's id even inside a savepoint or an
-# exception block, which is what makes tracked pulls exact (see exporter/incremental.py).
-# SECURITY DEFINER: writers need no privilege on the service's schema. TG_ARGV holds the
-# table's primary key columns; the key is kept as jsonb, whose text forms of timestamps,
-# numbers and booleans do not depend on the writer's DateStyle or extra_float_digits.
-RECORD_CHANGES = """
-CREATE FUNCTION exporter.record_changes() RETURNS trigger
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-DECLARE
-    key_sql text;
-    rows_sql text;
-BEGIN
-    SELECT string_agg(format('%L, r.%I', k, k), ', ') INTO key_sql FROM unnest(TG_ARGV) AS k;
-    IF TG_OP = 'TRUNCATE' THEN
-        -- No transition table: every row the truncate removes is recorded as deleted.
-        EXECUTE format(
-            'INSERT INTO exporter.changes (relid, xid, op, key)'
-            ' SELECT $1, pg_current_xact_id(), ''D'', jsonb_build_object(%s) FROM %s AS r',
-            key_sql, TG_RELID::regclass) USING TG_RELID;
-        RETURN NULL;
-    END IF;
-    rows_sql := CASE TG_OP
-        WHEN 'INSERT' THEN format('SELECT ''I'', jsonb_build_object(%s) FROM new_rows AS r',
-                                  key_sql)
-        WHEN 'DELETE' THEN format('SELECT ''D'', jsonb_build_object(%s) FROM old_rows AS r',
-                                  key_sql)
-        -- An update may change the key: both the old key and the new one changed.
-        ELSE format('SELECT ''U'', jsonb_build_object(%1$s) FROM new_rows AS r'
-                    ' UNION SELECT ''U'', jsonb_build_object(%1$s) FROM old_rows AS r',
-                    key_sql)
-    END;
-    EXECUTE 'INSERT INTO exporter.changes (relid, xid, op, key)'
-            ' SELECT $1, pg_current_xact_id(), c.* FROM (' || rows_sql || ') AS c'
-        USING TG_RELID;
-    RETURN NULL;
-END
-$$
-"""
-
 
 def upgrade() -> None:
     op.create_table(
@@ -105,11 +65,16 @@ def upgrade() -> None:
         sa.Column("xid", XID8, nullable=False),
         schema=SCHEMA,
     )
-    op.execute(RECORD_CHANGES)
 
 
 def downgrade() -> None:
-    op.execute("DROP FUNCTION exporter.record_changes() CASCADE")
+    # The triggers of tracked tables go with their functions (exporter track makes both).
+    op.execute(
+        "DO $$ DECLARE f regprocedure; BEGIN"
+        " FOR f IN SELECT p.oid FROM pg_proc p"
+        "   WHERE p.pronamespace = 'exporter'::regnamespace AND p.proname LIKE 'track\\_%'"
+        " LOOP EXECUTE format('DROP FUNCTION %s CASCADE', f); END LOOP; END $$"
+    )
     op.drop_table("xid_clock", schema=SCHEMA)
     op.drop_index("changes_relid_xid", "changes", schema=SCHEMA)
     op.drop_table("changes", schema=SCHEMA)
