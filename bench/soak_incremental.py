@@ -21,6 +21,8 @@ from bench.table import default_database
 from tests.incremental_workload import Mode, Outcome, Workload, run_statements, run_workload
 
 SHOWN = 20
+# Its own database by default: the benchmark's may be in use by a server of another version.
+SOAK_DATABASE = "exporter_soak"
 
 
 def log(message: str) -> None:
@@ -40,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--database-url",
-        help="a database to use as is (default: database exporter_bench on "
+        help="a database to use as is (default: database exporter_soak on "
         "postgresql://postgres@127.0.0.1:5432, created if missing)",
     )
     parser.add_argument("--writers", type=int, default=4, help="writer connections (default 4)")
@@ -109,7 +111,7 @@ def report(outcome: Outcome) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    url = args.database_url or default_database()
+    url = args.database_url or default_database(SOAK_DATABASE)
     migrate(url)
     key_name, key = create_key(url)
     log_dir = Path(tempfile.mkdtemp(prefix="exporter-soak-"))

@@ -124,10 +124,10 @@ async def _ensure_database(server_url: str, name: str) -> None:
         await conn.close()
 
 
-def default_database() -> str:
-    """The URL of database exporter_bench on the default server, created if missing."""
-    asyncio.run(_ensure_database(DEFAULT_SERVER_URL, DEFAULT_DATABASE))
-    return with_database(DEFAULT_SERVER_URL, DEFAULT_DATABASE)
+def default_database(name: str = DEFAULT_DATABASE) -> str:
+    """The URL of database `name` on the default server, created if missing."""
+    asyncio.run(_ensure_database(DEFAULT_SERVER_URL, name))
+    return with_database(DEFAULT_SERVER_URL, name)
 
 
 def prepare(database_url: str | None, rows: int, small_rows: int, log: Any) -> BenchDatabase:
