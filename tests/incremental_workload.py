@@ -28,6 +28,8 @@ from sqlalchemy.engine import make_url
 # cursor will be served from the change table).
 Mode = Literal["snapshot", "tracked", "track-midway"]
 Row = tuple[int, str | None]  # (version, payload) of an id
+# Writing subtransactions in one transaction: more than PGPROC_MAX_CACHED_SUBXIDS (64).
+SUBTRANSACTIONS = 70
 KINDS = ("plain", "savepoint", "block", "rollback", "late")
 # Payloads that an encoder could get wrong: quotes, backslashes, separators, line breaks,
 # non-ASCII, the empty string and NULL.
@@ -505,6 +507,8 @@ class Writer:
             return [self.every_statement] if scripted else [self.plain]
         if kind == "savepoint":
             chosen = [self.savepoint(release=True), self.savepoint(release=False)]
+            if scripted or rng.random() < 0.1:
+                chosen.append(self.many_savepoints)
             rng.shuffle(chosen)
             return [self.plain, *chosen] if rng.random() < 0.5 else chosen
         if kind == "block":
@@ -518,6 +522,7 @@ class Writer:
             self.savepoint(release=False),
             self.block(fail=0),
             self.block(fail=1),
+            self.many_savepoints,
         ]
         return [rng.choice(choices) for _ in range(rng.choice((2, 3)))]
 
@@ -603,6 +608,22 @@ class Writer:
                 counts["savepoints rolled back"] += 1
 
         return step
+
+    async def many_savepoints(self, changes: dict[int, Row | None], counts: Counter[str]) -> None:
+        """More subtransactions that write than a backend keeps in its cache (64): snapshots
+        taken meanwhile are "suboverflowed", and PostgreSQL looks their ids up in pg_subtrans."""
+        origin = f"{self.origin}, in one of {SUBTRANSACTIONS} savepoints"
+        for number in range(SUBTRANSACTIONS):
+            await self.conn.execute("SAVEPOINT many")
+            id_, payload = self.rng.choice(self.ids), self.payload()
+            version = await self.conn.fetchval(self.upsert_sql, id_, payload)
+            if number % 10 == 9:
+                await self.conn.execute("ROLLBACK TO SAVEPOINT many")
+            else:
+                changes[id_] = (int(version), payload)
+                self.origins[id_] = origin
+            await self.conn.execute("RELEASE SAVEPOINT many")
+        counts["subtransaction caches overflowed"] += 1
 
     def block(self, fail: int) -> Callable[[dict[int, Row | None], Counter[str]], Any]:
         async def step(changes: dict[int, Row | None], counts: Counter[str]) -> None:

@@ -97,6 +97,7 @@ def test_pulls_keep_an_exact_copy_while_writers_run(
         "late commits (open across 2+ pulls)",
         "savepoints released",
         "savepoints rolled back",
+        "subtransaction caches overflowed",
         "exception blocks committed",
         "exception blocks rolled back",
         "rolled back transactions",
