@@ -151,6 +151,20 @@ _EXPORT_HEADERS = {
         "schema": {"type": "string", "enum": ["gzip", "zstd"]},
     },
     "Content-Disposition": {"schema": {"type": "string"}},
+    "X-Export-Cursor": {
+        "description": "On every export of a table (not a view, not with `limit`): the token "
+        "to pass as `since=` for what changes after this export's snapshot.",
+        "schema": {"type": "string"},
+    },
+    "X-Export-Cursor-Mode": {
+        "description": "On a `since=` pull: `snapshot` or `tracked`.",
+        "schema": {"type": "string", "enum": ["snapshot", "tracked"]},
+    },
+    "X-Export-Possibly-Repeated": {
+        "description": "On a `since=` pull: how many of its rows the previous pull may "
+        "already have delivered (0 in tracked mode).",
+        "schema": {"type": "integer"},
+    },
 }
 
 
@@ -166,6 +180,10 @@ def _export_responses(media_type: str) -> dict[int | str, dict[str, Any]]:
         401: {"description": "Missing, unknown, revoked or expired key", **problem},
         403: {"description": "The key's PostgreSQL role may not read the dataset", **problem},
         404: {"description": "No such dataset (or not in the key's scope)", **problem},
+        410: {
+            "description": "The `since=` cursor can no longer be honoured: run a full export",
+            **problem,
+        },
         429: {
             "description": "The key, or the service, runs its maximum of concurrent exports",
             "headers": {"Retry-After": {"schema": {"type": "integer"}}},
@@ -213,7 +231,9 @@ def _export_endpoint(
     export.__doc__ = (
         f"Stream the dataset as {encoder.media_type}. Query: `select=a,b`, filters "
         "`col=op.value` (eq, neq, gt, gte, lt, lte, like, ilike, in.(a,b), is.null|true|false, "
-        "`not.` prefix), `order=col.asc,col2.desc`, `limit=N`."
+        "`not.` prefix), `order=col.asc,col2.desc`, `limit=N`; incremental pulls: "
+        "`since=<X-Export-Cursor of an earlier export>`, `deletes=true` (tracked tables, "
+        "NDJSON)."
     )
     return export
 

@@ -17,7 +17,8 @@ import asyncpg
 import httpx
 import pytest
 
-from exporter.cursor import Cursor, CursorInvalid, Snapshot, decode, digest, encode
+from exporter.cursor import Cursor, CursorExpired, CursorInvalid, Snapshot, decode, digest, encode
+from exporter.incremental import HORIZON, Position, plan_pull
 from tests.conftest import ExportDatabase, Server, new_key, run_sql, start_server, stop_server
 
 
@@ -517,3 +518,32 @@ def test_pruning_forgets_dropped_tracked_tables(database: ExportDatabase, table:
         f" to_regproc('exporter.track_{relid}') IS NULL",
     )[0]
     assert tuple(left) == (0, 0, True)
+
+
+def _query_for(dataset_name: str) -> Any:
+    from exporter.catalog import Column, Dataset
+    from exporter.query import parse_query
+
+    column = Column("id", "bigint", "bigint", "int8")
+    dataset = Dataset(dataset_name, "public", dataset_name, "table", (column,), ("id",), 0, 42)
+    return parse_query(dataset, [("since", "x")])
+
+
+@pytest.mark.parametrize(
+    ("now", "words"),
+    [
+        # Another cluster (a restore): its ids mean other transactions.
+        (Position(7, Snapshot(1_000, 1_000, ()), 1_000), "another PostgreSQL cluster"),
+        # Over HORIZON transactions later: xmin comparisons modulo 2^32 no longer hold.
+        (
+            Position(1, Snapshot(1_000 + HORIZON + 1, 1_000 + HORIZON + 1, ()), 1_000 + HORIZON),
+            "too many transactions old",
+        ),
+    ],
+)
+def test_cursors_past_what_xids_can_tell_are_gone(now: Position, words: str) -> None:
+    query = _query_for("t")
+    cursor = Cursor(1, 42, digest("t"), digest(), Snapshot(999, 1_000, (999,)), 999)
+    with pytest.raises(CursorExpired, match=words):
+        # Decided before the database is asked.
+        asyncio.run(plan_pull(None, query, cursor, now, None))
