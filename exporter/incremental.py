@@ -145,7 +145,9 @@ async def plan_pull(
         raise CursorExpired("this cursor is too many transactions old")
     tracking = None if role is not None else await _tracking(connection, dataset)
     if tracking is not None and then.saw_committed(tracking.since_xid):
-        if tracking.pruned_xid is not None and tracking.pruned_xid > then.xmin:
+        # Every pruned change is below pruned_xid and was written here; below the cursor's
+        # oldest possible writer, each had ended, so the cursor's snapshot saw it.
+        if tracking.pruned_xid is not None and tracking.pruned_xid > cursor.oldest_writer:
             raise CursorExpired("the changes since this cursor are past the change retention")
         key_columns = tuple(dataset.column(name) for name in tracking.key_columns)
         if any(column is None for column in key_columns):
@@ -153,7 +155,7 @@ async def plan_pull(
         changes = ChangesSince(
             dataset.relid,
             str(then),
-            then.xmin,
+            cursor.oldest_writer,
             tuple(c for c in key_columns if c is not None),
             query.deletes,
         )

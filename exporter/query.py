@@ -92,7 +92,8 @@ class ChangesSince:
 
     relid: int
     snapshot: str  # pg_snapshot text
-    oldest: int  # the snapshot's xmin: no change below it is wanted (the index's range)
+    # The cursor's oldest possible writer: every change below it was seen (the index's range).
+    oldest: int
     key_columns: tuple[Column, ...]
     deletes: bool
 

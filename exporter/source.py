@@ -238,9 +238,12 @@ def _build(
 
 
 def _new_version(changes: VersionsSince, parameters: _Parameters) -> str:
-    """Snapshot mode (exporter.incremental): written at or after the cursor's oldest running
-    transaction. age() of a frozen or bootstrap xmin is the largest integer: never new."""
-    return f"age(t.xmin) <= CAST({parameters.add(str(changes.max_age), 'text')} AS integer)"
+    """Snapshot mode (exporter.incremental): written at or after the cursor's oldest possible
+    writer. age() is a signed 32-bit difference: a row last written more than 2^31
+    transactions ago (frozen, its original xmin kept) has a negative age, and is old, not new.
+    age() of FrozenTransactionId is the largest integer: old too."""
+    max_age = parameters.add(str(changes.max_age), "text")
+    return f"age(t.xmin) BETWEEN 0 AND CAST({max_age} AS integer)"
 
 
 def _key_value(column: Column) -> str:

@@ -20,6 +20,7 @@ from typing import Any
 
 from exporter.catalog import Dataset
 from exporter.db import Pool, quote_ident
+from exporter.incremental import read_position
 from exporter.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -172,17 +173,20 @@ async def prune(connection: Any, retention_s: float) -> Pruned | None:
     """Delete the changes of transactions that ended more than retention_s ago; None if
     another process is pruning.
 
-    Transaction ids are not times: each run notes the oldest transaction still running
-    (xid_clock), and a later run deletes the changes of transactions below the id noted
-    retention_s earlier, which all had ended by then.
+    Transaction ids are not times: each run notes the oldest transaction still running that
+    could write this database (xid_clock), and a later run deletes the changes of
+    transactions below the id noted retention_s earlier, which all had ended by then.
     """
     async with connection.transaction():
         if not await connection.fetchval("SELECT pg_try_advisory_xact_lock($1)", _PRUNE_LOCK):
             return None
+        # The oldest transaction that may still write here: one left open in another
+        # database must not hold back the pruning of this one.
+        position = await read_position(connection)
         await connection.execute(
             "INSERT INTO exporter.xid_clock (at, xid)"
-            " VALUES (clock_timestamp(), pg_snapshot_xmin(pg_current_snapshot()))"
-            " ON CONFLICT DO NOTHING"
+            " VALUES (clock_timestamp(), $1::text::xid8) ON CONFLICT DO NOTHING",
+            str(position.oldest_writer),
         )
         cutoff = await connection.fetchval(
             "SELECT max(xid)::text FROM exporter.xid_clock"
