@@ -231,6 +231,15 @@ async def _forget_dropped_tables(connection: Any) -> None:
         await connection.execute(f"DROP FUNCTION IF EXISTS exporter.track_{int(relid)}()")
 
 
+async def tracked_relids(pool: Pool) -> frozenset[int]:
+    """The oids of the tracked tables of the exported database (none if never migrated)."""
+    async with pool.connection() as connection:
+        if await connection.fetchval("SELECT to_regclass('exporter.tracked_tables')") is None:
+            return frozenset()
+        rows = await connection.fetch("SELECT relid::bigint FROM exporter.tracked_tables")
+    return frozenset(int(row[0]) for row in rows)
+
+
 async def prune_changes_forever(pool: Pool, settings: Settings) -> None:
     """`serve`'s pruning: every prune_interval_s, in every process (one prunes at a time).
     Failures are logged, never fatal: a read-only replica or a database never migrated for

@@ -547,3 +547,13 @@ def test_cursors_past_what_xids_can_tell_are_gone(now: Position, words: str) -> 
     with pytest.raises(CursorExpired, match=words):
         # Decided before the database is asked.
         asyncio.run(plan_pull(None, query, cursor, now, None))
+
+
+def test_the_catalog_says_how_each_dataset_pulls(
+    client: httpx.Client, database: ExportDatabase, table: str
+) -> None:
+    assert client.get(f"/datasets/{table}").json()["incremental"] == "snapshot"
+    tracked(database, table)
+    assert client.get(f"/datasets/{table}").json()["incremental"] == "tracked"
+    listed = {d["name"]: d["incremental"] for d in client.get("/datasets").json()}
+    assert listed[table] == "tracked" and listed["adults"] is None
