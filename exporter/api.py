@@ -16,11 +16,13 @@ from exporter.auth import ApiKey, authenticate
 from exporter.catalog import Dataset, find_dataset, load_datasets
 from exporter.db import UNREACHABLE, Databases
 from exporter.encoders import ENCODERS, Encoder, encoder_for_media_type
+from exporter.incremental import VERSIONED_KINDS
 from exporter.negotiation import negotiate
 from exporter.problems import PROBLEM_MEDIA_TYPE, Problem
 from exporter.query import shown
 from exporter.responses import ActiveExports, export_request, start_export
 from exporter.settings import Settings
+from exporter.tracking import tracked_relids
 
 log = logging.getLogger(__name__)
 router = APIRouter()
@@ -90,9 +92,14 @@ class DatasetInfo(BaseModel):
     primary_key: list[str]
     estimated_rows: int | None
     formats: dict[str, str]
+    # How since= pulls of it work: "tracked" (exporter track), "snapshot", or None (a view).
+    incremental: str | None = None
 
     @classmethod
-    def of(cls, dataset: Dataset) -> "DatasetInfo":
+    def of(cls, dataset: Dataset, tracked: frozenset[int] = frozenset()) -> "DatasetInfo":
+        incremental = None
+        if dataset.relkind in VERSIONED_KINDS:
+            incremental = "tracked" if dataset.relid in tracked else "snapshot"
         return cls(
             name=dataset.name,
             kind=dataset.kind,
@@ -103,6 +110,7 @@ class DatasetInfo(BaseModel):
                 e.format: f"/datasets/{urllib.parse.quote(dataset.name)}.{e.extension}"
                 for e in ENCODERS.values()
             },
+            incremental=incremental,
         )
 
 
@@ -128,7 +136,8 @@ async def list_datasets(
     key: KeyDep, settings: SettingsDep, databases: DatabasesDep
 ) -> list[DatasetInfo]:
     datasets = await load_datasets(databases.catalog, settings.exposed_schemas, role=key.role)
-    return [DatasetInfo.of(d) for d in datasets if key.may_read(d.name)]
+    tracked = await tracked_relids(databases.catalog)
+    return [DatasetInfo.of(d, tracked) for d in datasets if key.may_read(d.name)]
 
 
 async def _dataset(name: str, key: ApiKey, settings: Settings, databases: Databases) -> Dataset:
@@ -151,6 +160,20 @@ _EXPORT_HEADERS = {
         "schema": {"type": "string", "enum": ["gzip", "zstd"]},
     },
     "Content-Disposition": {"schema": {"type": "string"}},
+    "X-Export-Cursor": {
+        "description": "On every export of a table (not a view, not with `limit`): the token "
+        "to pass as `since=` for what changes after this export's snapshot.",
+        "schema": {"type": "string"},
+    },
+    "X-Export-Cursor-Mode": {
+        "description": "On a `since=` pull: `snapshot` or `tracked`.",
+        "schema": {"type": "string", "enum": ["snapshot", "tracked"]},
+    },
+    "X-Export-Possibly-Repeated": {
+        "description": "On a `since=` pull: how many of its rows the previous pull may "
+        "already have delivered (0 in tracked mode).",
+        "schema": {"type": "integer"},
+    },
 }
 
 
@@ -166,6 +189,10 @@ def _export_responses(media_type: str) -> dict[int | str, dict[str, Any]]:
         401: {"description": "Missing, unknown, revoked or expired key", **problem},
         403: {"description": "The key's PostgreSQL role may not read the dataset", **problem},
         404: {"description": "No such dataset (or not in the key's scope)", **problem},
+        410: {
+            "description": "The `since=` cursor can no longer be honoured: run a full export",
+            **problem,
+        },
         429: {
             "description": "The key, or the service, runs its maximum of concurrent exports",
             "headers": {"Retry-After": {"schema": {"type": "integer"}}},
@@ -213,7 +240,9 @@ def _export_endpoint(
     export.__doc__ = (
         f"Stream the dataset as {encoder.media_type}. Query: `select=a,b`, filters "
         "`col=op.value` (eq, neq, gt, gte, lt, lte, like, ilike, in.(a,b), is.null|true|false, "
-        "`not.` prefix), `order=col.asc,col2.desc`, `limit=N`."
+        "`not.` prefix), `order=col.asc,col2.desc`, `limit=N`; incremental pulls: "
+        "`since=<X-Export-Cursor of an earlier export>`, `deletes=true` (tracked tables, "
+        "NDJSON)."
     )
     return export
 
@@ -266,4 +295,4 @@ async def describe_dataset(
         raise Problem(406, "Not Acceptable", "offered: " + ", ".join(_DESCRIBE_OFFERS))
     dataset = await _dataset(name, key, settings, databases)
     response.headers["Vary"] = "Accept"
-    return DatasetInfo.of(dataset)
+    return DatasetInfo.of(dataset, await tracked_relids(databases.catalog))

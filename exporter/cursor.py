@@ -7,10 +7,12 @@ a secret of the service's schema), so a token cannot be edited into a snapshot t
 skip rows.
 
 Layout, version 1 (then base64url without padding):
-    version 1 byte | system identifier 8 | table oid 4 | name digest 8 | filter digest 8 |
-    snapshot xmin 8 | varint xmax - xmin | varint count | count varints: each running xid
-    minus the previous one (the first minus xmin) | varint oldest writer - xmin |
-    HMAC-SHA256, first 16 bytes
+    version 1 byte | flags 1 | system identifier 8 | timeline 4 | table oid 4 |
+    name digest 8 | filter digest 8 | shape digest 8 | snapshot xmin 8 |
+    varint xmax - xmin | varint count | count varints: each running xid minus the previous one
+    (the first minus xmin) | varint oldest writer - xmin | HMAC-SHA256, first 16 bytes
+Flags: 1 = the running transactions are unknown (a snapshot taken on a standby, where
+pg_current_snapshot() lists none): every id from xmin to xmax may have been running.
 """
 
 import base64
@@ -24,7 +26,8 @@ from dataclasses import dataclass
 VERSION = 1
 # As every query parameter (query.MAX_VALUE_LENGTH): room for some 2,500 running transactions.
 MAX_TOKEN_LENGTH = 10_000
-_HEAD = struct.Struct(">BQI8s8sQ")
+_HEAD = struct.Struct(">BBQII8s8s8sQ")
+_RUNNING_UNKNOWN = 1
 _MAC_BYTES = 16
 
 
@@ -44,6 +47,9 @@ class Snapshot:
     xmin: int
     xmax: int
     running: tuple[int, ...]
+    # False for a standby's snapshot: PostgreSQL lists no running transactions there, though
+    # some were (xmin, the oldest, certainly was).
+    complete: bool = True
 
     @classmethod
     def parse(cls, text: str) -> "Snapshot":
@@ -60,20 +66,33 @@ class Snapshot:
         version whose xmin is below it (a subtransaction's id included, since a
         subtransaction's id is above its parent's) was visible in the snapshot if it is
         committed now."""
+        if not self.complete:
+            return self.xmin
         return min(self.running, default=self.xmax)
 
     def saw_committed(self, xid: int) -> bool:
-        """Whether the top-level transaction `xid`, committed by now, was visible in the
-        snapshot (PostgreSQL's pg_visible_in_snapshot; exact for top-level ids only)."""
+        """Whether the top-level transaction `xid`, committed by now, was certainly visible in
+        the snapshot (PostgreSQL's pg_visible_in_snapshot; exact for top-level ids only, and
+        only where the running transactions are known)."""
+        if not self.complete:
+            return xid < self.xmin
         return xid < self.xmin or (xid < self.xmax and xid not in self.running)
 
 
 @dataclass(frozen=True)
 class Cursor:
     system_identifier: int
+    # PostgreSQL's timeline (as of its latest checkpoint): a failover or a point-in-time
+    # recovery starts a new one, and may reuse transaction ids the cursor counts as seen.
+    timeline: int
     relid: int
     name_digest: bytes
+    # The filters and the key's role: rows another role could not see never come later.
     filter_digest: bytes
+    # The database, the columns as the key sees them, and the table's partitions or children:
+    # a column added with a default, or a partition attached, changes rows without new
+    # versions.
+    shape_digest: bytes
     snapshot: Snapshot
     # The oldest transaction running at the snapshot that could have written the table: the
     # snapshot's oldest running one, unless that ran in another database (which no
@@ -95,10 +114,13 @@ def encode(cursor: Cursor, secret: bytes) -> str:
     body = bytearray(
         _HEAD.pack(
             VERSION,
+            0 if snapshot.complete else _RUNNING_UNKNOWN,
             cursor.system_identifier,
+            cursor.timeline,
             cursor.relid,
             cursor.name_digest,
             cursor.filter_digest,
+            cursor.shape_digest,
             snapshot.xmin,
         )
     )
@@ -127,7 +149,17 @@ def decode(token: str, secret: bytes) -> Cursor:
     body, mac = raw[:-_MAC_BYTES], raw[-_MAC_BYTES:]
     if not hmac.compare_digest(mac, _mac(secret, body)):
         raise CursorInvalid("not a cursor this service issued, or altered")
-    _, system_identifier, relid, name_digest, filter_digest, xmin = _HEAD.unpack_from(body)
+    (
+        _,
+        flags,
+        system_identifier,
+        timeline,
+        relid,
+        name_digest,
+        filter_digest,
+        shape_digest,
+        xmin,
+    ) = _HEAD.unpack_from(body)
     values = _varints(body[_HEAD.size :])
     try:
         span, count = next(values), next(values)
@@ -141,10 +173,19 @@ def decode(token: str, secret: bytes) -> Cursor:
         raise CursorInvalid("not a cursor this service issued (truncated)") from None
     if next(values, None) is not None:
         raise CursorInvalid("not a cursor this service issued (trailing data)")
-    snapshot = Snapshot(xmin, xmin + span, tuple(running))
-    if not snapshot.oldest_running <= oldest_writer <= snapshot.xmax:
+    snapshot = Snapshot(xmin, xmin + span, tuple(running), not flags & _RUNNING_UNKNOWN)
+    if not snapshot.oldest_running <= oldest_writer <= snapshot.xmax or flags & ~_RUNNING_UNKNOWN:
         raise CursorInvalid("not a cursor this service issued (inconsistent)")
-    return Cursor(system_identifier, relid, name_digest, filter_digest, snapshot, oldest_writer)
+    return Cursor(
+        system_identifier,
+        timeline,
+        relid,
+        name_digest,
+        filter_digest,
+        shape_digest,
+        snapshot,
+        oldest_writer,
+    )
 
 
 def _mac(secret: bytes, body: bytes | bytearray) -> bytes:

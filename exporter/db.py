@@ -34,6 +34,14 @@ def quote_ident(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 
 
+def quote_literal(text: str) -> str:
+    """A string literal that reads the same whatever standard_conforming_strings is (as
+    PostgreSQL's quote_literal writes it): for catalog names only, never client values."""
+    if "\\" in text:
+        return "E'" + text.replace("\\", "\\\\").replace("'", "''") + "'"
+    return "'" + text.replace("'", "''") + "'"
+
+
 class RoleUnavailable(Exception):
     """The key's PostgreSQL role does not exist, or the service may not take it."""
 

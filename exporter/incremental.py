@@ -13,20 +13,26 @@ one still running): PostgreSQL keeps no way to tell, so they are returned and co
 out of "oldest running" (no subtransaction of theirs can write here), so that a session idle
 in a transaction elsewhere does not widen the window. xmin is 32 bits and PostgreSQL's
 age() compares it modulo 2^32 with the transaction's own stable reference, so a cursor is
-honoured up to HORIZON transactions.
+honoured up to HORIZON transactions. On a standby, pg_current_snapshot() lists no running
+transactions: the oldest running one is then taken to be xmin, and every id between it and
+xmax is undecidable.
 
 Tracked mode (exporter track). A trigger records each changed key with the top-level
 transaction id (pg_current_xact_id(), the parent's id even inside a subtransaction). Whether
 the cursor's snapshot saw a top-level id is exact, and the change rows this pull's snapshot
 sees are exactly those committed before it: the keys changed in between are read by index,
-and each is returned as its row now (or a tombstone).
+and each is returned as its row now (or a tombstone). A cursor taken on a standby does not know
+which transactions were running: its changes from xmin to xmax are returned, and those keys
+counted as possibly repeated.
 """
 
+import logging
 from dataclasses import dataclass
 from typing import Any
 
 from exporter.catalog import Dataset
 from exporter.cursor import (
+    MAX_TOKEN_LENGTH,
     Cursor,
     CursorExpired,
     CursorInvalid,
@@ -36,6 +42,8 @@ from exporter.cursor import (
     encode,
 )
 from exporter.query import ChangesSince, ExportQuery, QueryError, VersionsSince
+
+log = logging.getLogger(__name__)
 
 # How many transactions a cursor may lag behind: xmin comparisons are modulo 2^32, and age()
 # answers within +-2^31; a margin keeps the comparison exact however busy the server gets
@@ -51,8 +59,16 @@ class Position:
     transaction running at it that could write this database (see Cursor.oldest_writer)."""
 
     system_identifier: int
+    timeline: int
     snapshot: Snapshot
     oldest_writer: int
+    # digest(database oid, the relation's partitions and inheritance children)
+    relation_digest: bytes
+
+
+class CursorAhead(Exception):
+    """The database has not reached the cursor's snapshot yet (a replica behind the server
+    that issued it): a 503, to be retried."""
 
 
 @dataclass(frozen=True)
@@ -62,24 +78,49 @@ class Tracking:
     key_columns: tuple[str, ...]
 
 
-async def read_position(connection: Any) -> Position:
-    # Transaction ids are the cluster's: a transaction left open in another database would
-    # widen snapshot mode's window of possible repeats. A backend never changes database, so
-    # an id running now in another database's backend ran there at the snapshot too; an id
-    # not found (ended since, prepared, or hidden from this role) is kept, which is safe.
+async def read_position(connection: Any, relid: int) -> Position:
+    """The export's position. Its transaction's snapshot was taken by an earlier statement,
+    so pg_stat_activity below is read after it: an id that a backend of another database
+    runs now ran there at the snapshot too (a backend never changes database). Transaction ids
+    are the cluster's, and a transaction left open elsewhere would widen snapshot mode's window
+    of possible repeats. An id not found (ended since, prepared, hidden from this role) is
+    kept: that is safe."""
     row = await connection.fetchrow(
         "SELECT (pg_catalog.pg_control_system()).system_identifier,"
+        " (pg_catalog.pg_control_checkpoint()).timeline_id,"
+        " pg_catalog.pg_is_in_recovery() AS standby,"
         " pg_catalog.pg_current_snapshot()::text AS snapshot,"
+        " (SELECT oid::bigint FROM pg_catalog.pg_database"
+        "  WHERE datname = pg_catalog.current_database()) AS database,"
         " ARRAY(SELECT a.backend_xid::text FROM pg_catalog.pg_stat_activity AS a"
         "       WHERE a.backend_xid IS NOT NULL AND a.datid IS DISTINCT FROM"
         "           (SELECT oid FROM pg_catalog.pg_database"
-        "            WHERE datname = pg_catalog.current_database())) AS elsewhere"
+        "            WHERE datname = pg_catalog.current_database())) AS elsewhere,"
+        " ARRAY(WITH RECURSIVE below AS ("
+        "           SELECT inhrelid FROM pg_catalog.pg_inherits WHERE inhparent = $1::bigint::oid"
+        "           UNION SELECT i.inhrelid FROM pg_catalog.pg_inherits AS i"
+        "           JOIN below AS b ON i.inhparent = b.inhrelid)"
+        "       SELECT inhrelid::bigint FROM below ORDER BY 1) AS below",
+        relid,
     )
-    snapshot = Snapshot.parse(row["snapshot"])
-    elsewhere = {int(xid) for xid in row["elsewhere"]}
-    # backend_xid is 32 bits: matched against the running ids modulo 2^32.
-    writers = [xid for xid in snapshot.running if xid % 2**32 not in elsewhere]
-    return Position(int(row["system_identifier"]), snapshot, min(writers, default=snapshot.xmax))
+    parsed = Snapshot.parse(row["snapshot"])
+    standby = bool(row["standby"])
+    snapshot = Snapshot(parsed.xmin, parsed.xmax, parsed.running, complete=not standby)
+    if standby:
+        # The writers run on the primary; which of them ran is not known here.
+        oldest_writer = snapshot.xmin
+    else:
+        elsewhere = {int(xid) for xid in row["elsewhere"]}
+        # backend_xid is 32 bits: matched against the running ids modulo 2^32.
+        writers = [xid for xid in snapshot.running if xid % 2**32 not in elsewhere]
+        oldest_writer = min(writers, default=snapshot.xmax)
+    return Position(
+        int(row["system_identifier"]),
+        int(row["timeline_id"]),
+        snapshot,
+        oldest_writer,
+        digest(str(row["database"]), *map(str, row["below"])),
+    )
 
 
 def issues_cursors(dataset: Dataset, limit: int | None) -> bool:
@@ -87,22 +128,44 @@ def issues_cursors(dataset: Dataset, limit: int | None) -> bool:
     return dataset.relkind in VERSIONED_KINDS and limit is None
 
 
-def cursor_for(query: ExportQuery, position: Position, secret: bytes) -> str:
+def cursor_for(
+    query: ExportQuery, position: Position, role: str | None, secret: bytes
+) -> str | None:
+    """The export's cursor; None if it would be longer than a request may carry back (some
+    thousands of transactions running at the snapshot)."""
     dataset = query.dataset
-    return encode(
+    token = encode(
         Cursor(
             position.system_identifier,
+            position.timeline,
             dataset.relid,
             digest(dataset.name),
-            digest(*query.filter_terms),
+            _filter_digest(query, role),
+            _shape_digest(dataset, position),
             position.snapshot,
             position.oldest_writer,
         ),
         secret,
     )
+    if len(token) > MAX_TOKEN_LENGTH:
+        log.warning(
+            "no cursor for this export: %d transactions were running",
+            len(position.snapshot.running),
+        )
+        return None
+    return token
 
 
-def read_cursor(query: ExportQuery, secret: bytes) -> Cursor:
+def _filter_digest(query: ExportQuery, role: str | None) -> bytes:
+    return digest(role or "", *query.filter_terms)
+
+
+def _shape_digest(dataset: Dataset, position: Position) -> bytes:
+    columns = [f"{c.name}:{c.type}" for c in dataset.columns]
+    return digest(position.relation_digest.hex(), *columns)
+
+
+def read_cursor(query: ExportQuery, role: str | None, secret: bytes) -> Cursor:
     """The `since=` token, checked against the request (400s); the database is not asked."""
     assert query.since is not None
     dataset = query.dataset
@@ -114,11 +177,11 @@ def read_cursor(query: ExportQuery, secret: bytes) -> Cursor:
         raise QueryError("since", str(exc)) from None
     if cursor.name_digest != digest(dataset.name):
         raise QueryError("since", "this cursor belongs to another dataset")
-    if cursor.filter_digest != digest(*query.filter_terms):
+    if cursor.filter_digest != _filter_digest(query, role):
         raise QueryError(
             "since",
-            "this cursor was issued for other filters; pull with the filters of the export"
-            " that issued it",
+            "this cursor was issued for other filters (or a key with another PostgreSQL role);"
+            " pull with the filters of the export that issued it",
         )
     return cursor
 
@@ -139,25 +202,41 @@ async def plan_pull(
         raise CursorExpired(
             "this cursor was issued by another PostgreSQL cluster (restored or replaced?)"
         )
+    if cursor.timeline != now.timeline:
+        raise CursorExpired(
+            "the database has failed over or been recovered to a point in time since this"
+            " cursor (a new PostgreSQL timeline)"
+        )
     if cursor.relid != dataset.relid:
         raise CursorExpired(f"{dataset.name!r} has been dropped and created again since")
-    if now.snapshot.xmax - cursor.snapshot.oldest_running > HORIZON:
+    if cursor.shape_digest != _shape_digest(dataset, now):
+        raise CursorExpired(
+            f"{dataset.name!r} has changed shape since this cursor (its columns, partitions or"
+            " inheritance children), or the cursor is from another database"
+        )
+    if then.xmax > now.snapshot.xmax:
+        raise CursorAhead("the database has not reached this cursor's snapshot yet")
+    if now.snapshot.xmax - then.oldest_running > HORIZON:
         raise CursorExpired("this cursor is too many transactions old")
     tracking = None if role is not None else await _tracking(connection, dataset)
     if tracking is not None and then.saw_committed(tracking.since_xid):
-        if tracking.pruned_xid is not None and tracking.pruned_xid > then.xmin:
+        # Every pruned change is below pruned_xid and was written here; below the cursor's
+        # oldest possible writer, each had ended, so the cursor's snapshot saw it.
+        if tracking.pruned_xid is not None and tracking.pruned_xid > cursor.oldest_writer:
             raise CursorExpired("the changes since this cursor are past the change retention")
         key_columns = tuple(dataset.column(name) for name in tracking.key_columns)
         if any(column is None for column in key_columns):
             raise CursorExpired(f"{dataset.name!r} no longer has its tracked key columns")
         changes = ChangesSince(
             dataset.relid,
-            str(then),
-            then.xmin,
+            str(then) if then.complete else None,
+            cursor.oldest_writer,
+            then.xmax,
             tuple(c for c in key_columns if c is not None),
             query.deletes,
         )
-        return changes, 0
+        # A standby's cursor: changes between its xmin and xmax may have been seen.
+        return changes, 0 if then.complete or then.xmax - then.xmin <= 1 else -1
     if query.deletes:
         if role is not None:
             raise QueryError(

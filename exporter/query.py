@@ -91,8 +91,12 @@ class ChangesSince:
     table records for transactions the cursor's snapshot did not see."""
 
     relid: int
-    snapshot: str  # pg_snapshot text
-    oldest: int  # the snapshot's xmin: no change below it is wanted (the index's range)
+    # pg_snapshot text; None when the running transactions are unknown (a standby's cursor):
+    # then every change from `oldest` on is read, and those below `xmax` may repeat.
+    snapshot: str | None
+    # The cursor's oldest possible writer: every change below it was seen (the index's range).
+    oldest: int
+    xmax: int
     key_columns: tuple[Column, ...]
     deletes: bool
 

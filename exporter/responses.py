@@ -20,7 +20,7 @@ from exporter.compression import Compressor, choose_coding, compressed, compress
 from exporter.cursor import CursorExpired
 from exporter.db import UNREACHABLE, Databases, PoolTimeout, RoleUnavailable
 from exporter.encoders import Encoder
-from exporter.incremental import read_cursor
+from exporter.incremental import CursorAhead, read_cursor
 from exporter.limits import Slots, TooManyExports
 from exporter.memory import release_free_memory
 from exporter.pace import PaceLimits, SendMeter
@@ -94,7 +94,7 @@ async def start_export(
         if query.deletes and encoder.format != "ndjson":
             # A deleted row has no CSV form that a reader could tell from a row.
             raise QueryError("deletes", "deletes=true needs NDJSON (a tombstone is a JSON line)")
-        since = read_cursor(query, secret)
+        since = read_cursor(query, key.role, secret)
     media_type = encoder.media_type + (
         "; charset=utf-8" if encoder.media_type.startswith("text/") else ""
     )
@@ -264,6 +264,13 @@ def _open_error(exc: Exception, query: ExportQuery) -> Problem | None:
     if isinstance(exc, CursorExpired):
         return Problem(
             410, "Gone", f"{exc}; run a full export (without since=) and pull from its cursor"
+        )
+    if isinstance(exc, CursorAhead):
+        return Problem(
+            503,
+            "Service Unavailable",
+            f"{exc} (a replica behind the server that issued it?); try again shortly",
+            headers={"Retry-After": "5"},
         )
     if isinstance(exc, TooManyExports):
         return Problem(

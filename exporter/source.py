@@ -9,7 +9,7 @@ from typing import Any
 import asyncpg
 
 from exporter.catalog import Column
-from exporter.db import quote_ident
+from exporter.db import quote_ident, quote_literal
 from exporter.encoders import Rendering, RenderOptions
 from exporter.query import COMPARISONS, ChangesSince, ExportQuery, Filter, QueryError, VersionsSince
 
@@ -175,10 +175,6 @@ def _build(
     dataset = query.dataset
     relation = f"{quote_ident(dataset.schema)}.{quote_ident(dataset.relation)} AS t"
     changes = query.changes
-    if isinstance(changes, ChangesSince):
-        # Filters join the changed keys to their rows: with deletes, a changed row that no
-        # longer matches them leaves the job's copy as a deleted one does.
-        relation = _changed_rows(changes, relation, query.filters, parameters)
     if rendering is Rendering.COLUMNS:
         # COPY renders every value with its output function and names the header's columns.
         select = ", ".join(f"{_column_ref(c)} AS {quote_ident(c.name)}" for c in query.columns)
@@ -214,14 +210,13 @@ def _build(
             # object per line.
             select = f"replace(replace({select}, E'\\n', ' '), E'\\r', ' ')"
         from_clause = f"{relation} CROSS JOIN LATERAL (SELECT {inner}) AS r"
-        if isinstance(changes, ChangesSince) and changes.deletes:
-            select, from_clause = _with_tombstones(changes, render, select, from_clause)
 
-    conditions = []
-    if not isinstance(changes, ChangesSince):
-        conditions = [_condition(f, parameters) for f in query.filters]
+    conditions = [_condition(f, parameters) for f in query.filters]
     if isinstance(changes, VersionsSince):
         conditions.append(_new_version(changes, parameters))
+    elif isinstance(changes, ChangesSince):
+        keys = ", ".join(_column_ref(k) for k in changes.key_columns)
+        conditions.append(f"({keys}) IN ({_changed_keys(changes, parameters)})")
     sql = f"SELECT {select} FROM {from_clause}"
     if conditions:
         sql += " WHERE " + " AND ".join(conditions)
@@ -234,13 +229,20 @@ def _build(
         )
     if query.limit is not None:
         sql += f" LIMIT {parameters.add(query.limit, 'bigint')}"
+    if isinstance(changes, ChangesSince) and changes.deletes:
+        # Rows first, in their order; then the changed keys that have no row matching the
+        # filters (deleted, or changed so as to leave them), which the job deletes.
+        sql = f"({sql}) UNION ALL ({_tombstones(query, changes, render, parameters)})"
     return sql
 
 
 def _new_version(changes: VersionsSince, parameters: _Parameters) -> str:
-    """Snapshot mode (exporter.incremental): written at or after the cursor's oldest running
-    transaction. age() of a frozen or bootstrap xmin is the largest integer: never new."""
-    return f"age(t.xmin) <= CAST({parameters.add(str(changes.max_age), 'text')} AS integer)"
+    """Snapshot mode (exporter.incremental): written at or after the cursor's oldest possible
+    writer. age() is a signed 32-bit difference: a row last written more than 2^31
+    transactions ago (frozen, its original xmin kept) has a negative age, and is old, not new.
+    age() of FrozenTransactionId is the largest integer: old too."""
+    max_age = parameters.add(str(changes.max_age), "text")
+    return f"age(t.xmin) BETWEEN 0 AND CAST({max_age} AS integer)"
 
 
 def _key_value(column: Column) -> str:
@@ -249,47 +251,84 @@ def _key_value(column: Column) -> str:
 
 
 def _string_literal(text: str) -> str:
-    # Catalog names only (a key column's); standard_conforming_strings is on in every snapshot.
-    return "'" + text.replace("'", "''") + "'"
+    return quote_literal(text)
 
 
-def _changed_rows(
-    changes: ChangesSince, relation: str, filters: Sequence[Filter], parameters: _Parameters
-) -> str:
-    """Tracked mode: the keys changed by transactions the cursor's snapshot did not see (the
-    change rows this snapshot sees are those committed before it), joined to their rows; with
-    deletes, a key without a row (deleted, or no longer matching the filters) is kept, with
-    NULLs for the row."""
+def _change_window(changes: ChangesSince, parameters: _Parameters) -> str:
+    """The change rows of transactions the cursor's snapshot did not see (this snapshot sees
+    only those committed before it): by index, from the cursor's oldest possible writer; where
+    the cursor knows which transactions were running, exactly."""
     relid = parameters.add(str(changes.relid), "text")
     oldest = parameters.add(str(changes.oldest), "text")
-    snapshot = parameters.add(changes.snapshot, "text")
-    keys = (
-        "SELECT DISTINCT c.key FROM exporter.changes AS c"
-        f" WHERE c.relid = CAST({relid} AS oid) AND c.xid >= CAST({oldest} AS xid8)"
-        f" AND NOT pg_visible_in_snapshot(c.xid, CAST({snapshot} AS pg_snapshot))"
-    )
-    on = [f"{_column_ref(k)} = {_key_value(k)}" for k in changes.key_columns]
-    on += [_condition(f, parameters) for f in filters]
-    join = "LEFT JOIN" if changes.deletes else "JOIN"
-    return f"({keys}) AS c {join} {relation} ON {' AND '.join(on)}"
+    window = f"c.relid = CAST({relid} AS oid) AND c.xid >= CAST({oldest} AS xid8)"
+    if changes.snapshot is not None:
+        snapshot = parameters.add(changes.snapshot, "text")
+        window += f" AND NOT pg_visible_in_snapshot(c.xid, CAST({snapshot} AS pg_snapshot))"
+    return window
 
 
-def _with_tombstones(
-    changes: ChangesSince, render: RenderOptions, select: str, from_clause: str
-) -> tuple[str, str]:
-    """An NDJSON line for a changed key without a row: {"_deleted": {<key columns>}}, its
-    values rendered as a row's would be."""
+def _changed_keys(changes: ChangesSince, parameters: _Parameters) -> str:
+    """The changed keys, in their columns' types: compared as values, not as the jsonb text
+    the writer's session made (its TimeZone, its bytea_output)."""
+    keys = ", ".join(f"{_key_value(k)} AS {quote_ident(k.name)}" for k in changes.key_columns)
+    return f"SELECT {keys} FROM exporter.changes AS c WHERE {_change_window(changes, parameters)}"
+
+
+def _missing_row(query: ExportQuery, keys: Sequence[Column], parameters: _Parameters) -> str:
+    """No row of the table has key `c2` and matches the filters."""
+    dataset = query.dataset
+    relation = f"{quote_ident(dataset.schema)}.{quote_ident(dataset.relation)} AS t"
+    conditions = [f"{_column_ref(k)} = c2.{quote_ident(k.name)}" for k in keys]
+    conditions += [_condition(f, parameters) for f in query.filters]
+    return f"NOT EXISTS (SELECT FROM {relation} WHERE {' AND '.join(conditions)})"
+
+
+def _tombstones(
+    query: ExportQuery, changes: ChangesSince, render: RenderOptions, parameters: _Parameters
+) -> str:
+    """An NDJSON line {"_deleted": {<key columns>}} per changed key without a row, its values
+    rendered as a row's would be."""
+    keys = changes.key_columns
     values = ", ".join(
-        f"{_json_value(k, render, _key_value(k))} AS {quote_ident(k.name)}"
-        for k in changes.key_columns
+        f"{_json_value(k, render, 'c2.' + quote_ident(k.name))} AS {quote_ident(k.name)}"
+        for k in keys
     )
-    tombstone = """'{"_deleted":' || row_to_json(k.*)::text || '}'"""
-    # A primary key column is never NULL in a row: NULL here means no row joined.
-    missing = f"{_column_ref(changes.key_columns[0])} IS NULL"
     return (
-        f"CASE WHEN {missing} THEN {tombstone} ELSE {select} END",
-        f"{from_clause} CROSS JOIN LATERAL (SELECT {values}) AS k",
+        """SELECT '{"_deleted":' || row_to_json(k.*)::text || '}' FROM ("""
+        f"SELECT DISTINCT {values} FROM ({_changed_keys(changes, parameters)}) AS c2"
+        f" WHERE {_missing_row(query, keys, parameters)}) AS k"
     )
+
+
+def build_tracked_repeat_count(query: ExportQuery) -> tuple[str, list[Any]]:
+    """Tracked mode, a standby's cursor: how many rows (and tombstones) of the pull come from
+    keys whose every change lies between the cursor's xmin and xmax, which it may have seen."""
+    changes = query.changes
+    assert isinstance(changes, ChangesSince)
+    parameters = _Parameters(for_copy=False)
+    dataset = query.dataset
+    relation = f"{quote_ident(dataset.schema)}.{quote_ident(dataset.relation)} AS t"
+    keys = changes.key_columns
+    names = ", ".join(quote_ident(k.name) for k in keys)
+    typed = ", ".join(f"{_key_value(k)} AS {quote_ident(k.name)}" for k in keys)
+    oldest = parameters.add(str(changes.oldest), "text")
+    xmax = parameters.add(str(changes.xmax), "text")
+    undecided = (
+        f"SELECT {typed} FROM exporter.changes AS c WHERE {_change_window(changes, parameters)}"
+        f" GROUP BY {', '.join(str(i) for i in range(1, len(keys) + 1))}"
+        f" HAVING bool_and(c.xid > CAST({oldest} AS xid8) AND c.xid < CAST({xmax} AS xid8))"
+    )
+    conditions = [_condition(f, parameters) for f in query.filters]
+    conditions.append(
+        f"({', '.join(_column_ref(k) for k in keys)}) IN (SELECT {names} FROM ({undecided}) AS u)"
+    )
+    sql = f"SELECT (SELECT count(*) FROM {relation} WHERE {' AND '.join(conditions)})"
+    if changes.deletes:
+        sql += (
+            f" + (SELECT count(*) FROM ({undecided}) AS c2"
+            f" WHERE {_missing_row(query, keys, parameters)})"
+        )
+    return sql, parameters.values
 
 
 def build_repeat_count(

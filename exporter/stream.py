@@ -18,7 +18,13 @@ import anyio
 from exporter.cursor import Cursor
 from exporter.db import Pool, snapshot
 from exporter.encoders import Encoder
-from exporter.incremental import cursor_for, issues_cursors, plan_pull, read_position
+from exporter.incremental import (
+    VERSIONED_KINDS,
+    cursor_for,
+    issues_cursors,
+    plan_pull,
+    read_position,
+)
 from exporter.limits import Slots
 from exporter.query import ChangesSince, ExportQuery
 from exporter.settings import Settings
@@ -28,6 +34,7 @@ from exporter.source import (
     build_copy,
     build_repeat_count,
     build_sql,
+    build_tracked_repeat_count,
     check_filter_values,
 )
 
@@ -143,24 +150,28 @@ class ExportStream:
 
     async def _position(self, connection: Any) -> None:
         """The cursor this export hands out and, for a pull, what it reads since its cursor."""
-        if self.cursor_secret is None:
+        dataset = self.query.dataset
+        if self.cursor_secret is None or dataset.relkind not in VERSIONED_KINDS:
             return
-        position = await read_position(connection)
+        position = await read_position(connection, dataset.relid)
         if self.since is not None:
             changes, repeated = await plan_pull(
                 connection, self.query, self.since, position, self.role
             )
             self.query = dataclasses.replace(self.query, changes=changes)
             if repeated < 0:
-                then = self.since.snapshot
-                sql, args = build_repeat_count(
-                    self.query, self.since.oldest_writer, then.xmax, then.running
-                )
+                sql, args = self._repeat_count(self.since)
                 repeated = int(await connection.fetchval(sql, *args))
             self.possibly_repeated = repeated
             self.pull_mode = "tracked" if isinstance(changes, ChangesSince) else "snapshot"
-        if issues_cursors(self.query.dataset, self.requested_limit):
-            self.next_cursor = cursor_for(self.query, position, self.cursor_secret)
+        if issues_cursors(dataset, self.requested_limit):
+            self.next_cursor = cursor_for(self.query, position, self.role, self.cursor_secret)
+
+    def _repeat_count(self, since: Cursor) -> tuple[str, list[Any]]:
+        if isinstance(self.query.changes, ChangesSince):
+            return build_tracked_repeat_count(self.query)
+        then = since.snapshot
+        return build_repeat_count(self.query, since.oldest_writer, then.xmax, then.running)
 
     def chunks(self) -> AsyncIterator[bytes]:
         """The export as UTF-8 chunks of about `chunk_bytes`; closing it closes the stream.

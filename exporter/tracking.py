@@ -18,8 +18,11 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
+import asyncpg
+
 from exporter.catalog import Dataset
-from exporter.db import Pool, quote_ident
+from exporter.db import Pool, quote_ident, quote_literal
+from exporter.incremental import read_position
 from exporter.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -72,7 +75,7 @@ def _record_function(dataset: Dataset) -> str:
 
     def key_of(alias: str) -> str:
         pairs = ", ".join(
-            f"{_literal(name)}, {alias}.{key}"
+            f"{quote_literal(name)}, {alias}.{key}"
             for name, key in zip(dataset.primary_key, keys, strict=True)
         )
         return f"jsonb_build_object({pairs})"
@@ -83,24 +86,36 @@ def _record_function(dataset: Dataset) -> str:
             f" SELECT {relid}, pg_current_xact_id(), '{op}', {key_of('r')} FROM {source}"
         )
 
-    same_key = " AND ".join(f"n.{key} = r.{key}" for key in keys)
+    key_list = ", ".join(keys)
+    changed_old_keys = (
+        f"(SELECT {key_list} FROM old_rows EXCEPT SELECT {key_list} FROM new_rows) AS r"
+    )
+    # TRUNCATE names the table through TG_RELID, so that a renamed table records its own keys.
+    truncate = (
+        "INSERT INTO exporter.changes (relid, xid, op, key)"
+        f" SELECT $1, pg_current_xact_id(), 'D', {key_of('r')} FROM %s AS r"
+    )
+    # SET: the body is compiled with the settings it was written for, whatever the writer's
+    # session says (a literal read with standard_conforming_strings off would end elsewhere).
     return f"""
 CREATE OR REPLACE FUNCTION {_function_name(dataset)}() RETURNS trigger
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $track$
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp SET standard_conforming_strings = on AS $track$
 BEGIN
     IF TG_OP = 'INSERT' THEN
         {insert("I", "new_rows AS r")};
     ELSIF TG_OP = 'UPDATE' THEN
-        -- The new keys, and the old ones an update changed: both changed.
+        -- The new keys, and the old ones the update changed. EXCEPT, not NOT EXISTS: the plan
+        -- is kept for the session, and one made for a one-row update must not nest loops
+        -- over a large one.
         {insert("U", "new_rows AS r")};
-        {insert("U", "old_rows AS r")}
-            WHERE NOT EXISTS (SELECT FROM new_rows AS n WHERE {same_key});
+        {insert("U", changed_old_keys)};
     ELSIF TG_OP = 'DELETE' THEN
         {insert("D", "old_rows AS r")};
     ELSE
         -- TRUNCATE has no transition table: every row it removes is recorded as deleted
         -- (it holds an ACCESS EXCLUSIVE lock: nobody else writes meanwhile).
-        {insert("D", _table(dataset) + " AS r")};
+        EXECUTE format({quote_literal(truncate)}, TG_RELID::regclass) USING TG_RELID;
     END IF;
     RETURN NULL;
 END
@@ -109,7 +124,14 @@ $track$"""
 
 async def track(connection: Any, dataset: Dataset) -> bool:
     """Track the dataset's table; False if it already was."""
-    if dataset.relkind not in ("r", "p"):
+    if dataset.relkind == "p":
+        # Statement triggers fire for the table a statement names: writes made to a partition
+        # directly would not be recorded.
+        raise TrackingError(
+            f"{dataset.name!r} is partitioned; tracking does not see writes made to partitions"
+            " directly (snapshot mode pulls it)"
+        )
+    if dataset.relkind != "r":
         raise TrackingError(f"{dataset.name!r} is a {dataset.kind}; only tables can be tracked")
     if not dataset.primary_key:
         raise TrackingError(f"{dataset.name!r} has no primary key; tracking records keys")
@@ -123,6 +145,18 @@ async def track(connection: Any, dataset: Dataset) -> bool:
                 " of integer, numeric, text, uuid, date/time, boolean, bytea or network types"
             )
     async with connection.transaction():
+        # CREATE TRIGGER waits for the table's writers, and every writer that comes after
+        # waits for it: not for long.
+        await connection.execute("SET LOCAL lock_timeout = '10s'")
+        if await connection.fetchval(
+            "SELECT EXISTS (SELECT FROM pg_catalog.pg_inherits"
+            " WHERE inhrelid = $1::bigint::oid OR inhparent = $1::bigint::oid)",
+            dataset.relid,
+        ):
+            raise TrackingError(
+                f"{dataset.name!r} has an inheritance parent or children; statements on one do"
+                " not fire the other's triggers (snapshot mode pulls it)"
+            )
         if await connection.fetchval("SELECT to_regclass('exporter.changes')") is None:
             raise TrackingError(
                 "the exported database has no change table: run `exporter migrate` with"
@@ -135,11 +169,20 @@ async def track(connection: Any, dataset: Dataset) -> bool:
         if tracked:
             return False
         await connection.execute(_record_function(dataset))
-        for event, clause in _TRIGGERS.items():
-            await connection.execute(
-                f"CREATE TRIGGER {_trigger_name(event)} {clause.format(table=_table(dataset))}"
-                f" FOR EACH STATEMENT EXECUTE FUNCTION {_function_name(dataset)}()"
-            )
+        # Only the triggers call it.
+        await connection.execute(f"REVOKE ALL ON FUNCTION {_function_name(dataset)}() FROM PUBLIC")
+        try:
+            for event, clause in _TRIGGERS.items():
+                await connection.execute(
+                    f"CREATE TRIGGER {_trigger_name(event)}"
+                    f" {clause.format(table=_table(dataset))}"
+                    f" FOR EACH STATEMENT EXECUTE FUNCTION {_function_name(dataset)}()"
+                )
+        except asyncpg.exceptions.LockNotAvailableError:
+            raise TrackingError(
+                f"could not lock {dataset.name!r} within 10 s: a long transaction writes it;"
+                " try again"
+            ) from None
         await connection.execute(
             "INSERT INTO exporter.tracked_tables (relid, key_columns, since_xid)"
             " VALUES ($1::bigint::oid, $2, pg_current_xact_id())",
@@ -172,17 +215,23 @@ async def prune(connection: Any, retention_s: float) -> Pruned | None:
     """Delete the changes of transactions that ended more than retention_s ago; None if
     another process is pruning.
 
-    Transaction ids are not times: each run notes the oldest transaction still running
-    (xid_clock), and a later run deletes the changes of transactions below the id noted
-    retention_s earlier, which all had ended by then.
+    Transaction ids are not times: each run notes the oldest transaction still running that
+    could write this database (xid_clock), and a later run deletes the changes of
+    transactions below the id noted retention_s earlier, which all had ended by then.
     """
     async with connection.transaction():
+        if await connection.fetchval("SELECT pg_is_in_recovery()"):
+            # A standby: the primary's serve prunes, and the deletions replicate.
+            return None
         if not await connection.fetchval("SELECT pg_try_advisory_xact_lock($1)", _PRUNE_LOCK):
             return None
+        # The oldest transaction that may still write here: one left open in another
+        # database must not hold back the pruning of this one.
+        position = await read_position(connection, 0)
         await connection.execute(
             "INSERT INTO exporter.xid_clock (at, xid)"
-            " VALUES (clock_timestamp(), pg_snapshot_xmin(pg_current_snapshot()))"
-            " ON CONFLICT DO NOTHING"
+            " VALUES (clock_timestamp(), $1::text::xid8) ON CONFLICT DO NOTHING",
+            str(position.oldest_writer),
         )
         cutoff = await connection.fetchval(
             "SELECT max(xid)::text FROM exporter.xid_clock"
@@ -227,6 +276,15 @@ async def _forget_dropped_tables(connection: Any) -> None:
         await connection.execute(f"DROP FUNCTION IF EXISTS exporter.track_{int(relid)}()")
 
 
+async def tracked_relids(pool: Pool) -> frozenset[int]:
+    """The oids of the tracked tables of the exported database (none if never migrated)."""
+    async with pool.connection() as connection:
+        if await connection.fetchval("SELECT to_regclass('exporter.tracked_tables')") is None:
+            return frozenset()
+        rows = await connection.fetch("SELECT relid::bigint FROM exporter.tracked_tables")
+    return frozenset(int(row[0]) for row in rows)
+
+
 async def prune_changes_forever(pool: Pool, settings: Settings) -> None:
     """`serve`'s pruning: every prune_interval_s, in every process (one prunes at a time).
     Failures are logged, never fatal: a read-only replica or a database never migrated for
@@ -242,7 +300,3 @@ async def prune_changes_forever(pool: Pool, settings: Settings) -> None:
                 log.info("pruned %d recorded changes", pruned.changes)
         except Exception as exc:
             log.warning("could not prune recorded changes: %s", exc)
-
-
-def _literal(text: str) -> str:
-    return "'" + text.replace("'", "''") + "'"

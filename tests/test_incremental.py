@@ -4,6 +4,7 @@ cursor is refused. The invariant under concurrent writers is tests/test_incremen
 
 import asyncio
 import base64
+import dataclasses
 import json
 import subprocess
 import sys
@@ -17,7 +18,8 @@ import asyncpg
 import httpx
 import pytest
 
-from exporter.cursor import Cursor, CursorInvalid, Snapshot, decode, digest, encode
+from exporter.cursor import Cursor, CursorExpired, CursorInvalid, Snapshot, decode, digest, encode
+from exporter.incremental import HORIZON, CursorAhead, Position, cursor_for, plan_pull
 from tests.conftest import ExportDatabase, Server, new_key, run_sql, start_server, stop_server
 
 
@@ -82,7 +84,9 @@ def refused(response: httpx.Response, status: int, words: str) -> None:
 def test_a_cursor_round_trips_and_any_change_is_refused() -> None:
     secret = b"s" * 32
     snapshot = Snapshot(2**40, 2**40 + 900, (2**40, 2**40 + 7))
-    cursor = Cursor(2**63 + 5, 2**32 - 1, digest("t"), digest(), snapshot, 2**40 + 7)
+    cursor = Cursor(
+        2**63 + 5, 3, 2**32 - 1, digest("t"), digest(), digest("shape"), snapshot, 2**40 + 7
+    )
     token = encode(cursor, secret)
     assert decode(token, secret) == cursor
     raw = bytearray(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
@@ -461,12 +465,17 @@ def test_track_refuses_what_it_cannot_track(database: ExportDatabase, table: str
         f"CREATE TABLE {table}_nokey (v text)",
         f"CREATE TABLE {table}_float (x float8 PRIMARY KEY)",
         f"CREATE VIEW {table}_view AS SELECT 1 AS one",
+        f"CREATE TABLE {table}_parted (id int PRIMARY KEY) PARTITION BY RANGE (id)",
+        f"CREATE TABLE {table}_parent (id int PRIMARY KEY)",
+        f"CREATE TABLE {table}_child () INHERITS ({table}_parent)",
     )
     try:
         for suffix, words in [
             ("_nokey", "no primary key"),
             ("_float", "double precision"),
             ("_view", "only tables"),
+            ("_parted", "partitioned"),
+            ("_parent", "inheritance"),
             ("_missing", "no dataset named"),
         ]:
             result = exporter_cli(database, "track", table + suffix)
@@ -480,6 +489,8 @@ def test_track_refuses_what_it_cannot_track(database: ExportDatabase, table: str
             f"DROP TABLE {table}_nokey",
             f"DROP TABLE {table}_float",
             f"DROP VIEW {table}_view",
+            f"DROP TABLE {table}_parted",
+            f"DROP TABLE {table}_parent CASCADE",
         )
 
 
@@ -517,3 +528,154 @@ def test_pruning_forgets_dropped_tracked_tables(database: ExportDatabase, table:
         f" to_regproc('exporter.track_{relid}') IS NULL",
     )[0]
     assert tuple(left) == (0, 0, True)
+
+
+def _query_for(dataset_name: str) -> Any:
+    from exporter.catalog import Column, Dataset
+    from exporter.query import parse_query
+
+    column = Column("id", "bigint", "bigint", "int8")
+    dataset = Dataset(dataset_name, "public", dataset_name, "table", (column,), ("id",), 0, 42)
+    return parse_query(dataset, [("since", "x")])
+
+
+THEN = Position(1, 1, Snapshot(999, 1_000, (999,)), 999, digest("database 5"))
+
+
+@pytest.mark.parametrize(
+    ("now", "expected", "words"),
+    [
+        # Another cluster (a restore from a dump): its ids mean other transactions.
+        (dataclasses.replace(THEN, system_identifier=7), CursorExpired, "another PostgreSQL"),
+        # A failover or a point-in-time recovery: ids may be reused.
+        (dataclasses.replace(THEN, timeline=2), CursorExpired, "timeline"),
+        # Partitions attached, children added, or another database.
+        (dataclasses.replace(THEN, relation_digest=digest("x")), CursorExpired, "changed shape"),
+        # A replica behind the server that issued the cursor.
+        (dataclasses.replace(THEN, snapshot=Snapshot(990, 995, ())), CursorAhead, "not reached"),
+        # Over HORIZON transactions later: xmin comparisons modulo 2^32 no longer hold.
+        (
+            dataclasses.replace(THEN, snapshot=Snapshot(1_000 + HORIZON, 1_000 + HORIZON, ())),
+            CursorExpired,
+            "too many transactions old",
+        ),
+    ],
+)
+def test_cursors_the_database_cannot_honour(
+    now: Position, expected: type[Exception], words: str
+) -> None:
+    query = _query_for("t")
+    secret = b"k" * 32
+    token = cursor_for(query, THEN, None, secret)
+    assert token is not None
+    cursor = decode(token, secret)
+    with pytest.raises(expected, match=words):
+        # Decided before the database is asked.
+        asyncio.run(plan_pull(None, query, cursor, now, None))
+
+
+def test_the_catalog_says_how_each_dataset_pulls(
+    client: httpx.Client, database: ExportDatabase, table: str
+) -> None:
+    assert client.get(f"/datasets/{table}").json()["incremental"] == "snapshot"
+    tracked(database, table)
+    assert client.get(f"/datasets/{table}").json()["incremental"] == "tracked"
+    listed = {d["name"]: d["incremental"] for d in client.get("/datasets").json()}
+    assert listed[table] == "tracked" and listed["adults"] is None
+
+
+def test_a_standby_cursor_round_trips_without_its_running_transactions() -> None:
+    secret = b"s" * 32
+    # On a standby, pg_current_snapshot() lists none of the primary's running transactions.
+    snapshot = Snapshot(500, 510, (), complete=False)
+    cursor = Cursor(1, 1, 2, digest("t"), digest(), digest(), snapshot, 500)
+    decoded = decode(encode(cursor, secret), secret)
+    assert decoded == cursor
+    assert decoded.snapshot.oldest_running == 500
+    # Whether 505 was seen is not known: only what is below xmin certainly was.
+    assert decoded.snapshot.saw_committed(499) and not decoded.snapshot.saw_committed(505)
+
+
+def test_a_changed_shape_makes_cursors_gone(
+    client: httpx.Client, database: ExportDatabase, table: str
+) -> None:
+    _, cursor = full(client, table)
+    # A column added with a default changes every row without a new version.
+    run_sql(database.url, f"ALTER TABLE {table} ADD COLUMN w integer NOT NULL DEFAULT 7")
+    refused(client.get(f"/datasets/{table}.ndjson", params={"since": cursor}), 410, "changed shape")
+
+
+def test_a_cursor_is_bound_to_the_keys_role(
+    client: httpx.Client, database: ExportDatabase, table: str, server: Server
+) -> None:
+    role = f"reader_{uuid.uuid4().hex[:8]}"
+    run_sql(database.url, f"CREATE ROLE {role}", f"GRANT SELECT ON {table} TO {role}")
+    try:
+        with server.client(new_key(database.url, role=role)) as role_client:
+            _, cursor = full(role_client, table)
+        # What the role could not see would never come to a key without it.
+        refused(client.get(f"/datasets/{table}.ndjson", params={"since": cursor}), 400, "role")
+    finally:
+        run_sql(database.url, f"DROP OWNED BY {role}", f"DROP ROLE {role}")
+
+
+def test_tracked_keys_are_compared_as_values_whatever_the_writers_settings(
+    client: httpx.Client, database: ExportDatabase
+) -> None:
+    """The same timestamptz key written by sessions in two time zones, the same bytea key under
+    two bytea_output settings: one row each in the pull, not two."""
+    name = f"inc_{uuid.uuid4().hex[:8]}"
+    run_sql(
+        database.url,
+        f"CREATE TABLE {name} (at timestamptz, tag bytea, v text, PRIMARY KEY (at, tag))",
+        f"INSERT INTO {name} VALUES ('2024-01-01 00:00:00+00', '\\x01', 'a')",
+    )
+    try:
+        tracked(database, name)
+        _, cursor = full(client, name)
+        run_sql(
+            database.url,
+            "SET TimeZone = 'Asia/Tokyo'",
+            "SET bytea_output = 'escape'",
+            f"UPDATE {name} SET v = 'b'",
+        )
+        run_sql(database.url, "SET TimeZone = 'UTC'", f"UPDATE {name} SET v = 'c'")
+        changed, _ = pull(client, name, cursor, deletes="true")
+        assert [line["v"] for line in changed] == ["c"], changed
+    finally:
+        run_sql(database.url, f"DROP TABLE {name}")
+
+
+# A backslash and a quote: literals of it read differently with standard_conforming_strings off.
+ODD_COLUMN = "k\\'x"
+
+
+def test_tracking_survives_odd_names_renames_and_writers_settings(
+    client: httpx.Client, database: ExportDatabase
+) -> None:
+    name = f"inc_{uuid.uuid4().hex[:8]}"
+    renamed = name + "_old"
+    run_sql(
+        database.url,
+        f'CREATE TABLE {name} ("{ODD_COLUMN}" integer PRIMARY KEY, v text)',
+        f"INSERT INTO {name} VALUES (1, 'a'), (2, 'b')",
+    )
+    try:
+        tracked(database, name)
+        _, cursor = full(client, name)
+        # A writer whose session reads backslashes in literals as escapes.
+        run_sql(
+            database.url,
+            "SET standard_conforming_strings = off",
+            f"UPDATE {name} SET v = 'z' WHERE v = 'a'",
+        )
+        changed, _ = pull(client, name, cursor)
+        assert changed == [{ODD_COLUMN: 1, "v": "z"}]
+        # A renamed table's TRUNCATE records its own keys.
+        run_sql(database.url, f"ALTER TABLE {name} RENAME TO {renamed}")
+        _, cursor = full(client, renamed)
+        run_sql(database.url, f"TRUNCATE {renamed}")
+        changed, _ = pull(client, renamed, cursor, deletes="true")
+        assert sorted(line["_deleted"][ODD_COLUMN] for line in changed) == [1, 2]
+    finally:
+        run_sql(database.url, f"DROP TABLE IF EXISTS {name}", f"DROP TABLE IF EXISTS {renamed}")
