@@ -178,6 +178,11 @@ async def track(connection: Any, dataset: Dataset) -> bool:
                     f" {clause.format(table=_table(dataset))}"
                     f" FOR EACH STATEMENT EXECUTE FUNCTION {_function_name(dataset)}()"
                 )
+                # Also with session_replication_role = replica, as logical replication's
+                # apply workers and some restore tools write: their writes are changes too.
+                await connection.execute(
+                    f"ALTER TABLE {_table(dataset)} ENABLE ALWAYS TRIGGER {_trigger_name(event)}"
+                )
         except asyncpg.exceptions.LockNotAvailableError:
             raise TrackingError(
                 f"could not lock {dataset.name!r} within 10 s: a long transaction writes it;"

@@ -679,3 +679,19 @@ def test_tracking_survives_odd_names_renames_and_writers_settings(
         assert sorted(line["_deleted"][ODD_COLUMN] for line in changed) == [1, 2]
     finally:
         run_sql(database.url, f"DROP TABLE IF EXISTS {name}", f"DROP TABLE IF EXISTS {renamed}")
+
+
+def test_writes_as_a_replica_session_are_recorded(
+    client: httpx.Client, database: ExportDatabase, table: str
+) -> None:
+    """Logical replication's apply workers write with session_replication_role = replica,
+    which skips ordinary triggers."""
+    tracked(database, table)
+    _, cursor = full(client, table)
+    run_sql(
+        database.url,
+        "SET session_replication_role = replica",
+        f"UPDATE {table} SET v = 'replicated' WHERE id = 3",
+    )
+    changed, _ = pull(client, table, cursor, deletes="true")
+    assert changed == [{"id": 3, "v": "replicated"}]
