@@ -302,7 +302,12 @@ def _open_error(exc: Exception, query: ExportQuery) -> Problem | None:
 
 def _attachment(dataset: str, extension: str) -> str:
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
-    filename = f"{dataset}-{stamp}.{extension}"
+    return attachment(f"{dataset}-{stamp}.{extension}")
+
+
+def attachment(filename: str) -> str:
+    """Content-Disposition for a download saved as `filename` (RFC 6266): an ASCII fallback
+    for old clients, and the name itself in UTF-8."""
     ascii_name = "".join(
         c if c.isascii() and (c.isalnum() or c in "._-") else "_" for c in filename
     )
