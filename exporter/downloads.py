@@ -1,0 +1,349 @@
+"""The download of a finished export job: one gzip file on disk, served as two representations
+of the same resource (RFC 9110 §3.2), each with its own strong ETag, byte ranges and
+conditional requests:
+
+- gzip, for a client that accepts it: the file's own bytes, `Content-Encoding: gzip`; a range
+  is a range of those bytes (§14.1.4: ranges apply to the encoded content);
+- identity, for any other: the file decompressed on the way out.
+
+Content-Disposition names the export itself (`events-20261201T140000Z.csv`), without `.gz`, in
+both: a content coding belongs to the message, and whoever asked for it decodes it (browsers,
+`curl --compressed`, httpx and requests all do) and saves the CSV. A client that keeps the
+gzip bytes (`curl -H 'Accept-Encoding: gzip' -o f`) chose to, and names its file itself.
+"""
+
+import zlib
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import BinaryIO, Protocol
+
+import anyio
+import anyio.to_thread
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
+
+from exporter.compression import GZIP, IDENTITY, compressible, parse_accept_encoding
+from exporter.preconditions import (
+    OPAQUE_TAG,
+    UNSATISFIABLE,
+    ByteRange,
+    EntityTag,
+    Outcome,
+    evaluate_preconditions,
+    format_http_date,
+    if_range_holds,
+    parse_range,
+)
+from exporter.problems import Problem, problem_response
+from exporter.responses import attachment
+
+CHUNK = 64 * 1024
+# A range of the identity representation starts with inflating the file from its beginning
+# (gzip has no index): about 2 s of one core per GB skipped (zlib inflates some 500 MB/s of
+# CSV here), plus reading the compressed bytes before the offset, all before the range's first
+# byte. It is done this many bytes of output per step, so that a client that leaves mid-skip
+# stops the work within a step (a few ms), and the event loop never waits on it.
+SKIP_STEP = 4 * 1024 * 1024
+# wbits for zlib: a gzip header and trailer (whose CRC-32 and length zlib checks).
+_GZIP_WBITS = 31
+
+# private: the download needs a key, and is that key's data; no shared cache may keep it (it
+# would not anyway, for a request with Authorization, RFC 9111 §3.5). no-cache: a client may
+# keep it, but asks again each time (a 304 costs nothing), so that a deleted or expired export
+# is not served from a cache. Direct exports say no-store because they are never the same
+# twice; a job's file is, and a browser's cache may hold it like any download.
+CACHE_CONTROL = "private, no-cache"
+
+
+class CorruptExport(RuntimeError):
+    """The file does not hold what its metadata says: a bug or a damaged store. Raised before
+    the first byte, it is a 500; after, it aborts the response (the client sees it cut off)."""
+
+
+@dataclass(frozen=True)
+class StoredExport:
+    """A finished job's file and what the jobs table says of it."""
+
+    path: Path
+    identity_length: int  # bytes of the export, uncompressed
+    encoded_length: int  # bytes of the gzip file
+    # Changes whenever the file's bytes could (a digest, or the job id and its finish time).
+    # The ETags are `"<validator>"` (identity) and `"<validator>-gzip"`.
+    validator: str
+    last_modified: datetime  # aware
+    filename: str
+    media_type: str
+
+    def __post_init__(self) -> None:
+        if not self.validator or not OPAQUE_TAG.fullmatch(self.validator):
+            raise ValueError(f"not usable in an ETag: {self.validator!r}")
+        if self.last_modified.tzinfo is None:
+            raise ValueError("last_modified must be aware")
+        if self.identity_length < 0 or self.encoded_length < 0:
+            raise ValueError("negative length")
+
+
+def download_response(request: Request, stored: StoredExport) -> Response:
+    """The response to GET or HEAD of the stored export: 200, 206, 304, 412 or 416 (problem
+    details), or 410 if the file has gone (deleted or expired since its metadata was read)."""
+    gzip = _accepts_gzip(request, stored.media_type)
+    etag = EntityTag(f"{stored.validator}-gzip" if gzip else stored.validator)
+    length = stored.encoded_length if gzip else stored.identity_length
+    last_modified = _last_modified(stored.last_modified)
+    headers = {
+        "ETag": str(etag),
+        "Last-Modified": format_http_date(last_modified),
+        # Compressed or not, the response depends on the header.
+        "Vary": "Accept-Encoding",
+        "Cache-Control": CACHE_CONTROL,
+    }
+    # Preconditions apply to a representation that exists (§13.2.1), so the file is looked at
+    # first. One stat of a local file: not worth a thread.
+    try:
+        size = stored.path.stat().st_size
+    except FileNotFoundError:
+        return problem_response(Problem(410, "Gone", "the export's file has been deleted"), request)
+    if size != stored.encoded_length:
+        raise CorruptExport(f"{stored.path}: {size} bytes, not {stored.encoded_length}")
+
+    outcome = evaluate_preconditions(request.headers, request.method, etag, last_modified)
+    if outcome is Outcome.NOT_MODIFIED:
+        return Response(status_code=304, headers=headers)
+    if outcome is Outcome.PRECONDITION_FAILED:
+        detail = "If-Match or If-Unmodified-Since does not hold for this export"
+        return problem_response(
+            Problem(412, "Precondition Failed", detail, headers=headers), request
+        )
+
+    headers["Accept-Ranges"] = "bytes"
+    # Of the export's bytes only: not of a 416's problem details.
+    representation = {
+        "Content-Type": stored.media_type,
+        "Content-Disposition": attachment(stored.filename),
+    }
+    if gzip:
+        representation["Content-Encoding"] = GZIP
+    span, status = ByteRange(0, length), 200
+    # Range is for GET only (§14.2: HEAD ignores it); a range that If-Range does not let
+    # through, a malformed one, or several, get the whole representation.
+    range_value = _single(request, "range")
+    if_range = _single(request, "if-range")
+    if (
+        request.method == "GET"
+        and range_value is not None
+        and (if_range is None or if_range_holds(if_range, etag, last_modified))
+    ):
+        asked = parse_range(range_value, length)
+        if asked is UNSATISFIABLE:
+            headers["Content-Range"] = f"bytes */{length}"
+            detail = f"the export is {length} bytes long" + (" (gzip)" if gzip else "")
+            problem = Problem(416, "Range Not Satisfiable", detail, headers=headers)
+            return problem_response(problem, request)
+        if asked is not None:
+            span, status = asked, 206
+            headers["Content-Range"] = span.content_range(length)
+    headers |= representation
+    headers["Content-Length"] = str(span.end - span.start)
+    return _FileResponse(stored, gzip, span, status, headers, head=request.method == "HEAD")
+
+
+def _accepts_gzip(request: Request, media_type: str) -> bool:
+    """Whether to send the gzip representation: gzip acceptable, and weighted at least as
+    identity (as compression.choose_coding, which would pick zstd, which there is none of)."""
+    accept_encoding = ", ".join(request.headers.getlist("accept-encoding"))
+    if not accept_encoding or not compressible(media_type):
+        # No header: identity, as for direct exports (curl without --compressed, curl -C -).
+        return False
+    weights = parse_accept_encoding(accept_encoding)
+    anything = weights.get("*")
+    gzip = weights.get(GZIP, anything)
+    identity = weights.get(IDENTITY, anything)
+    return gzip is not None and gzip > 0 and (identity is None or gzip >= identity)
+
+
+def _last_modified(moment: datetime) -> datetime:
+    """Last-Modified in whole seconds, as sent and as clients send it back; never in the future
+    (§8.8.2.1: a clock ahead of this one, on the worker that finished the job)."""
+    return min(moment, datetime.now(UTC)).replace(microsecond=0)
+
+
+def _single(request: Request, name: str) -> str | None:
+    """A field that may appear once; sent twice, it is ignored like any malformed one."""
+    values = request.headers.getlist(name)
+    return values[0] if len(values) == 1 else None
+
+
+class _Reader(Protocol):
+    def read(self) -> bytes | None:
+        """The next chunk (at most CHUNK bytes); b"" at the end; None for "not yet, ask again"."""
+        ...
+
+
+class _EncodedReader:
+    """A span of the gzip file's own bytes."""
+
+    def __init__(self, file: BinaryIO, span: ByteRange) -> None:
+        file.seek(span.start)
+        self._file = file
+        self._remaining = span.end - span.start
+
+    def read(self) -> bytes | None:
+        if self._remaining == 0:
+            return b""
+        data = self._file.read(min(CHUNK, self._remaining))
+        if not data:
+            raise CorruptExport("the file ended before its encoded length")
+        self._remaining -= len(data)
+        return data
+
+
+class _IdentityReader:
+    """A span of the export, decompressed from the start of the file. Memory stays at a chunk
+    of input and one of output however well the data compresses (a run of zeros inflates a
+    thousandfold: zlib is never asked for more than CHUNK at a time)."""
+
+    def __init__(self, file: BinaryIO, span: ByteRange, length: int) -> None:
+        self._file = file
+        self._zlib = zlib.decompressobj(wbits=_GZIP_WBITS)
+        self._length = length
+        self._produced = 0
+        self._skip = span.start
+        self._remaining = span.end - span.start
+        self._to_the_end = span.end == length
+
+    def read(self) -> bytes | None:
+        budget = SKIP_STEP
+        while self._remaining:
+            out = self._inflate()
+            if self._skip:
+                if len(out) <= self._skip:
+                    self._skip -= len(out)
+                    budget -= len(out)
+                    if budget <= 0:
+                        return None
+                    continue
+                out, self._skip = out[self._skip :], 0
+            out = out[: self._remaining]
+            self._remaining -= len(out)
+            if self._remaining == 0 and self._to_the_end:
+                # The last chunk leaves only once the gzip trailer has been checked: with a
+                # Content-Length, holding it back is the one way to tell the client.
+                self._check_end()
+            return out
+        return b""
+
+    def _inflate(self) -> bytes:
+        out = self._inflate_any()
+        if not out:
+            raise CorruptExport("the export is shorter than its identity length")
+        self._produced += len(out)
+        if self._produced > self._length:
+            raise CorruptExport("the export is longer than its identity length")
+        return out
+
+    def _inflate_any(self) -> bytes:
+        """At most CHUNK bytes of the decompressed file; b"" at its end."""
+        while True:
+            if self._zlib.eof:
+                # A member may follow another (files concatenated, or `gzip -c >>`): gzip(1)
+                # and every HTTP client decode them all, so the identity representation does.
+                data = self._zlib.unused_data or self._file.read(CHUNK)
+                if not data:
+                    return b""
+                self._zlib = zlib.decompressobj(wbits=_GZIP_WBITS)
+            else:
+                data = self._zlib.unconsumed_tail or self._file.read(CHUNK)
+            # With no input left, zlib may still hold output (a match cut by the limit).
+            try:
+                out = self._zlib.decompress(data, CHUNK)
+            except zlib.error as exc:  # a bad CRC-32 or length in the trailer, say
+                raise CorruptExport(f"{self._file.name}: {exc}") from exc
+            if out:
+                return out
+            if not data and not self._zlib.eof:
+                raise CorruptExport("the file ends inside its gzip stream")
+
+    def _check_end(self) -> None:
+        if self._inflate_any():
+            raise CorruptExport("the export is longer than its identity length")
+
+
+class _FileResponse(Response):
+    """Streams a span of one representation from the file: one chunk in memory at a time, read
+    and decompressed in a worker thread. The file is closed however the response ends: the
+    client leaving is noticed (uvicorn's `send` would not tell: it returns silently once the
+    client has gone) and cancels the sending."""
+
+    def __init__(
+        self,
+        stored: StoredExport,
+        gzip: bool,
+        span: ByteRange,
+        status: int,
+        headers: dict[str, str],
+        *,
+        head: bool,
+    ) -> None:
+        super().__init__(status_code=status, headers=headers)
+        self.stored = stored
+        self.gzip = gzip
+        self.span = span
+        self.head = head
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        start = {
+            "type": "http.response.start",
+            "status": self.status_code,
+            "headers": self.raw_headers,
+        }
+        if self.head:
+            await send(start)
+            await send({"type": "http.response.body", "body": b""})
+            return
+        opened: list[BinaryIO] = []
+
+        def open_file() -> BinaryIO:
+            # Kept where the finally below sees it, even if this await is cancelled.
+            opened.append(self.stored.path.open("rb"))
+            return opened[0]
+
+        failure: Exception | None = None
+        try:
+            file = await anyio.to_thread.run_sync(open_file)
+            async with anyio.create_task_group() as task_group:
+
+                async def cancel_on_disconnect() -> None:
+                    while (await receive())["type"] != "http.disconnect":
+                        pass
+                    task_group.cancel_scope.cancel()
+
+                task_group.start_soon(cancel_on_disconnect)
+                try:
+                    await send(start)
+                    await self._send_body(file, send)
+                except Exception as exc:
+                    # Kept out of the task group, which would wrap it in an ExceptionGroup.
+                    failure = exc
+                task_group.cancel_scope.cancel()
+        finally:
+            for file in opened:
+                file.close()
+        if failure is not None:
+            raise failure
+
+    async def _send_body(self, file: BinaryIO, send: Send) -> None:
+        reader: _Reader = (
+            _EncodedReader(file, self.span)
+            if self.gzip
+            else _IdentityReader(file, self.span, self.stored.identity_length)
+        )
+        while True:
+            chunk = await anyio.to_thread.run_sync(reader.read)
+            if chunk is None:
+                continue
+            if not chunk:
+                break
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        await send({"type": "http.response.body", "body": b""})
