@@ -123,6 +123,15 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
         "short": store(directory, "short", main, identity_length=len(main) + 10),
         "long": store(directory, "long", main, identity_length=len(main) - 10),
     }
+    # A damaged CRC-32 in the trailer: the last chunk is held back until it has been checked.
+    crc = store(directory, "crc", main)
+    with crc.path.open("r+b") as file:
+        file.seek(-8, os.SEEK_END)
+        damaged = file.read(1)[0] ^ 0xFF
+        file.seek(-8, os.SEEK_END)
+        file.write(bytes([damaged]))
+    exports["crc"] = crc
+    sources["crc"] = main
     # More than loopback's socket buffers hold, so that a client leaving finds it mid-file.
     exports["big"] = store(directory, "big", random.Random(3).randbytes(24 * 1024 * 1024))
     exports["gone"] = replace(exports["main"], path=directory / "deleted.csv.gz")
@@ -451,10 +460,15 @@ def test_deleted_file_is_gone(served: Served, http: httpx.Client) -> None:
     assert response.headers["content-type"] == "application/problem+json"
 
 
-@pytest.mark.parametrize("name", ["short", "long"])
-def test_lengths_not_matching_the_file_abort(served: Served, http: httpx.Client, name: str) -> None:
+@pytest.mark.parametrize("name", ["short", "long", "crc"])
+def test_a_file_not_as_its_metadata_says_aborts(
+    served: Served, http: httpx.Client, name: str
+) -> None:
     with pytest.raises(httpx.RemoteProtocolError):
         http.get(served.url(name), headers=IDENTITY)
+    # What is sent before the damage is found is the export's.
+    start = http.get(served.url(name), headers={**IDENTITY, "Range": "bytes=0-99"})
+    assert (start.status_code, start.content) == (206, served.sources[name][:100])
 
 
 def open_descriptors(path: Path) -> int:
