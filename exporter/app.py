@@ -10,6 +10,8 @@ from exporter import __version__, problems
 from exporter.api import router
 from exporter.db import Databases
 from exporter.export_log_api import router as export_log_router
+from exporter.job_runner import JobRunner
+from exporter.jobs_api import router as jobs_router
 from exporter.memory import release_free_memory
 from exporter.middleware import (
     HeaderLimitsMiddleware,
@@ -34,13 +36,19 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.databases = databases
         app.state.active_exports = active = ActiveExports()
         release_free_memory()
-        pruning = asyncio.create_task(prune_changes_forever(databases.exports, settings))
+        app.state.job_runner = runner = JobRunner(databases, settings)
+        background = [asyncio.create_task(prune_changes_forever(databases.exports, settings))]
+        if settings.job_concurrency:
+            background.append(asyncio.create_task(runner.run_forever()))
+        background.append(asyncio.create_task(runner.expire_forever()))
         try:
             yield
         finally:
-            pruning.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await pruning
+            for task in background:
+                task.cancel()
+            for task in background:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
             # Exports cancelled by a shutdown still roll back and write their export log
             # entries (shielded); the pools must outlive that.
             left = await active.wait(settings.cleanup_timeout_s + 5)
@@ -57,6 +65,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.include_router(router)
     app.include_router(export_log_router)
+    app.include_router(jobs_router)
     problems.install(app)
     # Added last = outermost: every response, errors included, gets a request id.
     app.add_middleware(UnexpectedErrorMiddleware)

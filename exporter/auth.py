@@ -146,3 +146,23 @@ async def authenticate(pool: Pool, key: str) -> ApiKey | None:
         role=row["role"],
         admin=row["admin"],
     )
+
+
+async def key_by_id(pool: Pool, key_id: int) -> ApiKey | None:
+    """A key's record by id, for work done on its behalf later (a background job); None if it
+    has been revoked or has expired since."""
+    async with pool.connection() as connection:
+        row = await connection.fetchrow(
+            "SELECT id, name, datasets, role, admin FROM exporter.api_keys"
+            " WHERE id = $1 AND revoked_at IS NULL AND (expires_at IS NULL OR expires_at > now())",
+            key_id,
+        )
+    if row is None:
+        return None
+    return ApiKey(
+        id=row["id"],
+        name=row["name"],
+        datasets=tuple(row["datasets"]),
+        role=row["role"],
+        admin=row["admin"],
+    )

@@ -300,9 +300,14 @@ def _open_error(exc: Exception, query: ExportQuery) -> Problem | None:
     return None
 
 
+def attachment_name(dataset: str, extension: str, at: datetime | None = None) -> str:
+    """A download's file name: `<dataset>-<UTC timestamp>.<ext>`, never a client's text."""
+    stamp = (at or datetime.now(UTC)).astimezone(UTC).strftime("%Y%m%dT%H%M%SZ")
+    return f"{dataset}-{stamp}.{extension}"
+
+
 def _attachment(dataset: str, extension: str) -> str:
-    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
-    return attachment(f"{dataset}-{stamp}.{extension}")
+    return attachment(attachment_name(dataset, extension))
 
 
 def attachment(filename: str) -> str:

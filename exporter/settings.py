@@ -50,6 +50,14 @@ class Settings(BaseSettings):
     # and how often `serve` deletes older ones.
     change_retention_s: float = Field(default=7 * 24 * 3600, ge=0)
     prune_interval_s: float = Field(default=600, gt=0)
+    # Background jobs (POST /exports): where their files go, how many run at once per process,
+    # how long a claim holds without a heartbeat, how often idle processes look for work (and
+    # for jobs whose worker died), and how long a finished file is kept.
+    job_dir: str = ".exporter-jobs"
+    job_concurrency: int = Field(default=1, ge=0, le=100)
+    job_lease_s: float = Field(default=30, gt=0)
+    job_poll_s: float = Field(default=2, gt=0)
+    job_retention_s: float = Field(default=24 * 3600, ge=0)
 
     @field_validator("schemas", mode="before")
     @classmethod

@@ -1,0 +1,298 @@
+"""Runs background export jobs in every `exporter serve` process.
+
+Each process claims jobs (exporter.jobs.claim) up to EXPORTER_JOB_CONCURRENCY at a time, woken
+by NOTIFY when one is submitted and by a poll that also reclaims jobs whose worker died. A job
+runs through the same pipeline as an HTTP export (the key's scope, role, export slots and
+caps), reading from the database as fast as it allows into a gzip file: no client's pace in
+the loop, so its snapshot is held no longer than the database needs.
+"""
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import zlib
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import anyio
+import asyncpg
+
+from exporter import audit
+from exporter import jobs as job_records
+from exporter.auth import key_by_id
+from exporter.catalog import find_dataset
+from exporter.db import Databases, connect_url
+from exporter.encoders import ENCODERS
+from exporter.incremental import read_cursor
+from exporter.jobs import Job, LocalStore
+from exporter.limits import Slots, TooManyExports
+from exporter.query import QueryError, parse_query
+from exporter.settings import Settings
+from exporter.stream import Caps, ExportStream
+
+log = logging.getLogger(__name__)
+
+# Level 1: about 110 MB/s of one core on the benchmark's CSV (exporter/compression.py), faster
+# than an export runs; a job's file is read back by downloads, where size matters less than
+# the database's time.
+_GZIP_LEVEL = 1
+
+
+class JobFailed(Exception):
+    """The job cannot run: its key, dataset or parameters are no longer valid."""
+
+
+class _Watch:
+    """What the heartbeat sees of a run, and why it stopped it ("cancelled", "lost")."""
+
+    def __init__(self) -> None:
+        self.stream: ExportStream | None = None
+        self.stopped: str | None = None
+
+
+class JobRunner:
+    def __init__(self, databases: Databases, settings: Settings) -> None:
+        self.databases = databases
+        self.settings = settings
+        self.store = LocalStore(Path(settings.job_dir))
+        self.worker = f"{socket.gethostname()}:{os.getpid()}"
+        self._slots = asyncio.Semaphore(settings.job_concurrency)
+        self._wake = asyncio.Event()
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def run_forever(self) -> None:
+        listener = await self._listen()
+        try:
+            while True:
+                await self._slots.acquire()
+                try:
+                    await job_records.fail_exhausted(self.databases.state)
+                    job = await job_records.claim(
+                        self.databases.state, self.worker, self.settings.job_lease_s
+                    )
+                except Exception as exc:
+                    self._slots.release()
+                    log.warning("could not claim a job: %s", exc)
+                    await asyncio.sleep(self.settings.job_poll_s)
+                    continue
+                if job is None:
+                    self._slots.release()
+                    self._wake.clear()
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(self.settings.job_poll_s):
+                            await self._wake.wait()
+                    continue
+                task = asyncio.create_task(self._run_and_release(job))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+        finally:
+            for task in list(self._tasks):
+                task.cancel()
+            for task in list(self._tasks):
+                with contextlib.suppress(BaseException):
+                    await task
+            if listener is not None:
+                with contextlib.suppress(Exception):
+                    await listener.close()
+
+    async def _listen(self) -> Any:
+        """A connection of its own, LISTENing; without it, submissions wait for the poll."""
+        try:
+            connection = await asyncpg.connect(connect_url(self.settings.state_url))
+            await connection.add_listener(job_records.CHANNEL, lambda *_: self._wake.set())
+            return connection
+        except Exception as exc:
+            log.warning("jobs are found by polling only: %s", exc)
+            return None
+
+    async def _run_and_release(self, job: Job) -> None:
+        try:
+            await self.run(job)
+        except Exception:
+            log.exception("job %s", job.id)
+        finally:
+            self._slots.release()
+
+    async def run(self, job: Job) -> None:
+        """Run a claimed job. A heartbeat renews the claim from the start (opening a slow
+        query included) and notes the progress; when the job is cancelled or its claim lost,
+        it cancels the run."""
+        watch = _Watch()
+        async with anyio.create_task_group() as group:
+            group.start_soon(self._heartbeat, job, watch, group.cancel_scope)
+            try:
+                await self._execute(job, watch)
+            finally:
+                group.cancel_scope.cancel()
+
+    async def _heartbeat(self, job: Job, watch: "_Watch", scope: anyio.CancelScope) -> None:
+        while True:
+            await asyncio.sleep(self.settings.job_lease_s / 3)
+            stream = watch.stream
+            try:
+                ours, cancel = await job_records.renew(
+                    self.databases.state,
+                    job,
+                    self.settings.job_lease_s,
+                    stream.rows if stream else 0,
+                    stream.bytes if stream else 0,
+                )
+            except Exception as exc:
+                # The claim lapses if this goes on; the job then runs again elsewhere.
+                log.warning("job %s: could not renew its claim: %s", job.id, exc)
+                continue
+            if not ours or cancel:
+                watch.stopped = "lost" if not ours else "cancelled"
+                scope.cancel()
+                return
+
+    async def _execute(self, job: Job, watch: "_Watch") -> None:
+        state = self.databases.state
+        logged = audit.ExportRequest(
+            request_id=job.id,
+            dataset=job.dataset,
+            format=job.format,
+            parameters=audit.bounded_parameters(list(job.params)),
+            client_addr=None,
+            key_name=job.key_name,
+        )
+        try:
+            stream = await self._open(job)
+        except TooManyExports:
+            # Slots are the key's and the service's, as for HTTP exports: wait for one.
+            await job_records.requeue(state, job)
+            await asyncio.sleep(self.settings.job_poll_s)
+            return
+        except (JobFailed, QueryError) as exc:
+            await audit.record_refusal(state, logged, 400, str(exc))
+            await job_records.end(state, job, "failed", str(exc))
+            return
+        except anyio.get_cancelled_exc_class():
+            with anyio.CancelScope(shield=True):
+                if watch.stopped == "cancelled":
+                    await job_records.end(state, job, "cancelled", None)
+            raise
+        except Exception as exc:
+            log.warning("job %s could not start: %s", job.id, exc)
+            await job_records.end(state, job, "failed", f"could not start: {exc}")
+            return
+        watch.stream = stream
+        await audit.record_start(state, logged)
+        part = self.store.part_path(job)
+        outcome, error = "failed", None
+        try:
+            size = await self._write(stream, part)
+            name = self.store.commit(part, job)
+            kept = await job_records.finish(
+                state,
+                job,
+                rows=stream.rows,
+                size=stream.bytes,
+                file_name=name,
+                file_bytes=size,
+                cursor=stream.next_cursor,
+                retention_s=self.settings.job_retention_s,
+            )
+            if kept:
+                outcome = "completed"
+            else:
+                self.store.delete(name)
+                error = "the job's claim was lost (it runs again elsewhere)"
+        except anyio.get_cancelled_exc_class():
+            with anyio.CancelScope(shield=True):
+                if watch.stopped == "cancelled":
+                    outcome, error = "disconnected", "cancelled"
+                    await job_records.end(state, job, "cancelled", None)
+                else:
+                    # Lost, or the process is shutting down: the job runs again elsewhere.
+                    error = "stopped: the job runs again elsewhere"
+            raise
+        except Exception as exc:
+            error = str(exc)[:1000]
+            await job_records.end(state, job, "failed", error)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await anyio.to_thread.run_sync(lambda: part.unlink(missing_ok=True))
+                await audit.record_end(
+                    state,
+                    logged,
+                    outcome=outcome,
+                    status=200,
+                    rows=stream.rows,
+                    bytes_sent=stream.bytes,
+                    error=error,
+                    aborted_by=stream.aborted_by,
+                )
+
+    async def _open(self, job: Job) -> ExportStream:
+        settings, databases = self.settings, self.databases
+        key = await key_by_id(databases.state, job.key_id)
+        if key is None:
+            raise JobFailed("the job's key has been revoked or has expired")
+        dataset = None
+        if key.may_read(job.dataset):
+            dataset = await find_dataset(
+                databases.catalog, settings.exposed_schemas, job.dataset, role=key.role
+            )
+        if dataset is None:
+            raise JobFailed(f"no dataset named {job.dataset!r}")
+        encoder = ENCODERS[job.format]
+        query = parse_query(dataset, job.params, max_limit=settings.max_limit)
+        secret = await databases.cursor_secret()
+        since = None
+        if query.since is not None and secret is not None:
+            since = read_cursor(query, key.role, secret)
+        stream = ExportStream(
+            query,
+            encoder,
+            databases.exports,
+            settings,
+            f"exporter job {job.id}",
+            role=key.role,
+            slots=Slots(key.id, settings.max_exports_per_key, settings.export_slots),
+            caps=Caps(max_rows=settings.max_rows, max_bytes=settings.max_bytes),
+            cursor_secret=secret,
+            since=since,
+        )
+        await stream.open()
+        return stream
+
+    async def _write(self, stream: ExportStream, part: Path) -> int:
+        """The export into `part`, gzip-compressed; the file's size."""
+        compressor = zlib.compressobj(_GZIP_LEVEL, zlib.DEFLATED, 31)
+        file: BinaryIO = await anyio.to_thread.run_sync(part.open, "wb")
+        try:
+            chunks = stream.chunks()
+            try:
+                async for chunk in chunks:
+                    data = compressor.compress(chunk)
+                    if data:
+                        await anyio.to_thread.run_sync(file.write, data)
+            finally:
+                aclose = getattr(chunks, "aclose", None)
+                if aclose is not None:
+                    await aclose()
+            if not stream.completed:
+                raise RuntimeError(str(stream.error) if stream.error else "the export stopped")
+            await anyio.to_thread.run_sync(file.write, compressor.flush())
+            await anyio.to_thread.run_sync(_sync, file)
+            return int(file.tell())
+        finally:
+            file.close()
+
+    async def expire_forever(self) -> None:
+        """Expired files deleted, every poll interval (each process; deletion is idempotent)."""
+        while True:
+            await asyncio.sleep(max(self.settings.job_poll_s, 1.0))
+            try:
+                for job in await job_records.expire(self.databases.state):
+                    self.store.delete(job.file_name)
+            except Exception as exc:
+                log.warning("could not expire job files: %s", exc)
+
+
+def _sync(file: BinaryIO) -> None:
+    file.flush()
+    os.fsync(file.fileno())

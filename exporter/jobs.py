@@ -1,0 +1,266 @@
+"""Background export jobs: their records in the state database, and the file store.
+
+A job is submitted (queued), claimed by one worker process of any replica (running, with a
+lease it renews while it works), and ends done (a gzip file in the store), failed or cancelled;
+a done job's file expires after the retention. Claims go through PostgreSQL: `FOR UPDATE SKIP
+LOCKED` hands each queued job to one claimant, and a running job whose lease ran out (its
+worker died) is claimed again. Every write of a running job is conditioned on the claim
+(worker and attempt), so a worker that lost its lease cannot overwrite the job's new run.
+"""
+
+import json
+import os
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from exporter.db import Pool
+
+# NOTIFY channel: a submitted job wakes the claimants at once.
+CHANNEL = "exporter_jobs"
+STATUSES = ("queued", "running", "done", "failed", "cancelled", "expired")
+# A job that failed this many runs (its worker died each time) is failed for good.
+MAX_ATTEMPTS = 3
+
+
+@dataclass(frozen=True)
+class Job:
+    id: str
+    key_id: int
+    key_name: str
+    dataset: str
+    format: str
+    params: tuple[tuple[str, str], ...]
+    status: str
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    expires_at: datetime | None
+    attempts: int
+    worker: str | None
+    cancel_requested: bool
+    rows: int | None
+    bytes: int | None
+    file_name: str | None
+    file_bytes: int | None
+    cursor: str | None
+    error: str | None
+
+    @classmethod
+    def of(cls, row: Any) -> "Job":
+        return cls(
+            id=row["id"],
+            key_id=row["key_id"],
+            key_name=row["key_name"],
+            dataset=row["dataset"],
+            format=row["format"],
+            params=tuple((str(n), str(v)) for n, v in json.loads(row["params"])),
+            status=row["status"],
+            created_at=row["created_at"],
+            started_at=row["started_at"],
+            finished_at=row["finished_at"],
+            expires_at=row["expires_at"],
+            attempts=row["attempts"],
+            worker=row["worker"],
+            cancel_requested=row["cancel_requested"],
+            rows=row["rows"],
+            bytes=row["bytes"],
+            file_name=row["file_name"],
+            file_bytes=row["file_bytes"],
+            cursor=row["cursor"],
+            error=row["error"],
+        )
+
+
+async def submit(
+    pool: Pool,
+    job_id: str,
+    key_id: int,
+    key_name: str,
+    dataset: str,
+    format: str,
+    params: list[tuple[str, str]],
+) -> Job:
+    async with pool.connection() as connection, connection.transaction():
+        row = await connection.fetchrow(
+            "INSERT INTO exporter.jobs (id, key_id, key_name, dataset, format, params, status)"
+            " VALUES ($1, $2, $3, $4, $5, $6::jsonb, 'queued') RETURNING *",
+            job_id,
+            key_id,
+            key_name,
+            dataset,
+            format,
+            json.dumps([list(p) for p in params]),
+        )
+        # Delivered at commit.
+        await connection.execute(f"NOTIFY {CHANNEL}")
+    return Job.of(row)
+
+
+async def get(pool: Pool, job_id: str) -> Job | None:
+    async with pool.connection() as connection:
+        row = await connection.fetchrow("SELECT * FROM exporter.jobs WHERE id = $1", job_id)
+    return None if row is None else Job.of(row)
+
+
+async def claim(pool: Pool, worker: str, lease_s: float) -> Job | None:
+    """The oldest queued job, or a running one whose worker stopped renewing its lease."""
+    async with pool.connection() as connection:
+        row = await connection.fetchrow(
+            "UPDATE exporter.jobs SET status = 'running', worker = $1, attempts = attempts + 1,"
+            " lease_until = clock_timestamp() + make_interval(secs => $2),"
+            " started_at = coalesce(started_at, clock_timestamp())"
+            " WHERE id = (SELECT id FROM exporter.jobs"
+            "   WHERE status = 'queued' OR (status = 'running' AND lease_until < clock_timestamp())"
+            "   ORDER BY created_at LIMIT 1 FOR UPDATE SKIP LOCKED)"
+            " RETURNING *",
+            worker,
+            float(lease_s),
+        )
+    return None if row is None else Job.of(row)
+
+
+async def renew(pool: Pool, job: Job, lease_s: float, rows: int, size: int) -> tuple[bool, bool]:
+    """Extend the claim and note the progress: (still ours, cancel requested)."""
+    async with pool.connection() as connection:
+        row = await connection.fetchrow(
+            "UPDATE exporter.jobs SET lease_until = clock_timestamp() + make_interval(secs => $4),"
+            " rows = $5, bytes = $6"
+            " WHERE id = $1 AND worker = $2 AND attempts = $3 AND status = 'running'"
+            " RETURNING cancel_requested",
+            job.id,
+            job.worker,
+            job.attempts,
+            float(lease_s),
+            rows,
+            size,
+        )
+    return (row is not None, bool(row and row["cancel_requested"]))
+
+
+async def finish(
+    pool: Pool,
+    job: Job,
+    *,
+    rows: int,
+    size: int,
+    file_name: str,
+    file_bytes: int,
+    cursor: str | None,
+    retention_s: float,
+) -> bool:
+    """Record the finished file; False if the claim was lost meanwhile (the caller then
+    deletes its file: the job's new run writes its own)."""
+    async with pool.connection() as connection:
+        status = await connection.execute(
+            "UPDATE exporter.jobs SET status = 'done', finished_at = clock_timestamp(),"
+            " expires_at = clock_timestamp() + make_interval(secs => $4),"
+            " rows = $5, bytes = $6, file_name = $7, file_bytes = $8, cursor = $9,"
+            " lease_until = NULL"
+            " WHERE id = $1 AND worker = $2 AND attempts = $3 AND status = 'running'",
+            job.id,
+            job.worker,
+            job.attempts,
+            float(retention_s),
+            rows,
+            size,
+            file_name,
+            file_bytes,
+            cursor,
+        )
+    return bool(status == "UPDATE 1")
+
+
+async def end(pool: Pool, job: Job, status: str, error: str | None) -> bool:
+    """End a claimed job as failed or cancelled."""
+    async with pool.connection() as connection:
+        result = await connection.execute(
+            "UPDATE exporter.jobs SET status = $4, error = $5, finished_at = clock_timestamp(),"
+            " lease_until = NULL"
+            " WHERE id = $1 AND worker = $2 AND attempts = $3 AND status = 'running'",
+            job.id,
+            job.worker,
+            job.attempts,
+            status,
+            error,
+        )
+    return bool(result == "UPDATE 1")
+
+
+async def requeue(pool: Pool, job: Job) -> None:
+    """Give a claimed job back (the key or the service had no export slot free): it runs
+    later, and this run does not count as an attempt."""
+    async with pool.connection() as connection:
+        await connection.execute(
+            "UPDATE exporter.jobs SET status = 'queued', worker = NULL, lease_until = NULL,"
+            " attempts = attempts - 1"
+            " WHERE id = $1 AND worker = $2 AND attempts = $3 AND status = 'running'",
+            job.id,
+            job.worker,
+            job.attempts,
+        )
+
+
+async def fail_exhausted(pool: Pool) -> None:
+    """Jobs whose worker died MAX_ATTEMPTS times are failed rather than claimed again."""
+    async with pool.connection() as connection:
+        await connection.execute(
+            "UPDATE exporter.jobs SET status = 'failed', finished_at = clock_timestamp(),"
+            " error = 'the job''s worker stopped ' || attempts || ' times', lease_until = NULL"
+            " WHERE status = 'running' AND lease_until < clock_timestamp() AND attempts >= $1",
+            MAX_ATTEMPTS,
+        )
+
+
+async def cancel(pool: Pool, job_id: str) -> Job | None:
+    """DELETE /exports/{id}: a queued job is cancelled at once, a running one asked to stop
+    (its worker notices within a heartbeat); a finished one's file is expired."""
+    async with pool.connection() as connection:
+        row = await connection.fetchrow(
+            "UPDATE exporter.jobs SET"
+            " status = CASE status WHEN 'queued' THEN 'cancelled'"
+            "   WHEN 'done' THEN 'expired' ELSE status END,"
+            " cancel_requested = cancel_requested OR status = 'running',"
+            " finished_at = CASE WHEN status = 'queued' THEN clock_timestamp()"
+            "   ELSE finished_at END,"
+            " expires_at = CASE WHEN status = 'done' THEN clock_timestamp() ELSE expires_at END"
+            " WHERE id = $1 RETURNING *",
+            job_id,
+        )
+    return None if row is None else Job.of(row)
+
+
+async def expire(pool: Pool) -> list[Job]:
+    """Done jobs past their expiry: expired (the caller deletes their files)."""
+    async with pool.connection() as connection:
+        rows = await connection.fetch(
+            "UPDATE exporter.jobs SET status = 'expired'"
+            " WHERE status = 'done' AND expires_at <= clock_timestamp() RETURNING *"
+        )
+    return [Job.of(row) for row in rows]
+
+
+class LocalStore:
+    """Job files in a local directory (EXPORTER_JOB_DIR). Every worker process of a host shares
+    it; replicas on several hosts need a shared directory."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+
+    def path(self, name: str) -> Path:
+        # Names are made here (job ids are generated), never taken from a request.
+        return self.directory / name
+
+    def part_path(self, job: Job) -> Path:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        return self.directory / f"{job.id}-{job.attempts}.part"
+
+    def commit(self, part: Path, job: Job) -> str:
+        name = f"{job.id}-{job.attempts}.gz"
+        os.replace(part, self.directory / name)
+        return name
+
+    def delete(self, name: str | None) -> None:
+        if name:
+            (self.directory / name).unlink(missing_ok=True)

@@ -1,0 +1,211 @@
+"""POST /exports, GET /exports/{id}, GET /exports/{id}/download, DELETE /exports/{id}:
+background export jobs (exporter/jobs.py, exporter/job_runner.py)."""
+
+import urllib.parse
+import uuid
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Literal
+
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
+
+from exporter import jobs as job_records
+from exporter.api import DatabasesDep, KeyDep, SettingsDep, _dataset
+from exporter.auth import ApiKey
+from exporter.downloads import StoredExport, download_response
+from exporter.encoders import ENCODERS
+from exporter.incremental import read_cursor
+from exporter.jobs import Job, LocalStore
+from exporter.problems import PROBLEM_MEDIA_TYPE, Problem
+from exporter.query import QueryError, parse_query
+from exporter.responses import attachment_name
+
+router = APIRouter()
+_problem: dict[str, Any] = {"content": {PROBLEM_MEDIA_TYPE: {}}}
+# Far above any real export's; a body is parsed whole, so it is bounded.
+MAX_PARAMETERS = 200
+
+
+class JobRequest(BaseModel):
+    dataset: str = Field(max_length=1_000)
+    format: Literal["csv", "ndjson"]
+    params: dict[str, str | list[str]] = Field(
+        default_factory=dict,
+        description="The query parameters of a direct export (select, filters, order, limit, "
+        "since, format options); a list gives a parameter several times.",
+    )
+
+
+class JobInfo(BaseModel):
+    id: str
+    status: str = Field(description="queued, running, done, failed, cancelled or expired")
+    dataset: str
+    format: str
+    rows: int | None = Field(description="Rows written so far, or in all once done.")
+    bytes: int | None = Field(description="Bytes of the export (uncompressed).")
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    expires_at: datetime | None = Field(description="When a done job's file is deleted.")
+    error: str | None
+    cursor: str | None = Field(description="The export's X-Export-Cursor, for since= pulls.")
+    status_url: str
+    download_url: str
+
+    @classmethod
+    def of(cls, job: Job) -> "JobInfo":
+        url = f"/exports/{urllib.parse.quote(job.id)}"
+        return cls(
+            id=job.id,
+            status=job.status,
+            dataset=job.dataset,
+            format=job.format,
+            rows=job.rows,
+            bytes=job.bytes,
+            created_at=job.created_at,
+            started_at=job.started_at,
+            finished_at=job.finished_at,
+            expires_at=job.expires_at,
+            error=job.error,
+            cursor=job.cursor,
+            status_url=url,
+            download_url=f"{url}/download",
+        )
+
+
+def _params(body: JobRequest) -> list[tuple[str, str]]:
+    pairs = [
+        (name, value)
+        for name, values in body.params.items()
+        for value in ([values] if isinstance(values, str) else values)
+    ]
+    if len(pairs) > MAX_PARAMETERS:
+        raise Problem(400, "Invalid job", f"at most {MAX_PARAMETERS} parameters")
+    return pairs
+
+
+@router.post(
+    "/exports",
+    tags=["jobs"],
+    status_code=202,
+    response_model=JobInfo,
+    responses={
+        400: {"description": "Invalid dataset parameters", **_problem},
+        401: {"description": "Missing or unknown key", **_problem},
+        404: {"description": "No such dataset (or not in the key's scope)", **_problem},
+    },
+)
+async def submit_job(
+    body: JobRequest, key: KeyDep, settings: SettingsDep, databases: DatabasesDep
+) -> JSONResponse:
+    """Run an export in the background into a compressed file; poll `status_url`, then fetch
+    `download_url` (resumable)."""
+    dataset = await _dataset(body.dataset, key, settings, databases)
+    params = _params(body)
+    encoder = ENCODERS[body.format]
+    # Everything a direct export would refuse is refused now, not when the job runs.
+    try:
+        query = parse_query(dataset, params, max_limit=settings.max_limit)
+        encoder(query.columns, query.options)
+        if query.since is not None:
+            secret = await databases.cursor_secret()
+            if secret is None:
+                raise QueryError("since", "incremental pulls need `exporter migrate`")
+            if query.deletes and encoder.format != "ndjson":
+                raise QueryError("deletes", "deletes=true needs NDJSON")
+            read_cursor(query, key.role, secret)
+    except QueryError as exc:
+        raise Problem.from_query_error(exc) from exc
+    job = await job_records.submit(
+        databases.state, uuid.uuid4().hex, key.id, key.name, dataset.name, body.format, params
+    )
+    info = JobInfo.of(job)
+    return JSONResponse(
+        info.model_dump(mode="json"), status_code=202, headers={"Location": info.status_url}
+    )
+
+
+async def _job(job_id: str, key: ApiKey, databases: DatabasesDep) -> Job:
+    job = await job_records.get(databases.state, job_id[:100])
+    # Another key's job does not exist, as another key's dataset does not.
+    if job is None or (job.key_id != key.id and not key.admin):
+        raise Problem(404, "Not Found", "no export job with this id")
+    return job
+
+
+@router.get(
+    "/exports/{job_id}",
+    tags=["jobs"],
+    response_model=JobInfo,
+    responses={404: {"description": "No such job (or another key's)", **_problem}},
+)
+async def job_status(job_id: str, key: KeyDep, databases: DatabasesDep) -> JobInfo:
+    return JobInfo.of(await _job(job_id, key, databases))
+
+
+@router.delete(
+    "/exports/{job_id}",
+    tags=["jobs"],
+    response_model=JobInfo,
+    responses={404: {"description": "No such job (or another key's)", **_problem}},
+)
+async def cancel_job(
+    job_id: str, key: KeyDep, settings: SettingsDep, databases: DatabasesDep
+) -> JobInfo:
+    """Cancel a queued or running job, or delete a finished job's file."""
+    job = await _job(job_id, key, databases)
+    cancelled = await job_records.cancel(databases.state, job.id)
+    assert cancelled is not None
+    if cancelled.status == "expired":
+        LocalStore(Path(settings.job_dir)).delete(cancelled.file_name)
+    return JobInfo.of(cancelled)
+
+
+@router.api_route(
+    "/exports/{job_id}/download",
+    methods=["GET", "HEAD"],
+    tags=["jobs"],
+    response_class=Response,
+    responses={
+        200: {"description": "The export file"},
+        206: {"description": "A byte range of it"},
+        304: {"description": "Not modified"},
+        404: {"description": "No such job (or another key's)", **_problem},
+        409: {"description": "The job has not finished, or failed", **_problem},
+        410: {"description": "The file has expired or was deleted", **_problem},
+        412: {"description": "A precondition failed"},
+        416: {"description": "Range not satisfiable"},
+    },
+)
+async def download(
+    job_id: str, request: Request, key: KeyDep, settings: SettingsDep, databases: DatabasesDep
+) -> Response:
+    """The job's file: ETag, Last-Modified, byte ranges (resume with `curl -C -`), gzip as
+    stored when the client accepts it."""
+    job = await _job(job_id, key, databases)
+    if job.status in ("queued", "running"):
+        raise Problem(409, "Conflict", f"the job is {job.status}", headers={"Retry-After": "5"})
+    if job.status != "done" or job.file_name is None:
+        if job.status == "failed":
+            raise Problem(409, "Conflict", f"the job failed: {job.error}")
+        raise Problem(410, "Gone", f"the job is {job.status}; submit it again")
+    assert job.finished_at is not None and job.bytes is not None and job.file_bytes is not None
+    path = LocalStore(Path(settings.job_dir)).path(job.file_name)
+    if not path.exists():
+        raise Problem(410, "Gone", "the job's file is gone; submit it again")
+    encoder = ENCODERS[job.format]
+    media_type = encoder.media_type + (
+        "; charset=utf-8" if encoder.media_type.startswith("text/") else ""
+    )
+    stored = StoredExport(
+        path=path,
+        identity_length=job.bytes,
+        encoded_length=job.file_bytes,
+        validator=job.file_name,
+        last_modified=job.finished_at,
+        filename=attachment_name(job.dataset, encoder.extension, job.finished_at),
+        media_type=media_type,
+    )
+    return download_response(request, stored)

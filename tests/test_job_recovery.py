@@ -1,0 +1,65 @@
+"""A background job whose worker process dies is claimed again and finished by another (its
+lease runs out). Apart from tests/test_jobs.py, whose server would claim the job too."""
+
+import os
+import signal
+import time
+from pathlib import Path
+
+import psutil
+
+from tests.conftest import ExportDatabase, run_sql, start_server, stop_server
+from tests.test_jobs import slow_view, submit, wait_for
+
+
+def export_connection_port(database: ExportDatabase, job_id: str) -> int:
+    deadline = time.monotonic() + 30
+    while True:
+        rows = run_sql(
+            database.url,
+            "SELECT client_port FROM pg_stat_activity"
+            f" WHERE application_name = 'exporter job {job_id}'",
+        )
+        if rows:
+            port: int = rows[0][0]
+            return port
+        assert time.monotonic() < deadline, "the job's export never started"
+        time.sleep(0.05)
+
+
+def test_a_job_whose_worker_dies_finishes_elsewhere(
+    database: ExportDatabase, tmp_path: Path
+) -> None:
+    view = slow_view(database)
+    server = start_server(
+        database.url,
+        tmp_path,
+        workers=2,
+        job_dir=str(tmp_path / "files"),
+        job_poll_s="0.5",
+        job_lease_s="1.5",
+    )
+    try:
+        with server.client(database.key) as client:
+            direct = client.get(f"/datasets/{view}.csv").content
+            info = submit(client, {"dataset": view, "format": "csv"})
+            wait_for(client, info["id"], "running")
+            # The worker process whose connection runs the job's export.
+            port = export_connection_port(database, info["id"])
+            worker = next(
+                c.pid
+                for c in psutil.net_connections("tcp")
+                if c.laddr and c.laddr.port == port and c.pid
+            )
+            assert worker != server.process.pid
+            os.kill(worker, signal.SIGKILL)
+            done, _ = wait_for(client, info["id"], "done", "failed", timeout_s=90)
+            assert done["status"] == "done", done
+            assert client.get(done["download_url"]).content == direct
+        (attempts,) = run_sql(
+            database.url, f"SELECT attempts FROM exporter.jobs WHERE id = '{info['id']}'"
+        )[0]
+        assert attempts == 2
+    finally:
+        stop_server(server)
+        run_sql(database.url, f"DROP VIEW {view}")

@@ -1,0 +1,208 @@
+"""Background export jobs through real servers: submitted, claimed through PostgreSQL, written to
+a gzip file, downloaded (resumably), cancelled, and finished elsewhere when their worker dies."""
+
+import gzip
+import shutil
+import subprocess
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.conftest import ExportDatabase, Server, new_key, run_sql, start_server, stop_server
+
+JOB_FILES = Path(f"/tmp/exporter-test-jobs-{uuid.uuid4().hex[:8]}")
+
+
+@pytest.fixture(scope="module")
+def job_server(
+    database: ExportDatabase, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Server]:
+    directory = tmp_path_factory.mktemp("jobs")
+    # A short lease: a cancellation is noticed within a third of it.
+    server = start_server(
+        database.url,
+        directory,
+        job_dir=str(JOB_FILES),
+        job_poll_s="0.5",
+        job_lease_s="1.5",
+    )
+    try:
+        yield server
+    finally:
+        stop_server(server)
+        shutil.rmtree(JOB_FILES, ignore_errors=True)
+
+
+def submit(client: httpx.Client, body: dict[str, Any]) -> dict[str, Any]:
+    response = client.post("/exports", json=body)
+    assert response.status_code == 202, response.text
+    info: dict[str, Any] = response.json()
+    assert response.headers["location"] == info["status_url"] == f"/exports/{info['id']}"
+    return info
+
+
+def wait_for(client: httpx.Client, job_id: str, *statuses: str, timeout_s: float = 60) -> Any:
+    deadline = time.monotonic() + timeout_s
+    seen = []
+    while True:
+        info = client.get(f"/exports/{job_id}").json()
+        seen.append((info["status"], info["rows"]))
+        if info["status"] in statuses:
+            return info, seen
+        assert time.monotonic() < deadline, f"job still {info['status']}: {seen[-5:]}"
+        time.sleep(0.05)
+
+
+def test_a_job_runs_and_its_file_is_the_direct_export(
+    job_server: Server, database: ExportDatabase
+) -> None:
+    with job_server.client(database.key) as client:
+        direct = client.get("/datasets/big.csv")
+        assert direct.status_code == 200
+        info = submit(client, {"dataset": "big", "format": "csv"})
+        assert info["status"] == "queued"
+        done, seen = wait_for(client, info["id"], "done", "failed")
+        assert done["status"] == "done", done
+        assert done["rows"] == 1_000_000 and done["bytes"] == len(direct.content)
+        assert done["cursor"] and done["expires_at"] and done["finished_at"]
+        # Progress was visible while it ran, never going back.
+        counts = [rows for status, rows in seen if status == "running" and rows is not None]
+        assert counts == sorted(counts)
+
+        identity = client.get(done["download_url"])
+        assert identity.status_code == 200
+        assert identity.content == direct.content
+        assert identity.headers["accept-ranges"] == "bytes"
+        assert identity.headers["etag"] and identity.headers["last-modified"]
+        assert identity.headers["content-disposition"].startswith('attachment; filename="big-')
+
+        with client.stream(
+            "GET", done["download_url"], headers={"Accept-Encoding": "gzip"}
+        ) as stored:
+            assert stored.headers["content-encoding"] == "gzip"
+            # As stored, undecoded.
+            assert gzip.decompress(b"".join(stored.iter_raw())) == direct.content
+
+
+def test_an_interrupted_download_resumes_with_curl(
+    job_server: Server, database: ExportDatabase, tmp_path: Path
+) -> None:
+    with job_server.client(database.key) as client:
+        direct = client.get("/datasets/small_copy.ndjson").content
+        info = submit(client, {"dataset": "small_copy", "format": "ndjson"})
+        done, _ = wait_for(client, info["id"], "done", "failed")
+        assert done["status"] == "done", done
+    target = tmp_path / "small_copy.ndjson"
+    # The first part of a download whose connection broke.
+    target.write_bytes(direct[: len(direct) // 2 + 12345])
+    subprocess.run(
+        [
+            "curl",
+            "-sS",
+            "-f",
+            "-C",
+            "-",
+            "-H",
+            f"Authorization: Bearer {database.key}",
+            "-o",
+            str(target),
+            job_server.base_url + done["download_url"],
+        ],
+        check=True,
+        timeout=60,
+    )
+    assert target.read_bytes() == direct
+
+
+def test_jobs_take_the_parameters_of_a_direct_export(
+    job_server: Server, database: ExportDatabase
+) -> None:
+    with job_server.client(database.key) as client:
+        params = {"select": "id,label", "id": "lte.3", "order": "id.desc"}
+        direct = client.get("/datasets/big.ndjson", params=params).content
+        info = submit(client, {"dataset": "big", "format": "ndjson", "params": params})
+        done, _ = wait_for(client, info["id"], "done", "failed")
+        assert client.get(done["download_url"]).content == direct
+        assert direct.count(b"\n") == 3
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "words"),
+    [
+        ({"dataset": "nope", "format": "csv"}, 404, "no dataset named"),
+        ({"dataset": "big", "format": "xml"}, 400, "format"),
+        ({"dataset": "big", "format": "csv", "params": {"nope": "eq.1"}}, 400, "unknown column"),
+        ({"dataset": "big", "format": "csv", "params": {"since": "garbage"}}, 400, "cursor"),
+        ({"dataset": "big", "format": "csv", "params": {"delimiter": "xx"}}, 400, "delimiter"),
+        ({"format": "csv"}, 400, "dataset"),
+    ],
+)
+def test_a_job_the_export_would_refuse_is_refused_at_once(
+    job_server: Server, database: ExportDatabase, body: dict[str, Any], status: int, words: str
+) -> None:
+    with job_server.client(database.key) as client:
+        response = client.post("/exports", json=body)
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"] == "application/problem+json"
+    assert words in response.text
+
+
+def test_a_job_is_its_keys_alone(job_server: Server, database: ExportDatabase) -> None:
+    with job_server.client(database.key) as client:
+        info = submit(client, {"dataset": "people", "format": "csv"})
+    with job_server.client(new_key(database.url)) as other:
+        for method, path in [
+            ("GET", info["status_url"]),
+            ("GET", info["download_url"]),
+            ("DELETE", info["status_url"]),
+        ]:
+            assert other.request(method, path).status_code == 404
+    with job_server.client(new_key(database.url, admin=True)) as admin:
+        assert admin.get(info["status_url"]).status_code == 200
+    with job_server.client(None) as anonymous:
+        assert anonymous.get(info["status_url"]).status_code == 401
+
+
+def test_deleting_a_finished_job_removes_its_file(
+    job_server: Server, database: ExportDatabase
+) -> None:
+    with job_server.client(database.key) as client:
+        info = submit(client, {"dataset": "people", "format": "csv"})
+        done, _ = wait_for(client, info["id"], "done", "failed")
+        assert client.get(done["download_url"]).status_code == 200
+        deleted = client.delete(info["status_url"])
+        assert deleted.status_code == 200 and deleted.json()["status"] == "expired"
+        gone = client.get(done["download_url"])
+        assert gone.status_code == 410, gone.text
+
+
+def test_a_running_job_is_cancelled(job_server: Server, database: ExportDatabase) -> None:
+    view = slow_view(database)
+    try:
+        with job_server.client(database.key) as client:
+            info = submit(client, {"dataset": view, "format": "csv"})
+            wait_for(client, info["id"], "running")
+            assert client.delete(info["status_url"]).json()["status"] == "running"
+            cancelled, _ = wait_for(client, info["id"], "cancelled", "done", "failed")
+            assert cancelled["status"] == "cancelled"
+            assert client.get(info["download_url"]).status_code == 410
+        assert list(JOB_FILES.glob(f"{info['id']}*")) == []
+    finally:
+        run_sql(database.url, f"DROP VIEW {view}")
+
+
+def slow_view(database: ExportDatabase, seconds: float = 6) -> str:
+    """A dataset that takes `seconds` to export: a job on it runs long enough to be watched."""
+    name = f"slow_{uuid.uuid4().hex[:8]}"
+    rows = 300
+    run_sql(
+        database.url,
+        f"CREATE VIEW {name} AS SELECT g AS id, pg_sleep({seconds / rows})::text AS nap"
+        f" FROM generate_series(1, {rows}) AS g",
+    )
+    return name
