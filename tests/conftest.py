@@ -209,6 +209,9 @@ class Server:
 def start_server(database_url: str, tmp_path: Path, workers: int = 1, **settings: str) -> Server:
     port = free_port()
     env = {**os.environ, "EXPORTER_DATABASE_URL": database_url}
+    # Background jobs are run only by the servers of the tests about them: every server shares
+    # the jobs table, and one that claimed another test's job would run it elsewhere.
+    settings = {"job_concurrency": "0", **settings}
     env.update({f"EXPORTER_{name.upper()}": value for name, value in settings.items()})
     log_path = tmp_path / f"server-{port}.log"
     with log_path.open("wb") as log:

@@ -612,8 +612,11 @@ def _wait_for_rows(partial: Path, process: subprocess.Popen[bytes]) -> None:
 
 def test_failure_midway_leaves_no_file(database: ExportDatabase, tmp_path: Path) -> None:
     target = tmp_path / "big.csv"
-    # Ten rows per round trip: slow enough to be caught in the middle.
-    process = start_cli(database.url, "export", "big", "-o", str(target), batch_rows="10")
+    # Ten rows per round trip through a cursor (COPY ignores batch_rows): slow enough to be
+    # caught in the middle.
+    process = start_cli(
+        database.url, "export", "big", "-o", str(target), batch_rows="10", use_copy="false"
+    )
     try:
         _wait_for_rows(target.with_name("big.csv.part"), process)
         terminated = run_sql(
@@ -635,7 +638,9 @@ def test_failure_midway_leaves_no_file(database: ExportDatabase, tmp_path: Path)
 
 def test_ctrl_c_leaves_no_file(database: ExportDatabase, tmp_path: Path) -> None:
     target = tmp_path / "big.csv"
-    process = start_cli(database.url, "export", "big", "-o", str(target), batch_rows="10")
+    process = start_cli(
+        database.url, "export", "big", "-o", str(target), batch_rows="10", use_copy="false"
+    )
     try:
         _wait_for_rows(target.with_name("big.csv.part"), process)
         process.send_signal(signal.SIGINT)

@@ -29,6 +29,7 @@ def job_server(
         directory,
         job_dir=str(JOB_FILES),
         job_poll_s="0.5",
+        job_concurrency="1",
         job_lease_s="1.5",
     )
     try:
