@@ -9,6 +9,7 @@ from fastapi import FastAPI
 from exporter import __version__, problems
 from exporter.api import router
 from exporter.db import Databases
+from exporter.events import EventHub
 from exporter.export_log_api import router as export_log_router
 from exporter.job_runner import JobRunner
 from exporter.jobs_api import router as jobs_router
@@ -36,6 +37,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.databases = databases
         app.state.active_exports = active = ActiveExports()
         release_free_memory()
+        app.state.event_hub = hub = EventHub(settings.state_url)
+        await hub.start()
         app.state.job_runner = runner = JobRunner(databases, settings)
         background = [asyncio.create_task(prune_changes_forever(databases.exports, settings))]
         if settings.job_concurrency:
@@ -49,6 +52,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             for task in background:
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
+            await hub.close()
             # Exports cancelled by a shutdown still roll back and write their export log
             # entries (shielded); the pools must outlive that.
             left = await active.wait(settings.cleanup_timeout_s + 5)

@@ -25,10 +25,13 @@ from exporter.auth import key_by_id
 from exporter.catalog import find_dataset
 from exporter.db import Databases, connect_url
 from exporter.encoders import ENCODERS
+from exporter.events import Publisher
+from exporter.events import prune as prune_events
 from exporter.incremental import read_cursor
 from exporter.jobs import Job, LocalStore
 from exporter.limits import Slots, TooManyExports
 from exporter.query import QueryError, parse_query
+from exporter.responses import estimated_rows
 from exporter.settings import Settings
 from exporter.stream import Caps, ExportStream
 
@@ -158,27 +161,42 @@ class JobRunner:
             client_addr=None,
             key_name=job.key_name,
         )
+        publisher = Publisher(
+            state,
+            job.id,
+            job.key_name,
+            lambda: _counts(watch.stream),
+            None,
+            self.settings.progress_interval_s,
+        )
+        # From the claim on: a slow query shows its elapsed time before its first row.
+        publisher.start()
         try:
             stream = await self._open(job)
         except TooManyExports:
             # Slots are the key's and the service's, as for HTTP exports: wait for one.
+            await publisher.stop()
             await job_records.requeue(state, job)
             await asyncio.sleep(self.settings.job_poll_s)
             return
         except (JobFailed, QueryError) as exc:
             await audit.record_refusal(state, logged, 400, str(exc))
             await job_records.end(state, job, "failed", str(exc))
+            await publisher.error(_problem("Job failed", 400, str(exc)))
             return
         except anyio.get_cancelled_exc_class():
             with anyio.CancelScope(shield=True):
                 if watch.stopped == "cancelled":
                     await job_records.end(state, job, "cancelled", None)
+                    await publisher.error(_problem("Job cancelled", 499, "cancelled"))
             raise
         except Exception as exc:
             log.warning("job %s could not start: %s", job.id, exc)
             await job_records.end(state, job, "failed", f"could not start: {exc}")
+            await publisher.error(_problem("Job failed", 500, f"could not start: {exc}"))
             return
         watch.stream = stream
+        publisher.estimated_rows = estimated_rows(stream.query)
         await audit.record_start(state, logged)
         part = self.store.part_path(job)
         outcome, error = "failed", None
@@ -197,6 +215,7 @@ class JobRunner:
             )
             if kept:
                 outcome = "completed"
+                await publisher.done(download_url=f"/exports/{job.id}/download")
             else:
                 self.store.delete(name)
                 error = "the job's claim was lost (it runs again elsewhere)"
@@ -205,6 +224,7 @@ class JobRunner:
                 if watch.stopped == "cancelled":
                     outcome, error = "disconnected", "cancelled"
                     await job_records.end(state, job, "cancelled", None)
+                    await publisher.error(_problem("Job cancelled", 499, "cancelled"))
                 else:
                     # Lost, or the process is shutting down: the job runs again elsewhere.
                     error = "stopped: the job runs again elsewhere"
@@ -212,6 +232,7 @@ class JobRunner:
         except Exception as exc:
             error = str(exc)[:1000]
             await job_records.end(state, job, "failed", error)
+            await publisher.error(_problem("Job failed", 500, error))
         finally:
             with anyio.CancelScope(shield=True):
                 await anyio.to_thread.run_sync(lambda: part.unlink(missing_ok=True))
@@ -289,8 +310,17 @@ class JobRunner:
             try:
                 for job in await job_records.expire(self.databases.state):
                     self.store.delete(job.file_name)
+                await prune_events(self.databases.state, self.settings.job_retention_s)
             except Exception as exc:
                 log.warning("could not expire job files: %s", exc)
+
+
+def _counts(stream: ExportStream | None) -> tuple[int, int]:
+    return (stream.rows, stream.bytes) if stream is not None else (0, 0)
+
+
+def _problem(title: str, status: int, detail: str) -> dict[str, Any]:
+    return {"type": "about:blank", "title": title, "status": status, "detail": detail}
 
 
 def _sync(file: BinaryIO) -> None:

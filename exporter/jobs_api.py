@@ -8,14 +8,16 @@ from pathlib import Path
 from typing import Any, Literal
 
 from fastapi import APIRouter, Request, Response
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, Field
 
 from exporter import jobs as job_records
 from exporter.api import DatabasesDep, KeyDep, SettingsDep, _dataset
 from exporter.auth import ApiKey
+from exporter.db import Databases
 from exporter.downloads import StoredExport, download_response
 from exporter.encoders import ENCODERS
+from exporter.events import EventHub, event_stream
 from exporter.incremental import read_cursor
 from exporter.jobs import Job, LocalStore
 from exporter.problems import PROBLEM_MEDIA_TYPE, Problem
@@ -52,6 +54,7 @@ class JobInfo(BaseModel):
     error: str | None
     cursor: str | None = Field(description="The export's X-Export-Cursor, for since= pulls.")
     status_url: str
+    events_url: str
     download_url: str
 
     @classmethod
@@ -71,6 +74,7 @@ class JobInfo(BaseModel):
             error=job.error,
             cursor=job.cursor,
             status_url=url,
+            events_url=f"{url}/events",
             download_url=f"{url}/download",
         )
 
@@ -209,3 +213,56 @@ async def download(
         media_type=media_type,
     )
     return download_response(request, stored)
+
+
+async def _may_watch(export_id: str, key: ApiKey, databases: Databases) -> bool:
+    """Whether the key started the export (a job, or an export in the export log, or one
+    with events), or is an admin key and it exists."""
+    async with databases.state.connection() as connection:
+        found = await connection.fetchval(
+            "SELECT EXISTS (SELECT FROM exporter.jobs WHERE id = $1 AND ($3 OR key_id = $4))"
+            " OR EXISTS (SELECT FROM exporter.export_log"
+            "   WHERE request_id = $1 AND ($3 OR key_name = $2))"
+            " OR EXISTS (SELECT FROM exporter.export_events"
+            "   WHERE export_id = $1 AND ($3 OR key_name = $2))",
+            export_id,
+            key.name,
+            key.admin,
+            key.id,
+        )
+    return bool(found)
+
+
+@router.get(
+    "/exports/{export_id}/events",
+    tags=["jobs"],
+    response_class=StreamingResponse,
+    responses={
+        200: {
+            "description": "Server-Sent Events: `progress` (rows, bytes, elapsed_s, "
+            "estimated_rows), then `done` (with a job's download_url) or `error` (a problem)",
+            "content": {"text/event-stream": {}},
+        },
+        404: {"description": "No such export (or another key's)", **_problem},
+    },
+)
+async def export_events(
+    export_id: str, request: Request, key: KeyDep, databases: DatabasesDep
+) -> StreamingResponse:
+    """The progress of any export (its request id) or job (its id), live. Reconnecting with
+    `Last-Event-ID` resumes after that event."""
+    export_id = export_id[:200]
+    if not await _may_watch(export_id, key, databases):
+        raise Problem(404, "Not Found", "no export with this id")
+    last = request.headers.get("last-event-id", "").strip()
+    after = int(last) if last.isdigit() and len(last) < 10 else 0
+    hub: EventHub = request.app.state.event_hub
+    return StreamingResponse(
+        event_stream(databases.state, hub, export_id, None if key.admin else key.name, after),
+        media_type="text/event-stream",
+        headers={
+            "Cache-Control": "no-cache",
+            # nginx would otherwise hold events back in its buffer.
+            "X-Accel-Buffering": "no",
+        },
+    )

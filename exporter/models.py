@@ -14,6 +14,7 @@ from sqlalchemy import (
     Integer,
     LargeBinary,
     MetaData,
+    PrimaryKeyConstraint,
     SmallInteger,
     Table,
     Text,
@@ -153,4 +154,18 @@ jobs = Table(
     Column("cursor", Text),
     Column("error", Text),
     Index("jobs_claimable", "status", "created_at"),
+)
+
+# Progress, done and error events of exports (exporter/events.py).
+export_events = Table(
+    "export_events",
+    metadata,
+    Column("export_id", Text, nullable=False),
+    Column("key_name", Text, nullable=False),
+    Column("seq", Integer, nullable=False),
+    Column("event", Text, nullable=False),
+    Column("data", JSONB, nullable=False),
+    Column("at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    PrimaryKeyConstraint("export_id", "key_name", "seq"),
+    Index("export_events_at", "at"),
 )

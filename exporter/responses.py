@@ -20,6 +20,7 @@ from exporter.compression import Compressor, choose_coding, compressed, compress
 from exporter.cursor import CursorExpired
 from exporter.db import UNREACHABLE, Databases, PoolTimeout, RoleUnavailable
 from exporter.encoders import Encoder
+from exporter.events import Publisher
 from exporter.incremental import CursorAhead, read_cursor
 from exporter.limits import Slots, TooManyExports
 from exporter.memory import release_free_memory
@@ -118,6 +119,18 @@ async def start_export(
     async def finish(ended: ExportStream, outcome: str | None = None) -> None:
         outcome = outcome or ended.outcome.value
         error = None if ended.error is None else str(ended.error)[:1000]
+        if outcome == "completed":
+            await publisher.done()
+        else:
+            await publisher.error(
+                {
+                    "type": "about:blank",
+                    "title": f"Export {outcome}",
+                    "status": CLIENT_CLOSED_REQUEST if outcome == "disconnected" else 500,
+                    "detail": error or outcome,
+                    "aborted_by": ended.aborted_by,
+                }
+            )
         await audit.record_end(
             databases.state,
             logged,
@@ -176,6 +189,17 @@ async def start_export(
         active.end(done)
         return Response(status_code=CLIENT_CLOSED_REQUEST)
 
+    # Progress for GET /exports/{id}/events, from whichever process runs the export.
+    publisher = Publisher(
+        databases.state,
+        logged.request_id,
+        key.name,
+        lambda: (stream.rows, stream.bytes),
+        estimated_rows(query),
+        settings.progress_interval_s,
+    )
+    publisher.start()
+
     headers = {
         "Content-Disposition": _attachment(dataset.name, encoder.extension),
         "Cache-Control": "no-store",
@@ -196,6 +220,15 @@ async def start_export(
             window_s=settings.min_rate_window_s,
         ),
     )
+
+
+def estimated_rows(query: ExportQuery) -> int | None:
+    """The planner's count of the table's rows, for progress; None where filters or a cursor
+    make it meaningless (a second query to estimate them would cost more than it tells)."""
+    estimate = query.dataset.estimated_rows
+    if estimate is None or query.filters or query.since is not None:
+        return None
+    return estimate if query.limit is None else min(estimate, query.limit)
 
 
 def _cursor_headers(stream: ExportStream) -> dict[str, str]:

@@ -58,6 +58,8 @@ class Settings(BaseSettings):
     job_lease_s: float = Field(default=30, gt=0)
     job_poll_s: float = Field(default=2, gt=0)
     job_retention_s: float = Field(default=24 * 3600, ge=0)
+    # Progress events of a running export (GET /exports/{id}/events) at most this often.
+    progress_interval_s: float = Field(default=0.5, ge=0.05)
 
     @field_validator("schemas", mode="before")
     @classmethod

@@ -55,6 +55,8 @@ def test_a_job_whose_worker_dies_finishes_elsewhere(
             # One of this server's worker processes, not the supervisor.
             assert psutil.Process(worker).ppid() == server.process.pid
             os.kill(worker, signal.SIGKILL)
+        # A new client: the old one's kept-alive connection may have been the dead worker's.
+        with server.client(database.key) as client:
             done, _ = wait_for(client, info["id"], "done", "failed", timeout_s=90)
             assert done["status"] == "done", done
             assert client.get(done["download_url"]).content == direct

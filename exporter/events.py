@@ -1,0 +1,220 @@
+"""Progress of exports over Server-Sent Events (GET /exports/{id}/events).
+
+Whichever process runs an export publishes its events into exporter.export_events (numbered per
+export) and NOTIFYs; every process LISTENs once (EventHub) and wakes the subscribers of that
+export, which read the events after the last one they sent. Kept in a table, not only sent
+through NOTIFY: a subscriber that reconnects with Last-Event-ID gets every event it missed, and
+one that connects after the export ended still gets its end.
+"""
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import asyncpg
+
+from exporter.db import Pool, connect_url
+
+log = logging.getLogger(__name__)
+
+CHANNEL = "exporter_events"
+# Progress at least this often while an export runs, even when its counts stand still (a
+# slow query before its first row): elapsed_s tells the watcher it is alive.
+PROGRESS_AT_LEAST_S = 2.0
+# A comment line this often keeps idle proxies from closing the stream.
+HEARTBEAT_S = 15.0
+# What an EventSource waits before reconnecting (the retry: field), in milliseconds.
+RETRY_MS = 2000
+TERMINAL = frozenset({"done", "error"})
+
+
+async def _insert(
+    pool: Pool, export_id: str, key_name: str, seq: int, event: str, data: Any
+) -> None:
+    async with pool.connection() as connection, connection.transaction():
+        await connection.execute(
+            "INSERT INTO exporter.export_events (export_id, key_name, seq, event, data)"
+            " VALUES ($1, $2, $3, $4, $5::jsonb) ON CONFLICT DO NOTHING",
+            export_id,
+            key_name,
+            seq,
+            event,
+            json.dumps(data),
+        )
+        # Delivered at commit, with the event readable.
+        await connection.execute("SELECT pg_notify($1, $2)", CHANNEL, export_id)
+
+
+class Publisher:
+    """The events of one export: `progress` while it runs (when the counts changed, at most
+    every interval_s, EXPORTER_PROGRESS_INTERVAL_S), then one `done` or `error`. Publishing
+    never fails the export: a failure is logged, and the export goes on."""
+
+    def __init__(
+        self,
+        pool: Pool,
+        export_id: str,
+        key_name: str,
+        counts: Callable[[], tuple[int, int]],
+        estimated_rows: int | None,
+        interval_s: float,
+    ) -> None:
+        self.pool = pool
+        self.export_id = export_id
+        self.key_name = key_name
+        self.counts = counts
+        self.estimated_rows = estimated_rows
+        self.interval_s = interval_s
+        self.started = time.monotonic()
+        self._seq = 0
+        self._last: tuple[int, int] | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._lock = asyncio.Lock()
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._progress_forever())
+
+    def progress(self) -> dict[str, Any]:
+        rows, size = self.counts()
+        return {
+            "rows": rows,
+            "bytes": size,
+            "elapsed_s": round(time.monotonic() - self.started, 3),
+            "estimated_rows": self.estimated_rows,
+        }
+
+    async def _publish(self, event: str, data: Any) -> None:
+        async with self._lock:
+            self._seq += 1
+            try:
+                await _insert(self.pool, self.export_id, self.key_name, self._seq, event, data)
+            except Exception as exc:
+                log.warning("export %s: could not publish %s: %s", self.export_id, event, exc)
+
+    async def _progress_forever(self) -> None:
+        published = 0.0
+        while True:
+            counts = self.counts()
+            now = time.monotonic()
+            if counts != self._last or now - published >= PROGRESS_AT_LEAST_S:
+                self._last, published = counts, now
+                await self._publish("progress", self.progress())
+            await asyncio.sleep(self.interval_s)
+
+    async def stop(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(BaseException):
+                await task
+
+    async def done(self, **extra: Any) -> None:
+        await self.stop()
+        await self._publish("done", {**self.progress(), **extra})
+
+    async def error(self, problem: dict[str, Any]) -> None:
+        await self.stop()
+        await self._publish("error", problem)
+
+
+class EventHub:
+    """One LISTEN connection per process, waking the subscribers of an export. Without it
+    (the connection failed), subscribers poll."""
+
+    def __init__(self, state_url: str) -> None:
+        self.state_url = state_url
+        self._subscribers: dict[str, set[asyncio.Event]] = {}
+        self._connection: Any = None
+
+    async def start(self) -> None:
+        try:
+            self._connection = await asyncpg.connect(connect_url(self.state_url))
+            await self._connection.add_listener(CHANNEL, self._notified)
+        except Exception as exc:
+            log.warning("export events are polled: %s", exc)
+            self._connection = None
+
+    async def close(self) -> None:
+        if self._connection is not None:
+            with contextlib.suppress(Exception):
+                await self._connection.close()
+
+    @property
+    def listening(self) -> bool:
+        return self._connection is not None and not self._connection.is_closed()
+
+    def _notified(self, _connection: Any, _pid: int, _channel: str, export_id: str) -> None:
+        for wake in self._subscribers.get(export_id, ()):
+            wake.set()
+
+    @contextlib.contextmanager
+    def subscription(self, export_id: str) -> Any:
+        wake = asyncio.Event()
+        self._subscribers.setdefault(export_id, set()).add(wake)
+        try:
+            yield wake
+        finally:
+            waiting = self._subscribers.get(export_id)
+            if waiting is not None:
+                waiting.discard(wake)
+                if not waiting:
+                    del self._subscribers[export_id]
+
+
+async def events_after(
+    pool: Pool, export_id: str, key_name: str | None, after: int
+) -> list[tuple[int, str, str]]:
+    """(seq, event, data) of the export after `after`; key_name None: any key's (admin)."""
+    async with pool.connection() as connection:
+        rows = await connection.fetch(
+            "SELECT seq, event, data::text FROM exporter.export_events"
+            " WHERE export_id = $1 AND ($2::text IS NULL OR key_name = $2) AND seq > $3"
+            " ORDER BY key_name, seq LIMIT 1000",
+            export_id,
+            key_name,
+            after,
+        )
+    return [(row["seq"], row["event"], row["data"]) for row in rows]
+
+
+def format_event(seq: int, event: str, data: str) -> bytes:
+    # data is one line of JSON (jsonb's text form has no line breaks).
+    return f"id: {seq}\nevent: {event}\ndata: {data}\n\n".encode()
+
+
+async def event_stream(
+    pool: Pool, hub: EventHub, export_id: str, key_name: str | None, after: int
+) -> AsyncIterator[bytes]:
+    """The stream of an export's events after `after`, ending with its done or error."""
+    yield f"retry: {RETRY_MS}\n\n".encode()
+    with hub.subscription(export_id) as wake:
+        quiet_since = time.monotonic()
+        while True:
+            wake.clear()
+            for seq, event, data in await events_after(pool, export_id, key_name, after):
+                after = seq
+                quiet_since = time.monotonic()
+                yield format_event(seq, event, data)
+                if event in TERMINAL:
+                    return
+            # Woken by NOTIFY; a poll besides, in case it is not listening or missed one.
+            timeout = 1.0 if not hub.listening else HEARTBEAT_S
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(timeout):
+                    await wake.wait()
+            if time.monotonic() - quiet_since >= HEARTBEAT_S:
+                quiet_since = time.monotonic()
+                yield b": keepalive\n\n"
+
+
+async def prune(pool: Pool, retention_s: float) -> None:
+    async with pool.connection() as connection:
+        await connection.execute(
+            "DELETE FROM exporter.export_events"
+            " WHERE at < clock_timestamp() - make_interval(secs => $1)",
+            float(retention_s),
+        )
