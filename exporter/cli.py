@@ -427,6 +427,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="NAME=VALUE",
         help="a format option, as in the HTTP query (repeatable): --option delimiter=';'",
     )
+    p.add_argument(
+        "--job",
+        action="store_true",
+        help="run it as a background job of a running service (EXPORTER_URL, key in "
+        "EXPORTER_KEY): progress from its events, then a resumable download",
+    )
+    p.add_argument("--url", help="with --job: the service (default EXPORTER_URL, or :8000)")
 
     p = commands.add_parser("demo", help="embedded PostgreSQL + demo data + a key, then serve")
     p.add_argument("--data-dir", default=".exporter-demo")
@@ -457,6 +464,10 @@ def _run(args: argparse.Namespace) -> int:
             return show_log(settings, args)
         if tracking:
             return asyncio.run(_tracking(settings, args))
+        if args.job:
+            from exporter.job_client import export_as_job
+
+            return export_as_job(args)
         from exporter.file_export import export_to_file
 
         return asyncio.run(export_to_file(settings, args))

@@ -49,12 +49,20 @@ def cli(
     )
 
 
+def _as_from_a_shell() -> None:
+    # A command started from a shell takes Ctrl-C by default. A child inherits an ignored
+    # SIGINT (from whatever in the test process ignored it last), and Python then never raises
+    # KeyboardInterrupt: the interrupt tests would see exports run to their end.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def start_cli(database_url: str, *args: str, **settings: str) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
         [sys.executable, "-m", "exporter", *args],
         env=cli_env(database_url, **settings),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
+        preexec_fn=_as_from_a_shell,
     )
 
 

@@ -2,8 +2,10 @@
 a gzip file, downloaded (resumably), cancelled, and finished elsewhere when their worker dies."""
 
 import gzip
+import os
 import shutil
 import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -207,3 +209,56 @@ def slow_view(database: ExportDatabase, seconds: float = 6) -> str:
         f" FROM generate_series(1, {rows}) AS g",
     )
     return name
+
+
+def run_job_cli(server: Server, key: str | None, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EXPORTER_")}
+    env["EXPORTER_URL"] = server.base_url
+    if key is not None:
+        env["EXPORTER_KEY"] = key
+    return subprocess.run(
+        [sys.executable, "-m", "exporter", "export", *args, "--job"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_the_cli_runs_an_export_as_a_job(
+    job_server: Server, database: ExportDatabase, tmp_path: Path
+) -> None:
+    target = tmp_path / "big.ndjson"
+    result = run_job_cli(
+        job_server,
+        database.key,
+        "big",
+        "--format",
+        "ndjson",
+        "--where",
+        "id=lte.5000",
+        "--select",
+        "id,label",
+        "-o",
+        str(target),
+    )
+    assert result.returncode == 0, result.stderr
+    assert "5000 rows" in result.stderr and "(job " in result.stderr
+    with job_server.client(database.key) as client:
+        direct = client.get(
+            "/datasets/big.ndjson", params={"id": "lte.5000", "select": "id,label"}
+        ).content
+    assert target.read_bytes() == direct
+    assert not target.with_name("big.ndjson.part").exists()
+
+
+def test_the_cli_says_why_a_job_cannot_run(
+    job_server: Server, database: ExportDatabase, tmp_path: Path
+) -> None:
+    target = tmp_path / "x.csv"
+    refused = run_job_cli(job_server, database.key, "nope", "-o", str(target))
+    assert refused.returncode == 2 and "404" in refused.stderr and "nope" in refused.stderr
+    keyless = run_job_cli(job_server, None, "big", "-o", str(target))
+    assert keyless.returncode == 2 and "EXPORTER_KEY" in keyless.stderr
+    assert "Traceback" not in refused.stderr + keyless.stderr
+    assert not target.exists()
