@@ -12,7 +12,7 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import asyncpg
@@ -32,16 +32,13 @@ RETRY_MS = 2000
 TERMINAL = frozenset({"done", "error"})
 
 
-async def _insert(
-    pool: Pool, export_id: str, key_name: str, seq: int, event: str, data: Any
-) -> None:
+async def publish(pool: Pool, export_id: str, key_name: str, event: str, data: Any) -> None:
     async with pool.connection() as connection, connection.transaction():
         await connection.execute(
-            "INSERT INTO exporter.export_events (export_id, key_name, seq, event, data)"
-            " VALUES ($1, $2, $3, $4, $5::jsonb) ON CONFLICT DO NOTHING",
+            "INSERT INTO exporter.export_events (export_id, key_name, event, data)"
+            " VALUES ($1, $2, $3, $4::jsonb)",
             export_id,
             key_name,
-            seq,
             event,
             json.dumps(data),
         )
@@ -70,7 +67,6 @@ class Publisher:
         self.estimated_rows = estimated_rows
         self.interval_s = interval_s
         self.started = time.monotonic()
-        self._seq = 0
         self._last: tuple[int, int] | None = None
         self._task: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
@@ -89,9 +85,8 @@ class Publisher:
 
     async def _publish(self, event: str, data: Any) -> None:
         async with self._lock:
-            self._seq += 1
             try:
-                await _insert(self.pool, self.export_id, self.key_name, self._seq, event, data)
+                await publish(self.pool, self.export_id, self.key_name, event, data)
             except Exception as exc:
                 log.warning("export %s: could not publish %s: %s", self.export_id, event, exc)
 
@@ -168,38 +163,52 @@ class EventHub:
 async def events_after(
     pool: Pool, export_id: str, key_name: str | None, after: int
 ) -> list[tuple[int, str, str]]:
-    """(seq, event, data) of the export after `after`; key_name None: any key's (admin)."""
+    """(id, event, data) of the export after event `after`; key_name None: any key's (admin)."""
     async with pool.connection() as connection:
         rows = await connection.fetch(
-            "SELECT seq, event, data::text FROM exporter.export_events"
-            " WHERE export_id = $1 AND ($2::text IS NULL OR key_name = $2) AND seq > $3"
-            " ORDER BY key_name, seq LIMIT 1000",
+            "SELECT id, event, data::text FROM exporter.export_events"
+            " WHERE export_id = $1 AND ($2::text IS NULL OR key_name = $2) AND id > $3"
+            " ORDER BY id LIMIT 1000",
             export_id,
             key_name,
             after,
         )
-    return [(row["seq"], row["event"], row["data"]) for row in rows]
+    return [(row["id"], row["event"], row["data"]) for row in rows]
 
 
-def format_event(seq: int, event: str, data: str) -> bytes:
+def format_event(event_id: int | None, event: str, data: str) -> bytes:
     # data is one line of JSON (jsonb's text form has no line breaks).
-    return f"id: {seq}\nevent: {event}\ndata: {data}\n\n".encode()
+    head = "" if event_id is None else f"id: {event_id}\n"
+    return f"{head}event: {event}\ndata: {data}\n\n".encode()
+
+
+# How the end of an export that published none looks to a subscriber: refused before it
+# started, cancelled while queued, failed for good, older than its events' retention.
+Ended = Callable[[], Awaitable[tuple[str, dict[str, Any]] | None]]
 
 
 async def event_stream(
-    pool: Pool, hub: EventHub, export_id: str, key_name: str | None, after: int
+    pool: Pool, hub: EventHub, export_id: str, key_name: str | None, after: int, ended: Ended
 ) -> AsyncIterator[bytes]:
-    """The stream of an export's events after `after`, ending with its done or error."""
+    """The stream of an export's events after `after`, ending with its done or error; if the
+    export has ended without publishing its end, one made from its record (without an id)."""
     yield f"retry: {RETRY_MS}\n\n".encode()
     with hub.subscription(export_id) as wake:
         quiet_since = time.monotonic()
         while True:
             wake.clear()
-            for seq, event, data in await events_after(pool, export_id, key_name, after):
-                after = seq
+            events = await events_after(pool, export_id, key_name, after)
+            for event_id, event, data in events:
+                after = event_id
                 quiet_since = time.monotonic()
-                yield format_event(seq, event, data)
+                yield format_event(event_id, event, data)
                 if event in TERMINAL:
+                    return
+            if not events:
+                end = await ended()
+                # Read again: the end may have been published since the last read.
+                if end is not None and not await events_after(pool, export_id, key_name, after):
+                    yield format_event(None, end[0], json.dumps(end[1]))
                     return
             # Woken by NOTIFY; a poll besides, in case it is not listening or missed one.
             timeout = 1.0 if not hub.listening else HEARTBEAT_S

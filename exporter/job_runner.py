@@ -23,7 +23,7 @@ from exporter import audit
 from exporter import jobs as job_records
 from exporter.auth import key_by_id
 from exporter.catalog import find_dataset
-from exporter.db import Databases, connect_url
+from exporter.db import UNREACHABLE, Databases, PoolTimeout, connect_url
 from exporter.encoders import ENCODERS
 from exporter.events import Publisher
 from exporter.events import prune as prune_events
@@ -43,6 +43,10 @@ log = logging.getLogger(__name__)
 _GZIP_LEVEL = 1
 
 
+# Failures of the database rather than of the job.
+TRANSIENT = (PoolTimeout, asyncpg.exceptions.QueryCanceledError, *UNREACHABLE)
+
+
 class JobFailed(Exception):
     """The job cannot run: its key, dataset or parameters are no longer valid."""
 
@@ -53,6 +57,8 @@ class _Watch:
     def __init__(self) -> None:
         self.stream: ExportStream | None = None
         self.stopped: str | None = None
+        # Set before the run records its end: a renewal that loses to it is no lost claim.
+        self.finishing = False
 
 
 class JobRunner:
@@ -146,23 +152,17 @@ class JobRunner:
                 # The claim lapses if this goes on; the job then runs again elsewhere.
                 log.warning("job %s: could not renew its claim: %s", job.id, exc)
                 continue
+            if watch.finishing:
+                # The run is recording its end (which this renewal may have raced): let it.
+                return
             if not ours or cancel:
                 watch.stopped = "lost" if not ours else "cancelled"
                 scope.cancel()
                 return
 
     async def _execute(self, job: Job, watch: "_Watch") -> None:
-        state = self.databases.state
-        logged = audit.ExportRequest(
-            request_id=job.id,
-            dataset=job.dataset,
-            format=job.format,
-            parameters=audit.bounded_parameters(list(job.params)),
-            client_addr=None,
-            key_name=job.key_name,
-        )
         publisher = Publisher(
-            state,
+            self.databases.state,
             job.id,
             job.key_name,
             lambda: _counts(watch.stream),
@@ -172,11 +172,26 @@ class JobRunner:
         # From the claim on: a slow query shows its elapsed time before its first row.
         publisher.start()
         try:
+            await self._execute_publishing(job, watch, publisher)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await publisher.stop()
+
+    async def _execute_publishing(self, job: Job, watch: "_Watch", publisher: Publisher) -> None:
+        state = self.databases.state
+        logged = audit.ExportRequest(
+            request_id=job.id,
+            dataset=job.dataset,
+            format=job.format,
+            parameters=audit.bounded_parameters(list(job.params)),
+            client_addr=None,
+            key_name=job.key_name,
+        )
+        try:
             stream = await self._open(job)
         except TooManyExports:
             # Slots are the key's and the service's, as for HTTP exports: wait for one.
-            await publisher.stop()
-            await job_records.requeue(state, job)
+            await job_records.requeue(state, job, counts=False)
             await asyncio.sleep(self.settings.job_poll_s)
             return
         except (JobFailed, QueryError) as exc:
@@ -186,10 +201,14 @@ class JobRunner:
             return
         except anyio.get_cancelled_exc_class():
             with anyio.CancelScope(shield=True):
-                if watch.stopped == "cancelled":
-                    await job_records.end(state, job, "cancelled", None)
-                    await publisher.error(_problem("Job cancelled", 499, "cancelled"))
+                await self._stopped(job, watch, publisher)
             raise
+        except TRANSIENT as exc:
+            # The database, not the job: run it again later (a bounded number of times).
+            log.warning("job %s could not start, queued again: %s", job.id, exc)
+            await job_records.requeue(state, job, counts=True)
+            await asyncio.sleep(self.settings.job_poll_s)
+            return
         except Exception as exc:
             log.warning("job %s could not start: %s", job.id, exc)
             await job_records.end(state, job, "failed", f"could not start: {exc}")
@@ -203,6 +222,7 @@ class JobRunner:
         try:
             size = await self._write(stream, part)
             name = self.store.commit(part, job)
+            watch.finishing = True
             kept = await job_records.finish(
                 state,
                 job,
@@ -218,16 +238,15 @@ class JobRunner:
                 await publisher.done(download_url=f"/exports/{job.id}/download")
             else:
                 self.store.delete(name)
-                error = "the job's claim was lost (it runs again elsewhere)"
-        except anyio.get_cancelled_exc_class():
-            with anyio.CancelScope(shield=True):
-                if watch.stopped == "cancelled":
+                if await job_records.end(state, job, "cancelled", None):
+                    # Asked to stop after the last heartbeat: cancelled all the same.
                     outcome, error = "disconnected", "cancelled"
-                    await job_records.end(state, job, "cancelled", None)
                     await publisher.error(_problem("Job cancelled", 499, "cancelled"))
                 else:
-                    # Lost, or the process is shutting down: the job runs again elsewhere.
-                    error = "stopped: the job runs again elsewhere"
+                    error = "the job's claim was lost (it runs again elsewhere)"
+        except anyio.get_cancelled_exc_class():
+            with anyio.CancelScope(shield=True):
+                outcome, error = await self._stopped(job, watch, publisher)
             raise
         except Exception as exc:
             error = str(exc)[:1000]
@@ -246,6 +265,19 @@ class JobRunner:
                     error=error,
                     aborted_by=stream.aborted_by,
                 )
+
+    async def _stopped(self, job: Job, watch: "_Watch", publisher: Publisher) -> tuple[str, str]:
+        """A run cancelled: by DELETE, by the loss of its claim, or by this process shutting
+        down (the job is handed back at once rather than after its lease, uncounted)."""
+        state = self.databases.state
+        if watch.stopped == "cancelled":
+            await job_records.end(state, job, "cancelled", None)
+            await publisher.error(_problem("Job cancelled", 499, "cancelled"))
+            return "disconnected", "cancelled"
+        if watch.stopped is None:
+            await job_records.requeue(state, job, counts=False)
+            return "disconnected", "this process stopped; the job runs again"
+        return "failed", "the job's claim was lost (it runs again elsewhere)"
 
     async def _open(self, job: Job) -> ExportStream:
         settings, databases = self.settings, self.databases

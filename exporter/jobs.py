@@ -20,6 +20,8 @@ from exporter.db import Pool
 # NOTIFY channel: a submitted job wakes the claimants at once.
 CHANNEL = "exporter_jobs"
 STATUSES = ("queued", "running", "done", "failed", "cancelled", "expired")
+# Advisory lock class of job submissions (per key); the limits and pruning use others.
+_SUBMIT_LOCK = 0x45784A42
 # A job that failed this many runs (its worker died each time) is failed for good.
 MAX_ATTEMPTS = 3
 
@@ -81,18 +83,30 @@ async def submit(
     dataset: str,
     format: str,
     params: list[tuple[str, str]],
-) -> Job:
+    max_per_key: int,
+) -> Job | None:
+    """The queued job; None if the key has max_per_key jobs queued or running already."""
     async with pool.connection() as connection, connection.transaction():
+        # One key's submissions at a time, so that the count below holds until the insert.
+        await connection.execute(
+            "SELECT pg_advisory_xact_lock($1, $2)", _SUBMIT_LOCK, key_id % 2**31
+        )
         row = await connection.fetchrow(
             "INSERT INTO exporter.jobs (id, key_id, key_name, dataset, format, params, status)"
-            " VALUES ($1, $2, $3, $4, $5, $6::jsonb, 'queued') RETURNING *",
+            " SELECT $1, $2, $3, $4, $5, $6::jsonb, 'queued'"
+            " WHERE (SELECT count(*) FROM exporter.jobs"
+            "        WHERE key_id = $2 AND status IN ('queued', 'running')) < $7"
+            " RETURNING *",
             job_id,
             key_id,
             key_name,
             dataset,
             format,
             json.dumps([list(p) for p in params]),
+            max_per_key,
         )
+        if row is None:
+            return None
         # Delivered at commit.
         await connection.execute(f"NOTIFY {CHANNEL}")
     return Job.of(row)
@@ -112,7 +126,8 @@ async def claim(pool: Pool, worker: str, lease_s: float) -> Job | None:
             " lease_until = clock_timestamp() + make_interval(secs => $2),"
             " started_at = coalesce(started_at, clock_timestamp())"
             " WHERE id = (SELECT id FROM exporter.jobs"
-            "   WHERE status = 'queued' OR (status = 'running' AND lease_until < clock_timestamp())"
+            "   WHERE status = 'queued' OR (status = 'running' AND lease_until < clock_timestamp()"
+            "     AND NOT cancel_requested)"
             "   ORDER BY created_at LIMIT 1 FOR UPDATE SKIP LOCKED)"
             " RETURNING *",
             worker,
@@ -158,7 +173,9 @@ async def finish(
             " expires_at = clock_timestamp() + make_interval(secs => $4),"
             " rows = $5, bytes = $6, file_name = $7, file_bytes = $8, cursor = $9,"
             " lease_until = NULL"
-            " WHERE id = $1 AND worker = $2 AND attempts = $3 AND status = 'running'",
+            " WHERE id = $1 AND worker = $2 AND attempts = $3 AND status = 'running'"
+            # DELETE between the last heartbeat and the end: cancelled, not done.
+            " AND NOT cancel_requested",
             job.id,
             job.worker,
             job.attempts,
@@ -188,27 +205,37 @@ async def end(pool: Pool, job: Job, status: str, error: str | None) -> bool:
     return bool(result == "UPDATE 1")
 
 
-async def requeue(pool: Pool, job: Job) -> None:
-    """Give a claimed job back (the key or the service had no export slot free): it runs
-    later, and this run does not count as an attempt."""
+async def requeue(pool: Pool, job: Job, *, counts: bool) -> None:
+    """Give a claimed job back: it runs later. A run refused for want of an export slot, or
+    stopped by a shutdown, does not count as an attempt; one that met the database
+    unreachable does (MAX_ATTEMPTS bounds them)."""
     async with pool.connection() as connection:
         await connection.execute(
             "UPDATE exporter.jobs SET status = 'queued', worker = NULL, lease_until = NULL,"
-            " attempts = attempts - 1"
-            " WHERE id = $1 AND worker = $2 AND attempts = $3 AND status = 'running'",
+            " attempts = attempts - CASE WHEN $4 THEN 0 ELSE 1 END"
+            " WHERE id = $1 AND worker = $2 AND attempts = $3 AND status = 'running'"
+            " AND NOT cancel_requested",
             job.id,
             job.worker,
             job.attempts,
+            counts,
         )
 
 
 async def fail_exhausted(pool: Pool) -> None:
-    """Jobs whose worker died MAX_ATTEMPTS times are failed rather than claimed again."""
+    """Jobs whose worker died MAX_ATTEMPTS times are failed rather than claimed again, and
+    those asked to stop whose worker died are cancelled."""
     async with pool.connection() as connection:
+        await connection.execute(
+            "UPDATE exporter.jobs SET status = 'cancelled', finished_at = clock_timestamp(),"
+            " lease_until = NULL"
+            " WHERE status = 'running' AND lease_until < clock_timestamp() AND cancel_requested"
+        )
         await connection.execute(
             "UPDATE exporter.jobs SET status = 'failed', finished_at = clock_timestamp(),"
             " error = 'the job''s worker stopped ' || attempts || ' times', lease_until = NULL"
-            " WHERE status = 'running' AND lease_until < clock_timestamp() AND attempts >= $1",
+            " WHERE status = 'running' AND lease_until < clock_timestamp() AND attempts >= $1"
+            " AND NOT cancel_requested",
             MAX_ATTEMPTS,
         )
 

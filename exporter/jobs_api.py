@@ -1,6 +1,7 @@
 """POST /exports, GET /exports/{id}, GET /exports/{id}/download, DELETE /exports/{id}:
 background export jobs (exporter/jobs.py, exporter/job_runner.py)."""
 
+import re
 import urllib.parse
 import uuid
 from datetime import datetime
@@ -99,6 +100,8 @@ def _params(body: JobRequest) -> list[tuple[str, str]]:
         400: {"description": "Invalid dataset parameters", **_problem},
         401: {"description": "Missing or unknown key", **_problem},
         404: {"description": "No such dataset (or not in the key's scope)", **_problem},
+        413: {"description": "A body over 64 KiB", **_problem},
+        429: {"description": "The key has its maximum of jobs queued or running", **_problem},
     },
 )
 async def submit_job(
@@ -123,8 +126,23 @@ async def submit_job(
     except QueryError as exc:
         raise Problem.from_query_error(exc) from exc
     job = await job_records.submit(
-        databases.state, uuid.uuid4().hex, key.id, key.name, dataset.name, body.format, params
+        databases.state,
+        uuid.uuid4().hex,
+        key.id,
+        key.name,
+        dataset.name,
+        body.format,
+        params,
+        settings.max_jobs_per_key,
     )
+    if job is None:
+        raise Problem(
+            429,
+            "Too Many Requests",
+            f"this key has {settings.max_jobs_per_key} jobs queued or running; try again when"
+            " one has finished",
+            headers={"Retry-After": "30"},
+        )
     info = JobInfo.of(job)
     return JSONResponse(
         info.model_dump(mode="json"), status_code=202, headers={"Location": info.status_url}
@@ -215,6 +233,48 @@ async def download(
     return download_response(request, stored)
 
 
+async def _recorded_end(
+    databases: Databases, export_id: str, key: ApiKey
+) -> tuple[str, dict[str, Any]] | None:
+    """The end of an export as its job or its export log entry records it; None while it
+    runs (or is queued)."""
+    async with databases.state.connection() as connection:
+        job = await connection.fetchrow(
+            "SELECT status, rows, bytes, error FROM exporter.jobs"
+            " WHERE id = $1 AND ($2 OR key_id = $3)",
+            export_id,
+            key.admin,
+            key.id,
+        )
+        entry = None
+        if job is None:
+            entry = await connection.fetchrow(
+                "SELECT outcome, status, rows, bytes, error FROM exporter.export_log"
+                " WHERE request_id = $1 AND ($2 OR key_name = $3) ORDER BY id DESC LIMIT 1",
+                export_id,
+                key.admin,
+                key.name,
+            )
+    if job is not None:
+        if job["status"] in ("queued", "running"):
+            return None
+        if job["status"] == "done":
+            url = f"/exports/{urllib.parse.quote(export_id)}/download"
+            return "done", {"rows": job["rows"], "bytes": job["bytes"], "download_url": url}
+        detail = job["error"] or job["status"]
+        return "error", {"type": "about:blank", "title": f"Job {job['status']}", "detail": detail}
+    if entry is None or entry["outcome"] == "running":
+        return None
+    if entry["outcome"] == "completed":
+        return "done", {"rows": entry["rows"], "bytes": entry["bytes"]}
+    return "error", {
+        "type": "about:blank",
+        "title": f"Export {entry['outcome']}",
+        "status": entry["status"],
+        "detail": entry["error"] or entry["outcome"],
+    }
+
+
 async def _may_watch(export_id: str, key: ApiKey, databases: Databases) -> bool:
     """Whether the key started the export (a job, or an export in the export log, or one
     with events), or is an admin key and it exists."""
@@ -255,10 +315,17 @@ async def export_events(
     if not await _may_watch(export_id, key, databases):
         raise Problem(404, "Not Found", "no export with this id")
     last = request.headers.get("last-event-id", "").strip()
-    after = int(last) if last.isdigit() and len(last) < 10 else 0
+    # ASCII digits only: str.isdigit() also takes '²', which int() refuses.
+    after = int(last) if re.fullmatch(r"[0-9]{1,18}", last) else 0
     hub: EventHub = request.app.state.event_hub
+
+    async def ended() -> tuple[str, dict[str, Any]] | None:
+        return await _recorded_end(databases, export_id, key)
+
     return StreamingResponse(
-        event_stream(databases.state, hub, export_id, None if key.admin else key.name, after),
+        event_stream(
+            databases.state, hub, export_id, None if key.admin else key.name, after, ended
+        ),
         media_type="text/event-stream",
         headers={
             "Cache-Control": "no-cache",

@@ -87,9 +87,14 @@ MAX_HEADER_FIELDS = 100
 MAX_HEADER_BYTES = 32 * 1024
 
 
+# Far above any job request (POST /exports).
+MAX_BODY_BYTES = 64 * 1024
+
+
 class HeaderLimitsMiddleware:
     """431 for too many or too large header fields; 400 for two Authorization fields, where a
-    proxy in front might have judged one and the app would read the other."""
+    proxy in front might have judged one and the app would read the other; 411 and 413 for a
+    request body of unknown or excessive length."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -122,6 +127,22 @@ class HeaderLimitsMiddleware:
                 send, scope, 400, "Bad Request", "more than one Authorization header"
             )
             return
+        if scope["method"] in ("POST", "PUT", "PATCH"):
+            # A body is parsed whole, before the key is checked: its size is known and bounded
+            # first (a chunked body of unknown length is refused).
+            lengths = [value for name, value in headers if name == b"content-length"]
+            if len(lengths) != 1 or not lengths[0].isdigit():
+                await send_problem(send, scope, 411, "Length Required", "send one Content-Length")
+                return
+            if int(lengths[0]) > MAX_BODY_BYTES:
+                await send_problem(
+                    send,
+                    scope,
+                    413,
+                    "Content Too Large",
+                    f"a request body is at most {MAX_BODY_BYTES} bytes",
+                )
+                return
         await self.app(scope, receive, send)
 
 

@@ -14,7 +14,6 @@ from sqlalchemy import (
     Integer,
     LargeBinary,
     MetaData,
-    PrimaryKeyConstraint,
     SmallInteger,
     Table,
     Text,
@@ -160,12 +159,12 @@ jobs = Table(
 export_events = Table(
     "export_events",
     metadata,
+    Column("id", BigInteger, Identity(), primary_key=True),
     Column("export_id", Text, nullable=False),
     Column("key_name", Text, nullable=False),
-    Column("seq", Integer, nullable=False),
     Column("event", Text, nullable=False),
     Column("data", JSONB, nullable=False),
     Column("at", DateTime(timezone=True), nullable=False, server_default=func.now()),
-    PrimaryKeyConstraint("export_id", "key_name", "seq"),
+    Index("export_events_export", "export_id", "id"),
     Index("export_events_at", "at"),
 )

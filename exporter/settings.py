@@ -58,6 +58,7 @@ class Settings(BaseSettings):
     job_lease_s: float = Field(default=30, gt=0)
     job_poll_s: float = Field(default=2, gt=0)
     job_retention_s: float = Field(default=24 * 3600, ge=0)
+    max_jobs_per_key: int = Field(default=10, ge=1, le=10_000)
     # Progress events of a running export (GET /exports/{id}/events) at most this often.
     progress_interval_s: float = Field(default=0.5, ge=0.05)
 

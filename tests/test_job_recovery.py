@@ -3,28 +3,18 @@ lease runs out). Apart from tests/test_jobs.py, whose server would claim the job
 
 import os
 import signal
-import time
 from pathlib import Path
 
 import psutil
 
 from tests.conftest import ExportDatabase, run_sql, start_server, stop_server
-from tests.test_jobs import slow_view, submit, wait_for
-
-
-def export_connection_port(database: ExportDatabase, job_id: str) -> int:
-    deadline = time.monotonic() + 30
-    while True:
-        rows = run_sql(
-            database.url,
-            "SELECT client_port FROM pg_stat_activity"
-            f" WHERE application_name = 'exporter job {job_id}'",
-        )
-        if rows:
-            port: int = rows[0][0]
-            return port
-        assert time.monotonic() < deadline, "the job's export never started"
-        time.sleep(0.05)
+from tests.job_helpers import (
+    export_connection_port,
+    read_events,
+    slow_view,
+    submit,
+    wait_for,
+)
 
 
 def test_a_job_whose_worker_dies_finishes_elsewhere(
@@ -60,6 +50,10 @@ def test_a_job_whose_worker_dies_finishes_elsewhere(
             done, _ = wait_for(client, info["id"], "done", "failed", timeout_s=90)
             assert done["status"] == "done", done
             assert client.get(done["download_url"]).content == direct
+            # Both runs' events, in order, with distinct ids, ending with the second's done.
+            _, events = read_events(client, info["events_url"])
+            assert [e.id for e in events] == sorted({e.id for e in events})
+            assert events[-1].event == "done" and events[-1].data["rows"] == 300
         (attempts,) = run_sql(
             database.url, f"SELECT attempts FROM exporter.jobs WHERE id = '{info['id']}'"
         )[0]

@@ -2,20 +2,24 @@
 a gzip file, downloaded (resumably), cancelled, and finished elsewhere when their worker dies."""
 
 import gzip
+import json
 import os
 import shutil
 import subprocess
 import sys
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 
 from tests.conftest import ExportDatabase, Server, new_key, run_sql, start_server, stop_server
+from tests.job_helpers import (
+    slow_view,
+    submit,
+    wait_for,
+)
 
 JOB_FILES = Path(f"/tmp/exporter-test-jobs-{uuid.uuid4().hex[:8]}")
 
@@ -39,26 +43,6 @@ def job_server(
     finally:
         stop_server(server)
         shutil.rmtree(JOB_FILES, ignore_errors=True)
-
-
-def submit(client: httpx.Client, body: dict[str, Any]) -> dict[str, Any]:
-    response = client.post("/exports", json=body)
-    assert response.status_code == 202, response.text
-    info: dict[str, Any] = response.json()
-    assert response.headers["location"] == info["status_url"] == f"/exports/{info['id']}"
-    return info
-
-
-def wait_for(client: httpx.Client, job_id: str, *statuses: str, timeout_s: float = 60) -> Any:
-    deadline = time.monotonic() + timeout_s
-    seen = []
-    while True:
-        info = client.get(f"/exports/{job_id}").json()
-        seen.append((info["status"], info["rows"]))
-        if info["status"] in statuses:
-            return info, seen
-        assert time.monotonic() < deadline, f"job still {info['status']}: {seen[-5:]}"
-        time.sleep(0.05)
 
 
 def test_a_job_runs_and_its_file_is_the_direct_export(
@@ -199,18 +183,6 @@ def test_a_running_job_is_cancelled(job_server: Server, database: ExportDatabase
         run_sql(database.url, f"DROP VIEW {view}")
 
 
-def slow_view(database: ExportDatabase, seconds: float = 6) -> str:
-    """A dataset that takes `seconds` to export: a job on it runs long enough to be watched."""
-    name = f"slow_{uuid.uuid4().hex[:8]}"
-    rows = 300
-    run_sql(
-        database.url,
-        f"CREATE VIEW {name} AS SELECT g AS id, pg_sleep({seconds / rows})::text AS nap"
-        f" FROM generate_series(1, {rows}) AS g",
-    )
-    return name
-
-
 def run_job_cli(server: Server, key: str | None, *args: str) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("EXPORTER_")}
     env["EXPORTER_URL"] = server.base_url
@@ -262,3 +234,29 @@ def test_the_cli_says_why_a_job_cannot_run(
     assert keyless.returncode == 2 and "EXPORTER_KEY" in keyless.stderr
     assert "Traceback" not in refused.stderr + keyless.stderr
     assert not target.exists()
+
+
+def test_a_keys_jobs_are_bounded_and_bodies_too(
+    job_server: Server, database: ExportDatabase, tmp_path: Path
+) -> None:
+    view = slow_view(database, seconds=4)
+    # This server runs no jobs (job_server does) and allows one per key.
+    server = start_server(database.url, tmp_path, max_jobs_per_key="1")
+    try:
+        with server.client(new_key(database.url)) as client:
+            submit(client, {"dataset": view, "format": "csv"})
+            second = client.post("/exports", json={"dataset": view, "format": "csv"})
+            assert second.status_code == 429 and second.headers["retry-after"]
+            huge = client.post(
+                "/exports",
+                content=json.dumps({"dataset": view, "format": "csv", "x": "y" * 100_000}),
+                headers={"Content-Type": "application/json"},
+            )
+            assert huge.status_code == 413, huge.text
+            chunked = client.post(
+                "/exports", content=iter([b'{"dataset": "people", "format": "csv"}'])
+            )
+            assert chunked.status_code == 411, chunked.text
+    finally:
+        stop_server(server)
+        run_sql(database.url, f"DROP VIEW {view}")

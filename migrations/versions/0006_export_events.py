@@ -23,20 +23,23 @@ SCHEMA = "exporter"
 def upgrade() -> None:
     op.create_table(
         "export_events",
+        # The SSE id: one sequence for all events, so that the runs of a job (a worker died)
+        # and exports sharing a client-chosen request id never reuse an id.
+        sa.Column("id", sa.BigInteger, sa.Identity(), primary_key=True),
         # The export's request id (a job's id); with the key, since clients choose request ids.
         sa.Column("export_id", sa.Text, nullable=False),
         sa.Column("key_name", sa.Text, nullable=False),
-        sa.Column("seq", sa.Integer, nullable=False),
         # progress, done or error
         sa.Column("event", sa.Text, nullable=False),
         sa.Column("data", postgresql.JSONB, nullable=False),
         sa.Column("at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()),
-        sa.PrimaryKeyConstraint("export_id", "key_name", "seq"),
         schema=SCHEMA,
     )
+    op.create_index("export_events_export", "export_events", ["export_id", "id"], schema=SCHEMA)
     op.create_index("export_events_at", "export_events", ["at"], schema=SCHEMA)
 
 
 def downgrade() -> None:
     op.drop_index("export_events_at", "export_events", schema=SCHEMA)
+    op.drop_index("export_events_export", "export_events", schema=SCHEMA)
     op.drop_table("export_events", schema=SCHEMA)

@@ -1,0 +1,98 @@
+"""What the job and event tests share: submitting and watching jobs, slow datasets, reading
+event streams."""
+
+import json
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+
+from tests.conftest import ExportDatabase, run_sql
+
+
+def submit(client: httpx.Client, body: dict[str, Any]) -> dict[str, Any]:
+    response = client.post("/exports", json=body)
+    assert response.status_code == 202, response.text
+    info: dict[str, Any] = response.json()
+    assert response.headers["location"] == info["status_url"] == f"/exports/{info['id']}"
+    return info
+
+
+def wait_for(client: httpx.Client, job_id: str, *statuses: str, timeout_s: float = 60) -> Any:
+    deadline = time.monotonic() + timeout_s
+    seen = []
+    while True:
+        info = client.get(f"/exports/{job_id}").json()
+        seen.append((info["status"], info["rows"]))
+        if info["status"] in statuses:
+            return info, seen
+        assert time.monotonic() < deadline, f"job still {info['status']}: {seen[-5:]}"
+        time.sleep(0.05)
+
+
+def slow_view(database: ExportDatabase, seconds: float = 6) -> str:
+    """A dataset that takes `seconds` to export: a job on it runs long enough to be watched."""
+    name = f"slow_{uuid.uuid4().hex[:8]}"
+    rows = 300
+    run_sql(
+        database.url,
+        f"CREATE VIEW {name} AS SELECT g AS id, pg_sleep({seconds / rows})::text AS nap"
+        f" FROM generate_series(1, {rows}) AS g",
+    )
+    return name
+
+
+def export_connection_port(database: ExportDatabase, job_id: str) -> int:
+    deadline = time.monotonic() + 30
+    while True:
+        rows = run_sql(
+            database.url,
+            "SELECT client_port FROM pg_stat_activity"
+            f" WHERE application_name = 'exporter job {job_id}'",
+        )
+        if rows:
+            port: int = rows[0][0]
+            return port
+        assert time.monotonic() < deadline, "the job's export never started"
+        time.sleep(0.05)
+
+
+@dataclass
+class Event:
+    id: int
+    event: str
+    data: dict[str, Any]
+
+
+def parse_events(lines: Iterator[str]) -> Iterator[Event]:
+    """Events as an EventSource reads them; comments and retry: skipped."""
+    fields: dict[str, str] = {}
+    for line in lines:
+        if line == "":
+            if "data" in fields:
+                yield Event(
+                    int(fields["id"]), fields.get("event", "message"), json.loads(fields["data"])
+                )
+            fields = {}
+        elif not line.startswith(":"):
+            name, _, value = line.partition(":")
+            fields[name] = value.removeprefix(" ")
+
+
+def read_events(
+    client: httpx.Client, path: str, last_event_id: int | None = None, limit: int | None = None
+) -> tuple[httpx.Response, list[Event]]:
+    headers = {} if last_event_id is None else {"Last-Event-ID": str(last_event_id)}
+    events: list[Event] = []
+    with client.stream("GET", path, headers=headers) as response:
+        if response.status_code != 200:
+            response.read()
+            return response, events
+        for event in parse_events(response.iter_lines()):
+            events.append(event)
+            if event.event in ("done", "error") or (limit is not None and len(events) == limit):
+                break
+    return response, events
