@@ -87,8 +87,9 @@ MAX_HEADER_FIELDS = 100
 MAX_HEADER_BYTES = 32 * 1024
 
 
-# Far above any job request (POST /exports).
+# Far above any job request (POST /exports), the only route that reads a body.
 MAX_BODY_BYTES = 64 * 1024
+BODY_ROUTES = frozenset({"/exports", "/exports/"})
 
 
 class HeaderLimitsMiddleware:
@@ -127,9 +128,10 @@ class HeaderLimitsMiddleware:
                 send, scope, 400, "Bad Request", "more than one Authorization header"
             )
             return
-        if scope["method"] in ("POST", "PUT", "PATCH"):
+        if scope["method"] == "POST" and scope["path"] in BODY_ROUTES:
             # A body is parsed whole, before the key is checked: its size is known and bounded
-            # first (a chunked body of unknown length is refused).
+            # first (a chunked body of unknown length is refused). Other methods and paths
+            # take no body: routing answers them (405, 404).
             lengths = [value for name, value in headers if name == b"content-length"]
             if len(lengths) != 1 or not lengths[0].isdigit():
                 await send_problem(send, scope, 411, "Length Required", "send one Content-Length")
