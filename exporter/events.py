@@ -15,9 +15,8 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
-import asyncpg
-
-from exporter.db import Pool, connect_url
+from exporter.db import Pool
+from exporter.listen import Listener
 
 log = logging.getLogger(__name__)
 
@@ -117,34 +116,36 @@ class Publisher:
 
 
 class EventHub:
-    """One LISTEN connection per process, waking the subscribers of an export. Without it
-    (the connection failed), subscribers poll."""
+    """One LISTEN connection per process (reconnected when lost), waking the subscribers of an
+    export. While it is down, subscribers poll."""
 
     def __init__(self, state_url: str) -> None:
-        self.state_url = state_url
         self._subscribers: dict[str, set[asyncio.Event]] = {}
-        self._connection: Any = None
+        self._listener = Listener(state_url, CHANNEL, self._notified, self._wake_all)
+        self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
-        try:
-            self._connection = await asyncpg.connect(connect_url(self.state_url))
-            await self._connection.add_listener(CHANNEL, self._notified)
-        except Exception as exc:
-            log.warning("export events are polled: %s", exc)
-            self._connection = None
+        self._task = asyncio.create_task(self._listener.run_forever())
 
     async def close(self) -> None:
-        if self._connection is not None:
-            with contextlib.suppress(Exception):
-                await self._connection.close()
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(BaseException):
+                await self._task
 
     @property
     def listening(self) -> bool:
-        return self._connection is not None and not self._connection.is_closed()
+        return self._listener.connected
 
-    def _notified(self, _connection: Any, _pid: int, _channel: str, export_id: str) -> None:
+    def _notified(self, export_id: str) -> None:
         for wake in self._subscribers.get(export_id, ()):
             wake.set()
+
+    def _wake_all(self) -> None:
+        # (Re)connected: what was notified meanwhile is lost; every subscriber reads again.
+        for waiting in self._subscribers.values():
+            for wake in waiting:
+                wake.set()
 
     @contextlib.contextmanager
     def subscription(self, export_id: str) -> Any:

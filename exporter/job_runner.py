@@ -23,13 +23,14 @@ from exporter import audit
 from exporter import jobs as job_records
 from exporter.auth import key_by_id
 from exporter.catalog import find_dataset
-from exporter.db import UNREACHABLE, Databases, PoolTimeout, connect_url
+from exporter.db import UNREACHABLE, Databases, PoolTimeout
 from exporter.encoders import ENCODERS
 from exporter.events import Publisher
 from exporter.events import prune as prune_events
 from exporter.incremental import read_cursor
 from exporter.jobs import Job, LocalStore
 from exporter.limits import Slots, TooManyExports
+from exporter.listen import Listener
 from exporter.query import QueryError, parse_query
 from exporter.responses import estimated_rows
 from exporter.settings import Settings
@@ -72,7 +73,15 @@ class JobRunner:
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def run_forever(self) -> None:
-        listener = await self._listen()
+        # Submissions wake the claimants at once; while the listener is down, the poll finds
+        # them.
+        listener = Listener(
+            self.settings.state_url,
+            job_records.CHANNEL,
+            lambda _payload: self._wake.set(),
+            self._wake.set,
+        )
+        listening = asyncio.create_task(listener.run_forever())
         try:
             while True:
                 await self._slots.acquire()
@@ -102,19 +111,9 @@ class JobRunner:
             for task in list(self._tasks):
                 with contextlib.suppress(BaseException):
                     await task
-            if listener is not None:
-                with contextlib.suppress(Exception):
-                    await listener.close()
-
-    async def _listen(self) -> Any:
-        """A connection of its own, LISTENing; without it, submissions wait for the poll."""
-        try:
-            connection = await asyncpg.connect(connect_url(self.settings.state_url))
-            await connection.add_listener(job_records.CHANNEL, lambda *_: self._wake.set())
-            return connection
-        except Exception as exc:
-            log.warning("jobs are found by polling only: %s", exc)
-            return None
+            listening.cancel()
+            with contextlib.suppress(BaseException):
+                await listening
 
     async def _run_and_release(self, job: Job) -> None:
         try:

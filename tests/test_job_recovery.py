@@ -3,6 +3,8 @@ lease runs out). Apart from tests/test_jobs.py, whose server would claim the job
 
 import os
 import signal
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import psutil
@@ -61,3 +63,40 @@ def test_a_job_whose_worker_dies_finishes_elsewhere(
     finally:
         stop_server(server)
         run_sql(database.url, f"DROP VIEW {view}")
+
+
+def test_a_lost_listen_connection_comes_back(database: ExportDatabase, tmp_path: Path) -> None:
+    """With a poll of a minute, only NOTIFY can start a job quickly: after PostgreSQL ended the
+    LISTEN connections, a job still starts at once."""
+    server = start_server(
+        database.url,
+        tmp_path,
+        job_dir=str(tmp_path / "files"),
+        job_poll_s="60",
+        job_concurrency="1",
+    )
+    listening = (
+        "SELECT count(*) FROM pg_stat_activity"
+        " WHERE application_name = 'exporter listen' AND datname = current_database()"
+    )
+    try:
+        wait_until(lambda: run_sql(database.url, listening)[0][0] == 2)
+        run_sql(
+            database.url,
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+            " WHERE application_name = 'exporter listen' AND datname = current_database()",
+        )
+        wait_until(lambda: run_sql(database.url, listening)[0][0] == 2)
+        with server.client(database.key) as client:
+            info = submit(client, {"dataset": "people", "format": "csv"})
+            # Within a third of the poll: woken by NOTIFY, through the new connection.
+            wait_for(client, info["id"], "done", timeout_s=20)
+    finally:
+        stop_server(server)
+
+
+def wait_until(condition: Callable[[], bool], timeout_s: float = 30) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "never happened"
+        time.sleep(0.1)
