@@ -335,12 +335,19 @@ class JobRunner:
             file.close()
 
     async def expire_forever(self) -> None:
-        """Expired files deleted, every poll interval (each process; deletion is idempotent)."""
+        """Expired and orphaned files deleted, every poll interval (each process; deletion is
+        idempotent)."""
         while True:
             await asyncio.sleep(max(self.settings.job_poll_s, 1.0))
             try:
                 for job in await job_records.expire(self.databases.state):
                     self.store.delete(job.file_name)
+                in_use = await job_records.files_in_use(self.databases.state)
+                for path in await anyio.to_thread.run_sync(
+                    self.store.orphans, in_use, self.settings.job_lease_s * 2
+                ):
+                    log.info("deleting %s: no job needs it", path.name)
+                    path.unlink(missing_ok=True)
                 await prune_events(self.databases.state, self.settings.job_retention_s)
             except Exception as exc:
                 log.warning("could not expire job files: %s", exc)

@@ -10,6 +10,7 @@ worker died) is claimed again. Every write of a running job is conditioned on th
 
 import json
 import os
+import time
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -268,6 +269,18 @@ async def expire(pool: Pool) -> list[Job]:
     return [Job.of(row) for row in rows]
 
 
+async def files_in_use(pool: Pool) -> set[str]:
+    """The names a running attempt writes or a done job keeps."""
+    async with pool.connection() as connection:
+        rows = await connection.fetch(
+            "SELECT file_name AS name FROM exporter.jobs"
+            " WHERE status = 'done' AND file_name IS NOT NULL"
+            " UNION ALL SELECT id || '-' || attempts || '.part' FROM exporter.jobs"
+            " WHERE status = 'running'"
+        )
+    return {row["name"] for row in rows}
+
+
 class LocalStore:
     """Job files in a local directory (EXPORTER_JOB_DIR). Every worker process of a host shares
     it; replicas on several hosts need a shared directory."""
@@ -291,3 +304,16 @@ class LocalStore:
     def delete(self, name: str | None) -> None:
         if name:
             (self.directory / name).unlink(missing_ok=True)
+
+    def orphans(self, in_use: set[str], older_than_s: float) -> list[Path]:
+        """Files no job needs (a writer killed, a crash between a file's commit and its job's
+        end), untouched for older_than_s: a file committed a moment ago may not be recorded
+        yet."""
+        if not self.directory.is_dir():
+            return []
+        cutoff = time.time() - older_than_s
+        return [
+            path
+            for path in self.directory.iterdir()
+            if path.name not in in_use and path.stat().st_mtime < cutoff
+        ]

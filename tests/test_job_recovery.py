@@ -56,6 +56,9 @@ def test_a_job_whose_worker_dies_finishes_elsewhere(
             _, events = read_events(client, info["events_url"])
             assert [e.id for e in events] == sorted({e.id for e in events})
             assert events[-1].event == "done" and events[-1].data["rows"] == 300
+        # The dead attempt's partial file is swept; the finished file stays.
+        files = tmp_path / "files"
+        wait_until(lambda: [p.name for p in files.iterdir()] == [done_file(database, info["id"])])
         (attempts,) = run_sql(
             database.url, f"SELECT attempts FROM exporter.jobs WHERE id = '{info['id']}'"
         )[0]
@@ -93,6 +96,11 @@ def test_a_lost_listen_connection_comes_back(database: ExportDatabase, tmp_path:
             wait_for(client, info["id"], "done", timeout_s=20)
     finally:
         stop_server(server)
+
+
+def done_file(database: ExportDatabase, job_id: str) -> str:
+    (name,) = run_sql(database.url, f"SELECT file_name FROM exporter.jobs WHERE id = '{job_id}'")[0]
+    return str(name)
 
 
 def wait_until(condition: Callable[[], bool], timeout_s: float = 30) -> None:
