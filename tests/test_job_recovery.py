@@ -9,7 +9,7 @@ from pathlib import Path
 
 import psutil
 
-from tests.conftest import ExportDatabase, run_sql, start_server, stop_server
+from tests.conftest import ExportDatabase, Server, run_sql, start_server, stop_server
 from tests.job_helpers import (
     export_connection_port,
     read_events,
@@ -78,24 +78,37 @@ def test_a_lost_listen_connection_comes_back(database: ExportDatabase, tmp_path:
         job_poll_s="60",
         job_concurrency="1",
     )
-    listening = (
-        "SELECT count(*) FROM pg_stat_activity"
-        " WHERE application_name = 'exporter listen' AND datname = current_database()"
-    )
     try:
-        wait_until(lambda: run_sql(database.url, listening)[0][0] == 2)
-        run_sql(
-            database.url,
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
-            " WHERE application_name = 'exporter listen' AND datname = current_database()",
+        # This server's two (events, jobs); other servers of the session have their own.
+        wait_until(lambda: len(listeners(database, server)) == 2)
+        ended = listeners(database, server)
+        for pid in ended:
+            run_sql(database.url, f"SELECT pg_terminate_backend({pid})")
+        # Two new connections, not the ended ones still on their way out.
+        wait_until(
+            lambda: len(now := listeners(database, server)) == 2 and not set(now) & set(ended)
         )
-        wait_until(lambda: run_sql(database.url, listening)[0][0] == 2)
         with server.client(database.key) as client:
             info = submit(client, {"dataset": "people", "format": "csv"})
             # Within a third of the poll: woken by NOTIFY, through the new connection.
             wait_for(client, info["id"], "done", timeout_s=20)
     finally:
         stop_server(server)
+
+
+def listeners(database: ExportDatabase, server: Server) -> list[int]:
+    """The backends of the server's LISTEN connections."""
+    rows = run_sql(
+        database.url,
+        "SELECT pid, client_port FROM pg_stat_activity"
+        " WHERE application_name = 'exporter listen' AND datname = current_database()",
+    )
+    ours = {
+        c.laddr.port
+        for c in psutil.net_connections("tcp")
+        if c.pid == server.process.pid and c.laddr
+    }
+    return [pid for pid, port in rows if port in ours]
 
 
 def done_file(database: ExportDatabase, job_id: str) -> str:
