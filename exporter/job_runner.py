@@ -88,7 +88,10 @@ class JobRunner:
                 try:
                     await job_records.fail_exhausted(self.databases.state)
                     job = await job_records.claim(
-                        self.databases.state, self.worker, self.settings.job_lease_s
+                        self.databases.state,
+                        self.worker,
+                        self.settings.job_lease_s,
+                        self.settings.max_exports_per_key,
                     )
                 except Exception as exc:
                     self._slots.release()

@@ -119,20 +119,25 @@ async def get(pool: Pool, job_id: str) -> Job | None:
     return None if row is None else Job.of(row)
 
 
-async def claim(pool: Pool, worker: str, lease_s: float) -> Job | None:
-    """The oldest queued job, or a running one whose worker stopped renewing its lease."""
+async def claim(pool: Pool, worker: str, lease_s: float, per_key: int) -> Job | None:
+    """The oldest queued job, or a running one whose worker stopped renewing its lease, of a
+    key running fewer than `per_key` jobs: a key at its limit of concurrent exports would only
+    have its job handed back, and its queue must not hold up other keys'."""
     async with pool.connection() as connection:
         row = await connection.fetchrow(
             "UPDATE exporter.jobs SET status = 'running', worker = $1, attempts = attempts + 1,"
             " lease_until = clock_timestamp() + make_interval(secs => $2),"
             " started_at = coalesce(started_at, clock_timestamp())"
-            " WHERE id = (SELECT id FROM exporter.jobs"
-            "   WHERE status = 'queued' OR (status = 'running' AND lease_until < clock_timestamp()"
-            "     AND NOT cancel_requested)"
-            "   ORDER BY created_at LIMIT 1 FOR UPDATE SKIP LOCKED)"
+            " WHERE id = (SELECT j.id FROM exporter.jobs AS j"
+            "   WHERE (j.status = 'queued' OR (j.status = 'running'"
+            "     AND j.lease_until < clock_timestamp() AND NOT j.cancel_requested))"
+            "   AND (SELECT count(*) FROM exporter.jobs AS r WHERE r.key_id = j.key_id"
+            "        AND r.status = 'running' AND r.lease_until >= clock_timestamp()) < $3"
+            "   ORDER BY j.created_at LIMIT 1 FOR UPDATE SKIP LOCKED)"
             " RETURNING *",
             worker,
             float(lease_s),
+            per_key,
         )
     return None if row is None else Job.of(row)
 

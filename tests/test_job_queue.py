@@ -1,0 +1,37 @@
+"""The job queue is shared fairly: a key at its limit of concurrent exports does not hold up
+another key's jobs. Apart from tests/test_jobs.py, whose server would claim the jobs too."""
+
+from pathlib import Path
+
+from tests.conftest import ExportDatabase, new_key, run_sql, start_server, stop_server
+from tests.job_helpers import slow_view, submit, wait_for
+
+
+def test_a_key_at_its_limit_does_not_hold_up_another(
+    database: ExportDatabase, tmp_path: Path
+) -> None:
+    view = slow_view(database, seconds=6)
+    server = start_server(
+        database.url,
+        tmp_path,
+        job_dir=str(tmp_path / "files"),
+        job_poll_s="0.3",
+        job_concurrency="2",
+        max_exports_per_key="1",
+    )
+    try:
+        with (
+            server.client(new_key(database.url)) as busy,
+            server.client(new_key(database.url)) as other,
+        ):
+            first = submit(busy, {"dataset": view, "format": "csv"})
+            wait_for(busy, first["id"], "running")
+            second = submit(busy, {"dataset": view, "format": "csv"})
+            quick = submit(other, {"dataset": "people", "format": "csv"})
+            wait_for(other, quick["id"], "done", timeout_s=5)
+            # The busy key's second job waits for its first, unclaimed.
+            assert busy.get(second["status_url"]).json()["status"] == "queued"
+            assert busy.get(first["status_url"]).json()["status"] == "running"
+    finally:
+        stop_server(server)
+        run_sql(database.url, f"DROP VIEW {view}")
