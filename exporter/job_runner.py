@@ -85,6 +85,8 @@ class JobRunner:
         try:
             while True:
                 await self._slots.acquire()
+                # Before looking: a submission notified while we look is not lost.
+                self._wake.clear()
                 try:
                     await job_records.fail_exhausted(self.databases.state)
                     job = await job_records.claim(
@@ -100,7 +102,6 @@ class JobRunner:
                     continue
                 if job is None:
                     self._slots.release()
-                    self._wake.clear()
                     with contextlib.suppress(TimeoutError):
                         async with asyncio.timeout(self.settings.job_poll_s):
                             await self._wake.wait()
