@@ -10,6 +10,7 @@ import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 import asyncpg
 
@@ -139,13 +140,7 @@ async def authenticate(pool: Pool, key: str) -> ApiKey | None:
         )
     if row is None or not hmac.compare_digest(bytes(row["digest"]), wanted):
         return None
-    return ApiKey(
-        id=row["id"],
-        name=row["name"],
-        datasets=tuple(row["datasets"]),
-        role=row["role"],
-        admin=row["admin"],
-    )
+    return _api_key(row)
 
 
 async def key_by_id(pool: Pool, key_id: int) -> ApiKey | None:
@@ -159,6 +154,10 @@ async def key_by_id(pool: Pool, key_id: int) -> ApiKey | None:
         )
     if row is None:
         return None
+    return _api_key(row)
+
+
+def _api_key(row: Any) -> ApiKey:
     return ApiKey(
         id=row["id"],
         name=row["name"],

@@ -165,6 +165,25 @@ def _shape_digest(dataset: Dataset, position: Position) -> bytes:
     return digest(position.relation_digest.hex(), *columns)
 
 
+class CursorsUnavailable(Exception):
+    """The service's schema has no cursor secret (`exporter migrate` not run): a 503."""
+
+
+def pull_cursor(
+    query: ExportQuery, format: str, role: str | None, secret: bytes | None
+) -> Cursor | None:
+    """The cursor of a `since=` pull, checked against the request (400s); None for a whole
+    export. Shared by direct exports, job submissions and job runs."""
+    if query.since is None:
+        return None
+    if secret is None:
+        raise CursorsUnavailable("incremental pulls need `exporter migrate`")
+    if query.deletes and format != "ndjson":
+        # A deleted row has no CSV form that a reader could tell from a row.
+        raise QueryError("deletes", "deletes=true needs NDJSON (a tombstone is a JSON line)")
+    return read_cursor(query, role, secret)
+
+
 def read_cursor(query: ExportQuery, role: str | None, secret: bytes) -> Cursor:
     """The `since=` token, checked against the request (400s); the database is not asked."""
     assert query.since is not None

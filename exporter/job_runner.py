@@ -27,14 +27,14 @@ from exporter.db import UNREACHABLE, Databases, PoolTimeout
 from exporter.encoders import ENCODERS
 from exporter.events import Publisher
 from exporter.events import prune as prune_events
-from exporter.incremental import read_cursor
+from exporter.incremental import CursorsUnavailable, pull_cursor
 from exporter.jobs import Job, LocalStore
-from exporter.limits import Slots, TooManyExports
+from exporter.limits import TooManyExports
 from exporter.listen import Listener
 from exporter.query import QueryError, parse_query
-from exporter.responses import estimated_rows
+from exporter.responses import estimated_rows, key_export_stream
 from exporter.settings import Settings
-from exporter.stream import Caps, ExportStream
+from exporter.stream import ExportStream
 
 log = logging.getLogger(__name__)
 
@@ -197,7 +197,7 @@ class JobRunner:
             await job_records.requeue(state, job, counts=False)
             await asyncio.sleep(self.settings.job_poll_s)
             return
-        except (JobFailed, QueryError) as exc:
+        except (JobFailed, QueryError, CursorsUnavailable) as exc:
             await audit.record_refusal(state, logged, 400, str(exc))
             await job_records.end(state, job, "failed", str(exc))
             await publisher.error(_problem("Job failed", 400, str(exc)))
@@ -297,20 +297,10 @@ class JobRunner:
         encoder = ENCODERS[job.format]
         query = parse_query(dataset, job.params, max_limit=settings.max_limit)
         secret = await databases.cursor_secret()
-        since = None
-        if query.since is not None and secret is not None:
-            since = read_cursor(query, key.role, secret)
-        stream = ExportStream(
-            query,
-            encoder,
-            databases.exports,
-            settings,
-            f"exporter job {job.id}",
-            role=key.role,
-            slots=Slots(key.id, settings.max_exports_per_key, settings.export_slots),
-            caps=Caps(max_rows=settings.max_rows, max_bytes=settings.max_bytes),
-            cursor_secret=secret,
-            since=since,
+        # Without a secret, a since= job would have run as a whole export: it fails instead.
+        since = pull_cursor(query, job.format, key.role, secret)
+        stream = key_export_stream(
+            query, encoder, key, databases, settings, f"exporter job {job.id}", secret, since
         )
         await stream.open()
         return stream

@@ -19,11 +19,11 @@ from exporter.db import Databases
 from exporter.downloads import StoredExport, download_response
 from exporter.encoders import ENCODERS
 from exporter.events import EventHub, event_stream
-from exporter.incremental import read_cursor
+from exporter.incremental import CursorsUnavailable, pull_cursor
 from exporter.jobs import Job, LocalStore
 from exporter.problems import PROBLEM_MEDIA_TYPE, Problem
 from exporter.query import QueryError, parse_query
-from exporter.responses import attachment_name
+from exporter.responses import attachment_name, content_type
 
 router = APIRouter()
 _problem: dict[str, Any] = {"content": {PROBLEM_MEDIA_TYPE: {}}}
@@ -116,15 +116,11 @@ async def submit_job(
     try:
         query = parse_query(dataset, params, max_limit=settings.max_limit)
         encoder(query.columns, query.options)
-        if query.since is not None:
-            secret = await databases.cursor_secret()
-            if secret is None:
-                raise QueryError("since", "incremental pulls need `exporter migrate`")
-            if query.deletes and encoder.format != "ndjson":
-                raise QueryError("deletes", "deletes=true needs NDJSON")
-            read_cursor(query, key.role, secret)
+        pull_cursor(query, encoder.format, key.role, await databases.cursor_secret())
     except QueryError as exc:
         raise Problem.from_query_error(exc) from exc
+    except CursorsUnavailable as exc:
+        raise Problem(503, "Service Unavailable", str(exc)) from exc
     job = await job_records.submit(
         databases.state,
         uuid.uuid4().hex,
@@ -218,9 +214,7 @@ async def download(
     if not path.exists():
         raise Problem(410, "Gone", "the job's file is gone; submit it again")
     encoder = ENCODERS[job.format]
-    media_type = encoder.media_type + (
-        "; charset=utf-8" if encoder.media_type.startswith("text/") else ""
-    )
+    media_type = content_type(encoder)
     stored = StoredExport(
         path=path,
         identity_length=job.bytes,

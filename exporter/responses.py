@@ -17,11 +17,11 @@ from exporter import audit
 from exporter.auth import ApiKey
 from exporter.catalog import Dataset
 from exporter.compression import Compressor, choose_coding, compressed, compressor_for
-from exporter.cursor import CursorExpired
+from exporter.cursor import Cursor, CursorExpired
 from exporter.db import UNREACHABLE, Databases, PoolTimeout, RoleUnavailable
 from exporter.encoders import Encoder
 from exporter.events import Publisher
-from exporter.incremental import CursorAhead, read_cursor
+from exporter.incremental import CursorAhead, CursorsUnavailable, pull_cursor
 from exporter.limits import Slots, TooManyExports
 from exporter.memory import release_free_memory
 from exporter.pace import PaceLimits, SendMeter
@@ -88,31 +88,16 @@ async def start_export(
     params = request.query_params.multi_items()
     query = parse_query(dataset, params, max_limit=settings.max_limit)
     secret = await databases.cursor_secret()
-    since = None
-    if query.since is not None:
-        if secret is None:
-            raise Problem(503, "Service Unavailable", "incremental pulls need `exporter migrate`")
-        if query.deletes and encoder.format != "ndjson":
-            # A deleted row has no CSV form that a reader could tell from a row.
-            raise QueryError("deletes", "deletes=true needs NDJSON (a tombstone is a JSON line)")
-        since = read_cursor(query, key.role, secret)
-    media_type = encoder.media_type + (
-        "; charset=utf-8" if encoder.media_type.startswith("text/") else ""
-    )
+    try:
+        since = pull_cursor(query, encoder.format, key.role, secret)
+    except CursorsUnavailable as exc:
+        raise Problem(503, "Service Unavailable", str(exc)) from exc
+    media_type = content_type(encoder)
     # Several Accept-Encoding fields make one list (RFC 9110 §5.3).
     accept_encoding = ", ".join(request.headers.getlist("accept-encoding")) or None
     compressor = compressor_for(choose_coding(accept_encoding, media_type))
-    stream = ExportStream(
-        query,
-        encoder,
-        databases.exports,
-        settings,
-        f"exporter {logged.request_id}",
-        role=key.role,
-        slots=Slots(key.id, settings.max_exports_per_key, settings.export_slots),
-        caps=Caps(max_rows=settings.max_rows, max_bytes=settings.max_bytes),
-        cursor_secret=secret,
-        since=since,
+    stream = key_export_stream(
+        query, encoder, key, databases, settings, f"exporter {logged.request_id}", secret, since
     )
     await audit.record_start(databases.state, logged)
 
@@ -219,6 +204,38 @@ async def start_export(
             min_bytes_per_second=settings.min_bytes_per_second,
             window_s=settings.min_rate_window_s,
         ),
+    )
+
+
+def content_type(encoder: type[Encoder]) -> str:
+    return encoder.media_type + (
+        "; charset=utf-8" if encoder.media_type.startswith("text/") else ""
+    )
+
+
+def key_export_stream(
+    query: ExportQuery,
+    encoder: type[Encoder],
+    key: ApiKey,
+    databases: Databases,
+    settings: Settings,
+    label: str,
+    secret: bytes | None,
+    since: Cursor | None,
+) -> ExportStream:
+    """An export on a key's behalf (HTTP or a job): its role, its and the service's export
+    slots, the caps, and cursors."""
+    return ExportStream(
+        query,
+        encoder,
+        databases.exports,
+        settings,
+        label,
+        role=key.role,
+        slots=Slots(key.id, settings.max_exports_per_key, settings.export_slots),
+        caps=Caps(max_rows=settings.max_rows, max_bytes=settings.max_bytes),
+        cursor_secret=secret,
+        since=since,
     )
 
 
