@@ -35,3 +35,29 @@ def test_a_key_at_its_limit_does_not_hold_up_another(
     finally:
         stop_server(server)
         run_sql(database.url, f"DROP VIEW {view}")
+
+
+def test_a_process_that_stops_hands_its_job_back(database: ExportDatabase, tmp_path: Path) -> None:
+    view = slow_view(database, seconds=6)
+    server = start_server(
+        database.url, tmp_path, job_dir=str(tmp_path / "files"), job_concurrency="1"
+    )
+    try:
+        with server.client(database.key) as client:
+            info = submit(client, {"dataset": view, "format": "csv"})
+            wait_for(client, info["id"], "running")
+    finally:
+        stop_server(server)
+    try:
+        # Back in the queue at once, the interrupted run not counted as an attempt.
+        (status, attempts, worker) = run_sql(
+            database.url,
+            f"SELECT status, attempts, worker FROM exporter.jobs WHERE id = '{info['id']}'",
+        )[0]
+        assert (status, attempts, worker) == ("queued", 0, None)
+    finally:
+        run_sql(
+            database.url,
+            f"DELETE FROM exporter.jobs WHERE id = '{info['id']}'",
+            f"DROP VIEW {view}",
+        )
