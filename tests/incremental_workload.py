@@ -770,11 +770,14 @@ async def run_workload(
                 finally:
                     await conn.close()
 
+            tracking_began = asyncio.Event()
+
             async def start_tracking() -> None:
                 if track is not None:
                     await asyncio.sleep(seconds / 3)
                     await asyncio.to_thread(track)
                     stats["tracking started midway"] += 1
+                    tracking_began.set()
 
             async with asyncio.TaskGroup() as group:
                 group.create_task(start_tracking())
@@ -783,6 +786,12 @@ async def run_workload(
                 group.create_task(report())
                 group.create_task(vacuum())
                 await asyncio.sleep(seconds)
+                if track is not None:
+                    # `exporter track` waits for the writers' open transactions, after a CLI
+                    # start: on a loaded machine that can take most of `seconds`. Keep writing
+                    # until a pull's cursor has seen tracking begin and the next pull used it.
+                    await asyncio.wait_for(tracking_began.wait(), 120)
+                    await poller.wait_for_pulls(3, 120)
                 stop.set()
         finally:
             for conn in conns:
