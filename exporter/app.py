@@ -53,6 +53,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
             await hub.close()
+            await runner.aclose()
             # Exports cancelled by a shutdown still roll back and write their export log
             # entries (shielded); the pools must outlive that.
             left = await active.wait(settings.cleanup_timeout_s + 5)

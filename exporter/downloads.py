@@ -1,6 +1,6 @@
-"""The download of a finished export job: one gzip file on disk, served as two representations
-of the same resource (RFC 9110 §3.2), each with its own strong ETag, byte ranges and
-conditional requests:
+"""The download of a finished export job: one gzip file in the job store (a directory or an
+S3-compatible bucket), served as two representations of the same resource (RFC 9110 §3.2),
+each with its own strong ETag, byte ranges and conditional requests:
 
 - gzip, for a client that accepts it: the file's own bytes, `Content-Encoding: gzip`; a range
   is a range of those bytes (§14.1.4: ranges apply to the encoded content);
@@ -12,11 +12,11 @@ both: a content coding belongs to the message, and whoever asked for it decodes 
 gzip bytes (`curl -H 'Accept-Encoding: gzip' -o f`) chose to, and names its file itself.
 """
 
+import logging
 import zlib
+from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from pathlib import Path
-from typing import BinaryIO, Protocol
 
 import anyio
 import anyio.to_thread
@@ -25,6 +25,7 @@ from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from exporter.compression import GZIP, IDENTITY, compressible, parse_accept_encoding
+from exporter.file_store import ByteSource, FileGone, FileStore, StoreError
 from exporter.preconditions import (
     OPAQUE_TAG,
     UNSATISFIABLE,
@@ -38,6 +39,8 @@ from exporter.preconditions import (
 )
 from exporter.problems import Problem, problem_response
 from exporter.responses import attachment
+
+log = logging.getLogger(__name__)
 
 CHUNK = 64 * 1024
 # A range of the identity representation starts with inflating the file from its beginning
@@ -66,7 +69,8 @@ class CorruptExport(RuntimeError):
 class StoredExport:
     """A finished job's file and what the jobs table says of it."""
 
-    path: Path
+    store: FileStore
+    name: str  # the file's, in the store
     identity_length: int  # bytes of the export, uncompressed
     encoded_length: int  # bytes of the gzip file
     # Changes whenever the file's bytes could (a digest, or the job id and its finish time).
@@ -85,7 +89,7 @@ class StoredExport:
             raise ValueError("negative length")
 
 
-def download_response(request: Request, stored: StoredExport) -> Response:
+async def download_response(request: Request, stored: StoredExport) -> Response:
     """The response to GET or HEAD of the stored export: 200, 206, 304, 412 or 416 (problem
     details), or 410 if the file has gone (deleted or expired since its metadata was read)."""
     gzip = _accepts_gzip(request, stored.media_type)
@@ -100,13 +104,15 @@ def download_response(request: Request, stored: StoredExport) -> Response:
         "Cache-Control": CACHE_CONTROL,
     }
     # Preconditions apply to a representation that exists (§13.2.1), so the file is looked at
-    # first. One stat of a local file: not worth a thread.
+    # first.
     try:
-        size = stored.path.stat().st_size
-    except FileNotFoundError:
+        size = await stored.store.size(stored.name)
+    except StoreError as exc:
+        return _unavailable(request, exc)
+    if size is None:
         return problem_response(Problem(410, "Gone", "the export's file has been deleted"), request)
     if size != stored.encoded_length:
-        raise CorruptExport(f"{stored.path}: {size} bytes, not {stored.encoded_length}")
+        raise CorruptExport(f"{stored.name}: {size} bytes, not {stored.encoded_length}")
 
     outcome = evaluate_preconditions(request.headers, request.method, etag, last_modified)
     if outcome is Outcome.NOT_MODIFIED:
@@ -149,6 +155,18 @@ def download_response(request: Request, stored: StoredExport) -> Response:
     return _FileResponse(stored, gzip, span, status, headers, head=request.method == "HEAD")
 
 
+def _unavailable(request: Request, exc: StoreError) -> Response:
+    # The store's address and answer are for the server's log, not for clients.
+    log.warning("job store: %s", exc)
+    problem = Problem(
+        503,
+        "Service Unavailable",
+        "the export's file cannot be read at the moment",
+        headers={"Retry-After": "5"},
+    )
+    return problem_response(problem, request)
+
+
 def _accepts_gzip(request: Request, media_type: str) -> bool:
     """Whether to send the gzip representation: gzip acceptable, and weighted at least as
     identity (as compression.choose_coding, which would pick zstd, which there is none of)."""
@@ -175,45 +193,70 @@ def _single(request: Request, name: str) -> str | None:
     return values[0] if len(values) == 1 else None
 
 
-class _Reader(Protocol):
-    def read(self) -> bytes | None:
-        """The next chunk (at most CHUNK bytes); b"" at the end; None for "not yet, ask again"."""
-        ...
+class _Reader:
+    async def read(self) -> bytes:
+        """The next chunk (at most CHUNK bytes); b"" at the end."""
+        raise NotImplementedError
 
 
-class _EncodedReader:
-    """A span of the gzip file's own bytes."""
+class _EncodedReader(_Reader):
+    """A span of the gzip file's own bytes, from a source that starts at the span."""
 
-    def __init__(self, file: BinaryIO, span: ByteRange) -> None:
-        file.seek(span.start)
-        self._file = file
+    def __init__(self, source: ByteSource, span: ByteRange) -> None:
+        self._source = source
         self._remaining = span.end - span.start
 
-    def read(self) -> bytes | None:
+    async def read(self) -> bytes:
         if self._remaining == 0:
             return b""
-        data = self._file.read(min(CHUNK, self._remaining))
+        data = (await self._source.read())[: self._remaining]
         if not data:
             raise CorruptExport("the file ended before its encoded length")
         self._remaining -= len(data)
         return data
 
 
-class _IdentityReader:
+class _NeedInput(Exception):
+    """Inflating needs the next chunk of the file (read outside the worker thread)."""
+
+
+class _IdentityReader(_Reader):
     """A span of the export, decompressed from the start of the file. Memory stays at a chunk
     of input and one of output however well the data compresses (a run of zeros inflates a
-    thousandfold: zlib is never asked for more than CHUNK at a time)."""
+    thousandfold: zlib is never asked for more than CHUNK at a time). Inflating runs in a
+    worker thread, in steps; the file is read between them, on the event loop."""
 
-    def __init__(self, file: BinaryIO, span: ByteRange, length: int) -> None:
-        self._file = file
+    def __init__(self, source: ByteSource, span: ByteRange, length: int, name: str) -> None:
+        self._source = source
+        self._input = b""
+        self._input_ended = False
+        self._name = name
         self._zlib = zlib.decompressobj(wbits=_GZIP_WBITS)
         self._length = length
         self._produced = 0
         self._skip = span.start
         self._remaining = span.end - span.start
         self._to_the_end = span.end == length
+        self._last: bytes | None = None  # held back until the end has been checked
 
-    def read(self) -> bytes | None:
+    async def read(self) -> bytes:
+        while True:
+            try:
+                out = await anyio.to_thread.run_sync(self._step)
+            except _NeedInput:
+                self._input = await self._source.read()
+                self._input_ended = not self._input
+                continue
+            if out is not None:
+                return out
+
+    def _step(self) -> bytes | None:
+        """The next chunk; None after SKIP_STEP bytes skipped (a point to stop at)."""
+        if self._last is not None:
+            # Checking the end needed more input: check again with it.
+            self._check_end()
+            out, self._last = self._last, None
+            return out
         budget = SKIP_STEP
         while self._remaining:
             out = self._inflate()
@@ -230,9 +273,18 @@ class _IdentityReader:
             if self._remaining == 0 and self._to_the_end:
                 # The last chunk leaves only once the gzip trailer has been checked: with a
                 # Content-Length, holding it back is the one way to tell the client.
+                self._last = out
                 self._check_end()
+                self._last = None
             return out
         return b""
+
+    def _take_input(self) -> bytes:
+        # Raised before any state changes: the step is simply taken again with input.
+        if not self._input and not self._input_ended:
+            raise _NeedInput
+        data, self._input = self._input, b""
+        return data
 
     def _inflate(self) -> bytes:
         out = self._inflate_any()
@@ -249,17 +301,17 @@ class _IdentityReader:
             if self._zlib.eof:
                 # A member may follow another (files concatenated, or `gzip -c >>`): gzip(1)
                 # and every HTTP client decode them all, so the identity representation does.
-                data = self._zlib.unused_data or self._file.read(CHUNK)
+                data = self._zlib.unused_data or self._take_input()
                 if not data:
                     return b""
                 self._zlib = zlib.decompressobj(wbits=_GZIP_WBITS)
             else:
-                data = self._zlib.unconsumed_tail or self._file.read(CHUNK)
+                data = self._zlib.unconsumed_tail or self._take_input()
             # With no input left, zlib may still hold output (a match cut by the limit).
             try:
                 out = self._zlib.decompress(data, CHUNK)
             except zlib.error as exc:  # a bad CRC-32 or length in the trailer, say
-                raise CorruptExport(f"{self._file.name}: {exc}") from exc
+                raise CorruptExport(f"{self._name}: {exc}") from exc
             if out:
                 return out
             if not data and not self._zlib.eof:
@@ -271,8 +323,9 @@ class _IdentityReader:
 
 
 class _FileResponse(Response):
-    """Streams a span of one representation from the file: one chunk in memory at a time, read
-    and decompressed in a worker thread. The file is closed however the response ends: the
+    """Streams a span of one representation from the store: one chunk in memory at a time,
+    decompressed in a worker thread. The file (or the store's response) is closed however the
+    response ends: the
     client leaving is noticed (uvicorn's `send` would not tell: it returns silently once the
     client has gone) and cancels the sending."""
 
@@ -302,16 +355,27 @@ class _FileResponse(Response):
             await send(start)
             await send({"type": "http.response.body", "body": b""})
             return
-        opened: list[BinaryIO] = []
-
-        def open_file() -> BinaryIO:
-            # Kept where the finally below sees it, even if this await is cancelled.
-            opened.append(self.stored.path.open("rb"))
-            return opened[0]
-
         failure: Exception | None = None
-        try:
-            file = await anyio.to_thread.run_sync(open_file)
+        async with AsyncExitStack() as stack:
+            # The identity representation inflates the file from its start; the encoded one
+            # reads the span only.
+            begin, end = (self.span.start, self.span.end) if self.gzip else (0, None)
+            try:
+                source = await stack.enter_async_context(
+                    self.stored.store.reader(self.stored.name, begin, end)
+                )
+            except StoreError as exc:
+                # Deleted or unreachable since its size was read: nothing has been sent yet.
+                request = Request(scope)
+                response = (
+                    problem_response(
+                        Problem(410, "Gone", "the export's file has been deleted"), request
+                    )
+                    if isinstance(exc, FileGone)
+                    else _unavailable(request, exc)
+                )
+                await response(scope, receive, send)
+                return
             async with anyio.create_task_group() as task_group:
 
                 async def cancel_on_disconnect() -> None:
@@ -322,28 +386,20 @@ class _FileResponse(Response):
                 task_group.start_soon(cancel_on_disconnect)
                 try:
                     await send(start)
-                    await self._send_body(file, send)
+                    await self._send_body(source, send)
                 except Exception as exc:
                     # Kept out of the task group, which would wrap it in an ExceptionGroup.
                     failure = exc
                 task_group.cancel_scope.cancel()
-        finally:
-            for file in opened:
-                file.close()
         if failure is not None:
             raise failure
 
-    async def _send_body(self, file: BinaryIO, send: Send) -> None:
+    async def _send_body(self, source: ByteSource, send: Send) -> None:
         reader: _Reader = (
-            _EncodedReader(file, self.span)
+            _EncodedReader(source, self.span)
             if self.gzip
-            else _IdentityReader(file, self.span, self.stored.identity_length)
+            else _IdentityReader(source, self.span, self.stored.identity_length, self.stored.name)
         )
-        while True:
-            chunk = await anyio.to_thread.run_sync(reader.read)
-            if chunk is None:
-                continue
-            if not chunk:
-                break
+        while chunk := await reader.read():
             await send({"type": "http.response.body", "body": chunk, "more_body": True})
         await send({"type": "http.response.body", "body": b""})

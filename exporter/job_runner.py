@@ -27,8 +27,9 @@ from exporter.db import UNREACHABLE, Databases, PoolTimeout
 from exporter.encoders import ENCODERS
 from exporter.events import Publisher
 from exporter.events import prune as prune_events
+from exporter.file_store import Spool, StoreError, open_store
 from exporter.incremental import CursorsUnavailable, pull_cursor
-from exporter.jobs import Job, LocalStore
+from exporter.jobs import Job
 from exporter.limits import TooManyExports
 from exporter.listen import Listener
 from exporter.query import QueryError, parse_query
@@ -66,7 +67,8 @@ class JobRunner:
     def __init__(self, databases: Databases, settings: Settings) -> None:
         self.databases = databases
         self.settings = settings
-        self.store = LocalStore(Path(settings.job_dir))
+        self.spool = Spool(Path(settings.job_dir))
+        self.store = open_store(settings)
         self.worker = f"{socket.gethostname()}:{os.getpid()}"
         self._slots = asyncio.Semaphore(settings.job_concurrency)
         self._wake = asyncio.Event()
@@ -118,6 +120,9 @@ class JobRunner:
             listening.cancel()
             with contextlib.suppress(BaseException):
                 await listening
+
+    async def aclose(self) -> None:
+        await self.store.aclose()
 
     async def _run_and_release(self, job: Job) -> None:
         try:
@@ -220,11 +225,14 @@ class JobRunner:
         watch.stream = stream
         publisher.estimated_rows = estimated_rows(stream.query)
         await audit.record_start(state, logged)
-        part = self.store.part_path(job)
+        part = self.spool.part_path(job.id, job.attempts)
+        name = f"{job.id}-{job.attempts}.gz"
         outcome, error = "failed", None
         try:
             size = await self._write(stream, part)
-            name = self.store.commit(part, job)
+            # The export has ended and released its snapshot: the store's pace is no longer
+            # the database's concern.
+            await self.store.keep(part, name)
             watch.finishing = True
             kept = await job_records.finish(
                 state,
@@ -240,7 +248,7 @@ class JobRunner:
                 outcome = "completed"
                 await publisher.done(download_url=f"/exports/{job.id}/download")
             else:
-                self.store.delete(name)
+                await self.store.delete(name)
                 if await job_records.end(state, job, "cancelled", None):
                     # Asked to stop after the last heartbeat: cancelled all the same.
                     outcome, error = "disconnected", "cancelled"
@@ -251,6 +259,16 @@ class JobRunner:
             with anyio.CancelScope(shield=True):
                 outcome, error = await self._stopped(job, watch, publisher)
             raise
+        except StoreError as exc:
+            log.warning("job %s: the file store failed: %s", job.id, exc)
+            error = "the job's file could not be stored"
+            if exc.transient:
+                # The store, not the job: run it again later (a bounded number of times).
+                await job_records.requeue(state, job, counts=True)
+                error += "; the job runs again"
+            else:
+                await job_records.end(state, job, "failed", error)
+                await publisher.error(_problem("Job failed", 500, error))
         except Exception as exc:
             error = str(exc)[:1000]
             await job_records.end(state, job, "failed", error)
@@ -335,13 +353,16 @@ class JobRunner:
             await asyncio.sleep(max(self.settings.job_poll_s, 1.0))
             try:
                 for job in await job_records.expire(self.databases.state):
-                    self.store.delete(job.file_name)
+                    if job.file_name:
+                        await self.store.delete(job.file_name)
                 in_use = await job_records.files_in_use(self.databases.state)
-                for path in await anyio.to_thread.run_sync(
-                    self.store.orphans, in_use, self.settings.job_lease_s * 2
-                ):
-                    log.info("deleting %s: no job needs it", path.name)
+                stale_s = self.settings.job_lease_s * 2
+                for path in await self.spool.orphans(in_use, stale_s):
+                    log.info("deleting %s: no job writes it", path.name)
                     path.unlink(missing_ok=True)
+                for name in await self.store.orphans(in_use, stale_s):
+                    log.info("deleting %s from the store: no job needs it", name)
+                    await self.store.delete(name)
                 await prune_events(self.databases.state, self.settings.job_retention_s)
             except Exception as exc:
                 log.warning("could not expire job files: %s", exc)

@@ -1,4 +1,4 @@
-"""Background export jobs: their records in the state database, and the file store.
+"""Background export jobs: their records in the state database.
 
 A job is submitted (queued), claimed by one worker process of any replica (running, with a
 lease it renews while it works), and ends done (a gzip file in the store), failed or cancelled;
@@ -9,11 +9,8 @@ worker died) is claimed again. Every write of a running job is conditioned on th
 """
 
 import json
-import os
-import time
 from dataclasses import dataclass
 from datetime import datetime
-from pathlib import Path
 from typing import Any
 
 from exporter.db import Pool
@@ -275,50 +272,13 @@ async def expire(pool: Pool) -> list[Job]:
 
 
 async def files_in_use(pool: Pool) -> set[str]:
-    """The names a running attempt writes or a done job keeps."""
+    """The names a running attempt writes (its spool part, and its file while it is stored) or
+    a done job keeps."""
     async with pool.connection() as connection:
         rows = await connection.fetch(
             "SELECT file_name AS name FROM exporter.jobs"
             " WHERE status = 'done' AND file_name IS NOT NULL"
-            " UNION ALL SELECT id || '-' || attempts || '.part' FROM exporter.jobs"
-            " WHERE status = 'running'"
+            " UNION ALL SELECT id || '-' || attempts || suffix FROM exporter.jobs,"
+            " (VALUES ('.part'), ('.gz')) AS running (suffix) WHERE status = 'running'"
         )
     return {row["name"] for row in rows}
-
-
-class LocalStore:
-    """Job files in a local directory (EXPORTER_JOB_DIR). Every worker process of a host shares
-    it; replicas on several hosts need a shared directory."""
-
-    def __init__(self, directory: Path) -> None:
-        self.directory = directory
-
-    def path(self, name: str) -> Path:
-        # Names are made here (job ids are generated), never taken from a request.
-        return self.directory / name
-
-    def part_path(self, job: Job) -> Path:
-        self.directory.mkdir(parents=True, exist_ok=True)
-        return self.directory / f"{job.id}-{job.attempts}.part"
-
-    def commit(self, part: Path, job: Job) -> str:
-        name = f"{job.id}-{job.attempts}.gz"
-        os.replace(part, self.directory / name)
-        return name
-
-    def delete(self, name: str | None) -> None:
-        if name:
-            (self.directory / name).unlink(missing_ok=True)
-
-    def orphans(self, in_use: set[str], older_than_s: float) -> list[Path]:
-        """Files no job needs (a writer killed, a crash between a file's commit and its job's
-        end), untouched for older_than_s: a file committed a moment ago may not be recorded
-        yet."""
-        if not self.directory.is_dir():
-            return []
-        cutoff = time.time() - older_than_s
-        return [
-            path
-            for path in self.directory.iterdir()
-            if path.name not in in_use and path.stat().st_mtime < cutoff
-        ]

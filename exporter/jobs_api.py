@@ -5,10 +5,9 @@ import re
 import urllib.parse
 import uuid
 from datetime import datetime
-from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, Field
 
@@ -19,8 +18,9 @@ from exporter.db import Databases
 from exporter.downloads import StoredExport, download_response
 from exporter.encoders import ENCODERS
 from exporter.events import EventHub, event_stream
+from exporter.file_store import FileStore
 from exporter.incremental import CursorsUnavailable, pull_cursor
-from exporter.jobs import Job, LocalStore
+from exporter.jobs import Job
 from exporter.problems import PROBLEM_MEDIA_TYPE, Problem
 from exporter.query import QueryError, parse_query
 from exporter.responses import attachment_name, content_type
@@ -89,6 +89,15 @@ def _params(body: JobRequest) -> list[tuple[str, str]]:
     if len(pairs) > MAX_PARAMETERS:
         raise Problem(400, "Invalid job", f"at most {MAX_PARAMETERS} parameters")
     return pairs
+
+
+def _store(request: Request) -> FileStore:
+    # The job runner's: one store (and, for S3, one connection pool) per process.
+    store: FileStore = request.app.state.job_runner.store
+    return store
+
+
+StoreDep = Annotated[FileStore, Depends(_store)]
 
 
 @router.post(
@@ -169,15 +178,13 @@ async def job_status(job_id: str, key: KeyDep, databases: DatabasesDep) -> JobIn
     response_model=JobInfo,
     responses={404: {"description": "No such job (or another key's)", **_problem}},
 )
-async def cancel_job(
-    job_id: str, key: KeyDep, settings: SettingsDep, databases: DatabasesDep
-) -> JobInfo:
+async def cancel_job(job_id: str, key: KeyDep, databases: DatabasesDep, store: StoreDep) -> JobInfo:
     """Cancel a queued or running job, or delete a finished job's file."""
     job = await _job(job_id, key, databases)
     cancelled = await job_records.cancel(databases.state, job.id)
     assert cancelled is not None
-    if cancelled.status == "expired":
-        LocalStore(Path(settings.job_dir)).delete(cancelled.file_name)
+    if cancelled.status == "expired" and cancelled.file_name:
+        await store.delete(cancelled.file_name)
     return JobInfo.of(cancelled)
 
 
@@ -198,7 +205,7 @@ async def cancel_job(
     },
 )
 async def download(
-    job_id: str, request: Request, key: KeyDep, settings: SettingsDep, databases: DatabasesDep
+    job_id: str, request: Request, key: KeyDep, databases: DatabasesDep, store: StoreDep
 ) -> Response:
     """The job's file: ETag, Last-Modified, byte ranges (resume with `curl -C -`), gzip as
     stored when the client accepts it."""
@@ -210,13 +217,11 @@ async def download(
             raise Problem(409, "Conflict", f"the job failed: {job.error}")
         raise Problem(410, "Gone", f"the job is {job.status}; submit it again")
     assert job.finished_at is not None and job.bytes is not None and job.file_bytes is not None
-    path = LocalStore(Path(settings.job_dir)).path(job.file_name)
-    if not path.exists():
-        raise Problem(410, "Gone", "the job's file is gone; submit it again")
     encoder = ENCODERS[job.format]
     media_type = content_type(encoder)
     stored = StoredExport(
-        path=path,
+        store=store,
+        name=job.file_name,
         identity_length=job.bytes,
         encoded_length=job.file_bytes,
         validator=job.file_name,
@@ -224,7 +229,7 @@ async def download(
         filename=attachment_name(job.dataset, encoder.extension, job.finished_at),
         media_type=media_type,
     )
-    return download_response(request, stored)
+    return await download_response(request, stored)
 
 
 async def _recorded_end(

@@ -1,4 +1,4 @@
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -59,6 +59,15 @@ class Settings(BaseSettings):
     job_poll_s: float = Field(default=2, gt=0)
     job_retention_s: float = Field(default=24 * 3600, ge=0)
     max_jobs_per_key: int = Field(default=10, ge=1, le=10_000)
+    # Finished job files in an S3-compatible bucket rather than in job_dir (which then only
+    # holds files being written). Credentials: AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY and
+    # AWS_SESSION_TOKEN. The endpoint defaults to AWS's for the region; the addressing to
+    # path-style (https://host/bucket/key) for another endpoint, virtual-hosted for AWS.
+    job_s3_bucket: str | None = Field(default=None, min_length=3, max_length=63)
+    job_s3_prefix: str = Field(default="exporter-jobs/", max_length=512)
+    job_s3_endpoint: str | None = None
+    job_s3_region: str | None = None
+    job_s3_addressing: Literal["auto", "path", "virtual"] = "auto"
     # Progress events of a running export (GET /exports/{id}/events) at most this often.
     progress_interval_s: float = Field(default=0.5, ge=0.05)
 

@@ -285,3 +285,66 @@ def new_key(url: str, name: str | None = None, **options: Any) -> str:
             await pool.close()
 
     return asyncio.run(make())
+
+
+@dataclass
+class S3Server:
+    """An S3-compatible server (moto's, in a subprocess on a real socket)."""
+
+    endpoint: str
+    process: subprocess.Popen[bytes]
+
+    # moto takes any credentials; the store signs with these all the same.
+    ACCESS_KEY_ID = "AKIDEXPORTERTEST"
+    SECRET_ACCESS_KEY = "exporter-test-secret"
+
+    def create_bucket(self) -> str:
+        import boto3  # type: ignore[import-untyped]
+
+        name = f"jobs-{uuid.uuid4().hex[:12]}"
+        client = boto3.client(
+            "s3",
+            endpoint_url=self.endpoint,
+            aws_access_key_id=self.ACCESS_KEY_ID,
+            aws_secret_access_key=self.SECRET_ACCESS_KEY,
+            region_name="us-east-1",
+        )
+        client.create_bucket(Bucket=name)
+        return name
+
+    def credentials(self) -> dict[str, str]:
+        return {
+            "AWS_ACCESS_KEY_ID": self.ACCESS_KEY_ID,
+            "AWS_SECRET_ACCESS_KEY": self.SECRET_ACCESS_KEY,
+        }
+
+    def settings(self, bucket: str) -> dict[str, str]:
+        """start_server's settings for a job store in `bucket`."""
+        return {"job_s3_bucket": bucket, "job_s3_endpoint": self.endpoint}
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
+    port = free_port()
+    log_path = tmp_path_factory.mktemp("s3") / "moto.log"
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    endpoint = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            assert process.poll() is None, log_path.read_text(errors="replace")
+            try:
+                httpx.get(f"{endpoint}/", timeout=1)
+                break
+            except httpx.TransportError:
+                assert time.monotonic() < deadline, "the S3 server did not start"
+                time.sleep(0.1)
+        yield S3Server(endpoint, process)
+    finally:
+        process.terminate()
+        process.wait(timeout=10)

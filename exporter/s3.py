@@ -1,0 +1,445 @@
+"""Job files in an S3-compatible bucket (AWS S3, MinIO, Ceph, R2, ...), over HTTP with AWS
+Signature Version 4.
+
+Only what the store needs, with httpx (imported only when the store is configured; botocore
+alone would add some 30 MB to every worker): PUT of a whole file up to PART_SIZE, multipart
+uploads beyond it, HEAD, ranged GET, DELETE, ListObjectsV2, and ListMultipartUploads with abort
+for the uploads of a killed worker. Each part is hashed before it is sent (a signed payload,
+which every S3-compatible server accepts over plain HTTP too), then streamed from the spool
+file: memory stays at a chunk, whatever the file's size.
+"""
+
+import hashlib
+import hmac
+import os
+import xml.etree.ElementTree as ElementTree
+from collections.abc import AsyncIterator, Iterable, Sequence
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote, urlsplit
+
+import anyio
+import anyio.to_thread
+import httpx
+
+from exporter.file_store import CHUNK, JOB_FILE, ByteSource, FileGone, StoreError
+from exporter.settings import Settings
+
+# Parts of a multipart upload: S3 takes 5 MiB to 5 GiB each, at most 10,000 of them.
+PART_SIZE = 16 * 1024 * 1024
+MAX_PARTS = 10_000
+# Read from the spool file this much at a time, to hash a part and to send it.
+_READ = 1024 * 1024
+_NS = "{http://s3.amazonaws.com/doc/2006-03-01/}"
+EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
+# Statuses that say "not now" rather than "no": overloaded, throttled, timed out.
+_TRANSIENT_STATUSES = {408, 429, 500, 502, 503, 504}
+
+
+@dataclass(frozen=True)
+class Credentials:
+    access_key_id: str
+    secret_access_key: str
+    session_token: str | None = None
+
+    @classmethod
+    def from_environment(cls) -> "Credentials":
+        """The AWS SDKs' variables. (Instance profiles and web identities are not read: set
+        the variables from them, e.g. with `aws configure export-credentials --format env`.)"""
+        access_key_id = os.environ.get("AWS_ACCESS_KEY_ID")
+        secret = os.environ.get("AWS_SECRET_ACCESS_KEY")
+        if not access_key_id or not secret:
+            raise ValueError(
+                "EXPORTER_JOB_S3_BUCKET is set: AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"
+                " must be too"
+            )
+        return cls(access_key_id, secret, os.environ.get("AWS_SESSION_TOKEN") or None)
+
+
+def uri_encode(value: str, safe: str = "") -> str:
+    """SigV4's encoding: every byte but A-Z a-z 0-9 - _ . ~ (and `safe`) percent-encoded."""
+    return quote(value, safe="-_.~" + safe)
+
+
+def sign(
+    method: str,
+    host: str,
+    path: str,
+    query: Sequence[tuple[str, str]],
+    headers: dict[str, str],
+    payload_sha256: str,
+    credentials: Credentials,
+    region: str,
+    now: datetime,
+) -> dict[str, str]:
+    """The request's headers with x-amz-date, x-amz-content-sha256 (x-amz-security-token) and
+    Authorization added (AWS Signature Version 4, service s3). `path` is already URI-encoded;
+    `query` is not. Every header given is signed."""
+    amz_date = now.astimezone(UTC).strftime("%Y%m%dT%H%M%SZ")
+    scope = f"{amz_date[:8]}/{region}/s3/aws4_request"
+    signed = {name.lower(): " ".join(value.split()) for name, value in headers.items()}
+    signed |= {"host": host, "x-amz-date": amz_date, "x-amz-content-sha256": payload_sha256}
+    if credentials.session_token:
+        signed["x-amz-security-token"] = credentials.session_token
+    names = sorted(signed)
+    canonical_request = "\n".join(
+        [
+            method,
+            path,
+            canonical_query(query),
+            "".join(f"{name}:{signed[name]}\n" for name in names),
+            ";".join(names),
+            payload_sha256,
+        ]
+    )
+    string_to_sign = "\n".join(
+        [
+            "AWS4-HMAC-SHA256",
+            amz_date,
+            scope,
+            hashlib.sha256(canonical_request.encode()).hexdigest(),
+        ]
+    )
+    key = ("AWS4" + credentials.secret_access_key).encode()
+    for part in (amz_date[:8], region, "s3", "aws4_request"):
+        key = hmac.new(key, part.encode(), hashlib.sha256).digest()
+    signature = hmac.new(key, string_to_sign.encode(), hashlib.sha256).hexdigest()
+    signed["authorization"] = (
+        f"AWS4-HMAC-SHA256 Credential={credentials.access_key_id}/{scope},"
+        f" SignedHeaders={';'.join(names)}, Signature={signature}"
+    )
+    return signed
+
+
+def canonical_query(query: Iterable[tuple[str, str]]) -> str:
+    return "&".join(
+        f"{name}={value}"
+        for name, value in sorted((uri_encode(k), uri_encode(v)) for k, v in query)
+    )
+
+
+class S3Store:
+    def __init__(
+        self,
+        endpoint: str,
+        bucket: str,
+        prefix: str,
+        region: str,
+        path_style: bool,
+        credentials: Credentials,
+    ) -> None:
+        parts = urlsplit(endpoint)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise ValueError(f"EXPORTER_JOB_S3_ENDPOINT is not an http(s) URL: {endpoint!r}")
+        self.host = parts.netloc if path_style else f"{bucket}.{parts.netloc}"
+        self._origin = f"{parts.scheme}://{self.host}"
+        self._bucket_path = f"/{uri_encode(bucket)}" if path_style else ""
+        self.bucket = bucket
+        self.prefix = prefix
+        self.region = region
+        self.credentials = credentials
+        self.description = f"s3://{bucket}/{prefix} at {endpoint}"
+        self._client: httpx.AsyncClient | None = None
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> "S3Store":
+        assert settings.job_s3_bucket is not None
+        region = (
+            settings.job_s3_region
+            or os.environ.get("AWS_REGION")
+            or os.environ.get("AWS_DEFAULT_REGION")
+            or "us-east-1"
+        )
+        endpoint = settings.job_s3_endpoint or f"https://s3.{region}.amazonaws.com"
+        addressing = settings.job_s3_addressing
+        if addressing == "auto":
+            # AWS's own endpoint: virtual-hosted, as AWS asks; another's (MinIO and the like
+            # usually serve one host name): path-style.
+            addressing = "path" if settings.job_s3_endpoint else "virtual"
+        return cls(
+            endpoint,
+            settings.job_s3_bucket,
+            settings.job_s3_prefix,
+            region,
+            addressing == "path",
+            Credentials.from_environment(),
+        )
+
+    # The store (exporter.file_store.FileStore).
+
+    async def keep(self, part: Path, name: str) -> None:
+        key = self.prefix + name
+        size = await anyio.to_thread.run_sync(os.path.getsize, part)
+        if size <= PART_SIZE:
+            await self._put(key, (), part, 0, size)
+        else:
+            await self._put_in_parts(key, part, size)
+        await anyio.to_thread.run_sync(part.unlink)
+
+    async def size(self, name: str) -> int | None:
+        response = await self._send("HEAD", self.prefix + name, missing_ok=True)
+        if response.status_code == 404:
+            return None
+        return int(response.headers["content-length"])
+
+    def reader(
+        self, name: str, start: int, end: int | None = None
+    ) -> AbstractAsyncContextManager[ByteSource]:
+        return self._reader(name, start, end)
+
+    @asynccontextmanager
+    async def _reader(self, name: str, start: int, end: int | None) -> AsyncIterator[ByteSource]:
+        ranged = start > 0 or end is not None
+        headers = {"range": f"bytes={start}-{'' if end is None else end - 1}"} if ranged else {}
+        response = await self._send("GET", self.prefix + name, headers=headers, stream=True)
+        try:
+            if ranged and response.status_code != 206:
+                # A server that ignores Range would send the file from its first byte.
+                raise StoreError(
+                    f"{self.description}: a range request was answered {response.status_code}",
+                    transient=False,
+                )
+            yield _ResponseSource(response)
+        finally:
+            await response.aclose()
+
+    async def delete(self, name: str) -> None:
+        await self._send("DELETE", self.prefix + name, missing_ok=True)
+
+    async def orphans(self, in_use: set[str], older_than_s: float) -> list[str]:
+        """Objects no job needs; also aborts the multipart uploads of killed workers (storage
+        is charged for their parts until then)."""
+        cutoff = datetime.now(UTC) - timedelta(seconds=older_than_s)
+        for key, upload_id in await self._stale_uploads(in_use, cutoff):
+            await self._send("DELETE", key, [("uploadId", upload_id)], missing_ok=True)
+        names = []
+        async for key, modified in self._objects():
+            name = key[len(self.prefix) :]
+            if JOB_FILE.fullmatch(name) and name not in in_use and modified < cutoff:
+                names.append(name)
+        return names
+
+    async def aclose(self) -> None:
+        if self._client is not None:
+            await self._client.aclose()
+            self._client = None
+
+    # Requests.
+
+    async def _put(
+        self, key: str, query: Sequence[tuple[str, str]], path: Path, offset: int, length: int
+    ) -> httpx.Response:
+        digest = await anyio.to_thread.run_sync(_sha256_of, path, offset, length)
+        return await self._send(
+            "PUT",
+            key,
+            query,
+            headers={"content-length": str(length)},
+            content=_file_region(path, offset, length),
+            payload_sha256=digest,
+        )
+
+    async def _put_in_parts(self, key: str, path: Path, size: int) -> None:
+        part_size = max(PART_SIZE, -(-size // MAX_PARTS))
+        started = await self._send("POST", key, [("uploads", "")])
+        upload_id = _text(_xml(started.content), "UploadId")
+        try:
+            etags = []
+            for number, offset in enumerate(range(0, size, part_size), start=1):
+                length = min(part_size, size - offset)
+                query = [("partNumber", str(number)), ("uploadId", upload_id)]
+                response = await self._put(key, query, path, offset, length)
+                etags.append(response.headers["etag"])
+            body = "".join(
+                f"<Part><PartNumber>{n}</PartNumber><ETag>{_escape(etag)}</ETag></Part>"
+                for n, etag in enumerate(etags, start=1)
+            )
+            document = f"<CompleteMultipartUpload>{body}</CompleteMultipartUpload>".encode()
+            completed = await self._send(
+                "POST",
+                key,
+                [("uploadId", upload_id)],
+                headers={"content-type": "application/xml"},
+                content=document,
+                payload_sha256=hashlib.sha256(document).hexdigest(),
+            )
+            # S3 may answer 200 and report the failure in the body.
+            root = _xml(completed.content)
+            if root.tag.endswith("Error"):
+                raise StoreError(f"{self.description}: {_describe(root)}", transient=True)
+        except BaseException:
+            # Not left for the sweep: the parts cost storage until the upload is aborted.
+            with anyio.move_on_after(10, shield=True):
+                try:
+                    await self._send("DELETE", key, [("uploadId", upload_id)], missing_ok=True)
+                except StoreError:
+                    pass
+            raise
+
+    async def _stale_uploads(self, in_use: set[str], cutoff: datetime) -> list[tuple[str, str]]:
+        stale: list[tuple[str, str]] = []
+        markers: list[tuple[str, str]] = []
+        while True:
+            query = [("uploads", ""), ("prefix", self.prefix), *markers]
+            root = _xml((await self._send("GET", None, query)).content)
+            for upload in root.iter(f"{_NS}Upload"):
+                key, upload_id = _text(upload, "Key"), _text(upload, "UploadId")
+                name = key[len(self.prefix) :]
+                initiated = _timestamp(_text(upload, "Initiated"))
+                if JOB_FILE.fullmatch(name) and name not in in_use and initiated < cutoff:
+                    stale.append((key, upload_id))
+            if _text(root, "IsTruncated", "false") != "true":
+                return stale
+            markers = [
+                ("key-marker", _text(root, "NextKeyMarker", "")),
+                ("upload-id-marker", _text(root, "NextUploadIdMarker", "")),
+            ]
+
+    async def _objects(self) -> AsyncIterator[tuple[str, datetime]]:
+        token: str | None = None
+        while True:
+            query = [("list-type", "2"), ("prefix", self.prefix)]
+            if token:
+                query.append(("continuation-token", token))
+            root = _xml((await self._send("GET", None, query)).content)
+            for item in root.iter(f"{_NS}Contents"):
+                yield _text(item, "Key"), _timestamp(_text(item, "LastModified"))
+            token = _text(root, "NextContinuationToken", "")
+            if _text(root, "IsTruncated", "false") != "true" or not token:
+                return
+
+    async def _send(
+        self,
+        method: str,
+        key: str | None,
+        query: Sequence[tuple[str, str]] = (),
+        *,
+        headers: dict[str, str] | None = None,
+        content: bytes | AsyncIterator[bytes] | None = None,
+        payload_sha256: str = EMPTY_SHA256,
+        stream: bool = False,
+        missing_ok: bool = False,
+    ) -> httpx.Response:
+        """One signed request; StoreError for a failure (a 404 returned when missing_ok)."""
+        path = self._bucket_path + "/" + (uri_encode(key, safe="/") if key is not None else "")
+        if key is None and self._bucket_path:
+            path = self._bucket_path
+        signed = sign(
+            method,
+            self.host,
+            path,
+            query,
+            headers or {},
+            payload_sha256,
+            self.credentials,
+            self.region,
+            datetime.now(UTC),
+        )
+        url = self._origin + path + (f"?{canonical_query(query)}" if query else "")
+        client = self._http()
+        try:
+            request = client.build_request(method, url, headers=signed, content=content)
+            response = await client.send(request, stream=stream)
+        except httpx.TransportError as exc:
+            raise StoreError(f"{self.description}: {exc!r}", transient=True) from exc
+        if response.status_code < 300 or (missing_ok and response.status_code == 404):
+            return response
+        if response.status_code == 404 and key is not None and method == "GET":
+            await response.aclose()
+            raise FileGone(key)
+        try:
+            body = await response.aread()
+        except httpx.TransportError:
+            body = b""
+        finally:
+            await response.aclose()
+        detail = f"{method} {key or ''}: {response.status_code}"
+        try:
+            detail += f" {_describe(_xml(body))}"
+        except StoreError:
+            pass
+        raise StoreError(
+            f"{self.description}: {detail}",
+            transient=response.status_code in _TRANSIENT_STATUSES,
+        )
+
+    def _http(self) -> httpx.AsyncClient:
+        if self._client is None:
+            # No retries of its own: a failed job runs again, a failed download is resumed.
+            self._client = httpx.AsyncClient(timeout=httpx.Timeout(60.0, connect=10.0))
+        return self._client
+
+
+class _ResponseSource:
+    def __init__(self, response: httpx.Response) -> None:
+        self._chunks = response.aiter_raw(CHUNK)
+
+    async def read(self) -> bytes:
+        try:
+            return await anext(self._chunks)
+        except StopAsyncIteration:
+            return b""
+        except httpx.TransportError as exc:
+            raise StoreError(f"reading from the store: {exc!r}", transient=True) from exc
+
+
+def _sha256_of(path: Path, offset: int, length: int) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as file:
+        file.seek(offset)
+        while length:
+            data = file.read(min(_READ, length))
+            if not data:
+                raise StoreError(f"{path} is shorter than it was", transient=False)
+            digest.update(data)
+            length -= len(data)
+    return digest.hexdigest()
+
+
+async def _file_region(path: Path, offset: int, length: int) -> AsyncIterator[bytes]:
+    file = await anyio.to_thread.run_sync(path.open, "rb")
+    try:
+        await anyio.to_thread.run_sync(file.seek, offset)
+        while length:
+            data = await anyio.to_thread.run_sync(file.read, min(_READ, length))
+            if not data:
+                raise StoreError(f"{path} is shorter than it was", transient=False)
+            length -= len(data)
+            yield data
+    finally:
+        file.close()
+
+
+def _xml(body: bytes) -> ElementTree.Element:
+    try:
+        return ElementTree.fromstring(body)
+    except ElementTree.ParseError as exc:
+        raise StoreError(
+            f"the store answered something other than XML: {exc}", transient=True
+        ) from exc
+
+
+def _text(element: ElementTree.Element, name: str, default: str | None = None) -> str:
+    found = element.find(f"{_NS}{name}")
+    if found is None:
+        found = element.find(name)  # an error document has no namespace
+    if found is None or found.text is None:
+        if default is None:
+            raise StoreError(f"the store's answer has no {name}", transient=True)
+        return default
+    return found.text
+
+
+def _describe(error: Any) -> str:
+    return f"{_text(error, 'Code', '?')}: {_text(error, 'Message', '')}".strip()
+
+
+def _timestamp(value: str) -> datetime:
+    return datetime.fromisoformat(value.replace("Z", "+00:00"))
+
+
+def _escape(text: str) -> str:
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
