@@ -10,6 +10,7 @@ the loop, so its snapshot is held no longer than the database needs.
 import asyncio
 import contextlib
 import logging
+import math
 import os
 import socket
 import zlib
@@ -195,8 +196,29 @@ class JobRunner:
             client_addr=None,
             key_name=job.key_name,
         )
+        # EXPORTER_MAX_SECONDS, as for a direct export: how long the export may hold a
+        # snapshot and a connection (its first rows included; storing the file excluded).
+        max_seconds = self.settings.max_seconds
+        give_up_at = math.inf if max_seconds is None else anyio.current_time() + max_seconds
+        too_long = f"max_seconds: the export ran longer than {max_seconds or 0:g} s"
         try:
-            stream = await self._open(job)
+            with anyio.move_on_at(give_up_at) as opening:
+                stream = await self._open(job)
+            if opening.cancelled_caught:
+                await audit.record_start(state, logged)
+                await audit.record_end(
+                    state,
+                    logged,
+                    outcome="aborted",
+                    status=200,
+                    rows=0,
+                    bytes_sent=0,
+                    error=too_long,
+                    aborted_by="max_seconds",
+                )
+                await job_records.end(state, job, "failed", too_long)
+                await publisher.error(_problem("Job stopped by a limit", 422, too_long))
+                return
         except TooManyExports:
             # Slots are the key's and the service's, as for HTTP exports: wait for one.
             await job_records.requeue(state, job, counts=False)
@@ -229,7 +251,7 @@ class JobRunner:
         name = f"{job.id}-{job.attempts}.gz"
         outcome, error = "failed", None
         try:
-            size = await self._write(stream, part)
+            size = await self._write(stream, part, give_up_at, too_long)
             # The export has ended and released its snapshot: the store's pace is no longer
             # the database's concern.
             await self.store.keep(part, name)
@@ -272,7 +294,11 @@ class JobRunner:
         except Exception as exc:
             error = str(exc)[:1000]
             await job_records.end(state, job, "failed", error)
-            await publisher.error(_problem("Job failed", 500, error))
+            if stream.aborted_by is not None:
+                outcome = "aborted"
+                await publisher.error(_problem("Job stopped by a limit", 422, error))
+            else:
+                await publisher.error(_problem("Job failed", 500, error))
         finally:
             with anyio.CancelScope(shield=True):
                 await anyio.to_thread.run_sync(lambda: part.unlink(missing_ok=True))
@@ -323,21 +349,26 @@ class JobRunner:
         await stream.open()
         return stream
 
-    async def _write(self, stream: ExportStream, part: Path) -> int:
-        """The export into `part`, gzip-compressed; the file's size."""
+    async def _write(
+        self, stream: ExportStream, part: Path, give_up_at: float, too_long: str
+    ) -> int:
+        """The export into `part`, gzip-compressed (aborted at `give_up_at`); the file's size."""
         compressor = zlib.compressobj(_GZIP_LEVEL, zlib.DEFLATED, 31)
         file: BinaryIO = await anyio.to_thread.run_sync(part.open, "wb")
         try:
             chunks = stream.chunks()
             try:
-                async for chunk in chunks:
-                    data = compressor.compress(chunk)
-                    if data:
-                        await anyio.to_thread.run_sync(file.write, data)
+                with anyio.move_on_at(give_up_at) as deadline:
+                    async for chunk in chunks:
+                        data = compressor.compress(chunk)
+                        if data:
+                            await anyio.to_thread.run_sync(file.write, data)
             finally:
                 aclose = getattr(chunks, "aclose", None)
                 if aclose is not None:
                     await aclose()
+            if deadline.cancelled_caught:
+                stream.abort("max_seconds", too_long.removeprefix("max_seconds: "))
             if not stream.completed:
                 raise RuntimeError(str(stream.error) if stream.error else "the export stopped")
             await anyio.to_thread.run_sync(file.write, compressor.flush())

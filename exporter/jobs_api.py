@@ -162,8 +162,9 @@ async def _job(job_id: str, key: ApiKey, databases: DatabasesDep) -> Job:
     return job
 
 
-@router.get(
+@router.api_route(
     "/exports/{job_id}",
+    methods=["GET", "HEAD"],
     tags=["jobs"],
     response_model=JobInfo,
     responses={404: {"description": "No such job (or another key's)", **_problem}},

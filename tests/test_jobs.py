@@ -57,6 +57,9 @@ def test_a_job_runs_and_its_file_is_the_direct_export(
         assert done["status"] == "done", done
         assert done["rows"] == 1_000_000 and done["bytes"] == len(direct.content)
         assert done["cursor"] and done["expires_at"] and done["finished_at"]
+        head = client.head(info["status_url"])
+        assert (head.status_code, head.content) == (200, b"")
+        assert head.headers["content-type"] == "application/json"
         # Progress was visible while it ran, never going back.
         counts = [rows for status, rows in seen if status == "running" and rows is not None]
         assert counts == sorted(counts)
