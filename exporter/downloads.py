@@ -39,18 +39,18 @@ from exporter.preconditions import (
 )
 from exporter.problems import Problem, problem_response
 from exporter.responses import attachment
+from exporter.seekable_gzip import GZIP_WBITS, RAW_WBITS, SeekPoint, seek_from
 
 log = logging.getLogger(__name__)
 
 CHUNK = 64 * 1024
-# A range of the identity representation starts with inflating the file from its beginning
-# (gzip has no index): about 2 s of one core per GB skipped (zlib inflates some 500 MB/s of
-# CSV here), plus reading the compressed bytes before the offset, all before the range's first
-# byte. It is done this many bytes of output per step, so that a client that leaves mid-skip
-# stops the work within a step (a few ms), and the event loop never waits on it.
+# A range of the identity representation starts with inflating the file from the last seek
+# point before it (exporter/seekable_gzip.py: at most 16 MiB before it), or from its beginning
+# for a file without them: about 2 s of one core per GB skipped (zlib inflates some 500 MB/s
+# of CSV here), plus reading the compressed bytes before the offset, all before the range's
+# first byte. It is done this many bytes of output per step, so that a client that leaves
+# mid-skip stops the work within a step (a few ms), and the event loop never waits on it.
 SKIP_STEP = 4 * 1024 * 1024
-# wbits for zlib: a gzip header and trailer (whose CRC-32 and length zlib checks).
-_GZIP_WBITS = 31
 
 # private: the download needs a key, and is that key's data; no shared cache may keep it (it
 # would not anyway, for a request with Authorization, RFC 9111 §3.5). no-cache: a client may
@@ -79,6 +79,8 @@ class StoredExport:
     last_modified: datetime  # aware
     filename: str
     media_type: str
+    # Where inflating may start (exporter/seekable_gzip.py), for a file of one gzip member.
+    seek_points: tuple[SeekPoint, ...] = ()
 
     def __post_init__(self) -> None:
         if not self.validator or not OPAQUE_TAG.fullmatch(self.validator):
@@ -226,15 +228,30 @@ class _IdentityReader(_Reader):
     thousandfold: zlib is never asked for more than CHUNK at a time). Inflating runs in a
     worker thread, in steps; the file is read between them, on the event loop."""
 
-    def __init__(self, source: ByteSource, span: ByteRange, length: int, name: str) -> None:
+    def __init__(
+        self,
+        source: ByteSource,
+        span: ByteRange,
+        length: int,
+        name: str,
+        point: SeekPoint | None,
+        checks: list[SeekPoint],
+    ) -> None:
+        """`source` starts at the file's start, or at `point`'s offset in the file; `checks`
+        are the seek points after it, whose CRC-32s are checked from a point on."""
         self._source = source
         self._input = b""
         self._input_ended = False
         self._name = name
-        self._zlib = zlib.decompressobj(wbits=_GZIP_WBITS)
+        # From a seek point: raw deflate, up to the gzip trailer.
+        self._raw = point is not None
+        self._zlib = zlib.decompressobj(wbits=RAW_WBITS if point else GZIP_WBITS)
+        self._trailer: bytes | None = None
         self._length = length
-        self._produced = 0
-        self._skip = span.start
+        self._produced = point.offset if point else 0
+        self._skip = span.start - self._produced
+        self._checks = checks if point else []
+        self._crc = 0
         self._remaining = span.end - span.start
         self._to_the_end = span.end == length
         self._last: bytes | None = None  # held back until the end has been checked
@@ -290,21 +307,37 @@ class _IdentityReader(_Reader):
         out = self._inflate_any()
         if not out:
             raise CorruptExport("the export is shorter than its identity length")
-        self._produced += len(out)
-        if self._produced > self._length:
+        if self._produced + len(out) > self._length:
             raise CorruptExport("the export is longer than its identity length")
+        if self._raw:
+            self._check_segments(out)
+        self._produced += len(out)
         return out
+
+    def _check_segments(self, out: bytes) -> None:
+        """The CRC-32 of each segment inflated from a seek point on (the trailer's covers the
+        whole export, so cannot be checked from the middle)."""
+        position = 0
+        while self._checks and self._produced + len(out) >= self._checks[0].offset:
+            cut = self._checks[0].offset - self._produced
+            self._crc = zlib.crc32(out[position:cut], self._crc)
+            if self._crc != self._checks.pop(0).crc32:
+                raise CorruptExport(f"{self._name}: a segment's CRC-32 does not match")
+            self._crc, position = 0, cut
+        self._crc = zlib.crc32(out[position:], self._crc)
 
     def _inflate_any(self) -> bytes:
         """At most CHUNK bytes of the decompressed file; b"" at its end."""
         while True:
+            if self._zlib.eof and self._raw:
+                return self._raw_end()
             if self._zlib.eof:
                 # A member may follow another (files concatenated, or `gzip -c >>`): gzip(1)
                 # and every HTTP client decode them all, so the identity representation does.
                 data = self._zlib.unused_data or self._take_input()
                 if not data:
                     return b""
-                self._zlib = zlib.decompressobj(wbits=_GZIP_WBITS)
+                self._zlib = zlib.decompressobj(wbits=GZIP_WBITS)
             else:
                 data = self._zlib.unconsumed_tail or self._take_input()
             # With no input left, zlib may still hold output (a match cut by the limit).
@@ -316,6 +349,26 @@ class _IdentityReader(_Reader):
                 return out
             if not data and not self._zlib.eof:
                 raise CorruptExport("the file ends inside its gzip stream")
+
+    def _raw_end(self) -> bytes:
+        """After the deflate stream read from a seek point: the gzip trailer, and nothing
+        more. Its ISIZE is checked (its CRC-32 covers the whole export: the segments' were)."""
+        if self._trailer is None:
+            self._trailer = self._zlib.unused_data
+        while len(self._trailer) < 8:
+            data = self._take_input()
+            if not data:
+                raise CorruptExport("the file ends inside its gzip trailer")
+            self._trailer += data
+        while data := self._take_input():
+            self._trailer += data
+        if len(self._trailer) != 8:
+            raise CorruptExport("the file goes on after its gzip stream")
+        if int.from_bytes(self._trailer[4:], "little") != self._length & 0xFFFFFFFF:
+            raise CorruptExport("the file's gzip trailer does not give the identity length")
+        if self._checks or self._produced != self._length:
+            raise CorruptExport(f"{self._name}: the export ends before its last seek point")
+        return b""
 
     def _check_end(self) -> None:
         if self._inflate_any():
@@ -359,7 +412,11 @@ class _FileResponse(Response):
         async with AsyncExitStack() as stack:
             # The identity representation inflates the file from its start; the encoded one
             # reads the span only.
-            begin, end = (self.span.start, self.span.end) if self.gzip else (0, None)
+            if self.gzip:
+                begin, end = self.span.start, self.span.end
+            else:
+                point, _ = seek_from(self.stored.seek_points, self.span.start)
+                begin, end = (point.file_offset if point else 0), None
             try:
                 source = await stack.enter_async_context(
                     self.stored.store.reader(self.stored.name, begin, end)
@@ -398,7 +455,13 @@ class _FileResponse(Response):
         reader: _Reader = (
             _EncodedReader(source, self.span)
             if self.gzip
-            else _IdentityReader(source, self.span, self.stored.identity_length, self.stored.name)
+            else _IdentityReader(
+                source,
+                self.span,
+                self.stored.identity_length,
+                self.stored.name,
+                *seek_from(self.stored.seek_points, self.span.start),
+            )
         )
         while chunk := await reader.read():
             await send({"type": "http.response.body", "body": chunk, "more_body": True})

@@ -13,7 +13,6 @@ import logging
 import math
 import os
 import socket
-import zlib
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -35,6 +34,7 @@ from exporter.limits import TooManyExports
 from exporter.listen import Listener
 from exporter.query import QueryError, parse_query
 from exporter.responses import estimated_rows, key_export_stream
+from exporter.seekable_gzip import SeekableGzipWriter
 from exporter.settings import Settings
 from exporter.stream import ExportStream
 
@@ -251,7 +251,7 @@ class JobRunner:
         name = f"{job.id}-{job.attempts}.gz"
         outcome, error = "failed", None
         try:
-            size = await self._write(stream, part, give_up_at, too_long)
+            written = await self._write(stream, part, give_up_at, too_long)
             # The export has ended and released its snapshot: the store's pace is no longer
             # the database's concern.
             await self.store.keep(part, name)
@@ -262,7 +262,8 @@ class JobRunner:
                 rows=stream.rows,
                 size=stream.bytes,
                 file_name=name,
-                file_bytes=size,
+                file_bytes=written.size,
+                seek_points=written.seek_points,
                 cursor=stream.next_cursor,
                 retention_s=self.settings.job_retention_s,
             )
@@ -351,9 +352,10 @@ class JobRunner:
 
     async def _write(
         self, stream: ExportStream, part: Path, give_up_at: float, too_long: str
-    ) -> int:
-        """The export into `part`, gzip-compressed (aborted at `give_up_at`); the file's size."""
-        compressor = zlib.compressobj(_GZIP_LEVEL, zlib.DEFLATED, 31)
+    ) -> SeekableGzipWriter:
+        """The export into `part`, gzip-compressed with seek points (aborted at
+        `give_up_at`)."""
+        compressor = SeekableGzipWriter(_GZIP_LEVEL)
         file: BinaryIO = await anyio.to_thread.run_sync(part.open, "wb")
         try:
             chunks = stream.chunks()
@@ -371,9 +373,9 @@ class JobRunner:
                 stream.abort("max_seconds", too_long.removeprefix("max_seconds: "))
             if not stream.completed:
                 raise RuntimeError(str(stream.error) if stream.error else "the export stopped")
-            await anyio.to_thread.run_sync(file.write, compressor.flush())
+            await anyio.to_thread.run_sync(file.write, compressor.finish())
             await anyio.to_thread.run_sync(_sync, file)
-            return int(file.tell())
+            return compressor
         finally:
             file.close()
 

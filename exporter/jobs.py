@@ -9,11 +9,13 @@ worker died) is claimed again. Every write of a running job is conditioned on th
 """
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 from exporter.db import Pool
+from exporter.seekable_gzip import SeekPoint, flatten, unflatten
 
 # NOTIFY channel: a submitted job wakes the claimants at once.
 CHANNEL = "exporter_jobs"
@@ -44,6 +46,8 @@ class Job:
     bytes: int | None
     file_name: str | None
     file_bytes: int | None
+    # Where inflating may start (exporter/seekable_gzip.py); empty for older files.
+    seek_points: tuple[SeekPoint, ...]
     cursor: str | None
     error: str | None
 
@@ -68,6 +72,7 @@ class Job:
             bytes=row["bytes"],
             file_name=row["file_name"],
             file_bytes=row["file_bytes"],
+            seek_points=unflatten(row["seek_points"]),
             cursor=row["cursor"],
             error=row["error"],
         )
@@ -165,6 +170,7 @@ async def finish(
     size: int,
     file_name: str,
     file_bytes: int,
+    seek_points: Sequence[SeekPoint],
     cursor: str | None,
     retention_s: float,
 ) -> bool:
@@ -175,7 +181,7 @@ async def finish(
             "UPDATE exporter.jobs SET status = 'done', finished_at = clock_timestamp(),"
             " expires_at = clock_timestamp() + make_interval(secs => $4),"
             " rows = $5, bytes = $6, file_name = $7, file_bytes = $8, cursor = $9,"
-            " lease_until = NULL"
+            " seek_points = $10, lease_until = NULL"
             " WHERE id = $1 AND worker = $2 AND attempts = $3 AND status = 'running'"
             # DELETE between the last heartbeat and the end: cancelled, not done.
             " AND NOT cancel_requested",
@@ -188,6 +194,7 @@ async def finish(
             file_name,
             file_bytes,
             cursor,
+            flatten(seek_points),
         )
     return bool(status == "UPDATE 1")
 

@@ -229,6 +229,7 @@ async def download(
         last_modified=job.finished_at,
         filename=attachment_name(job.dataset, encoder.extension, job.finished_at),
         media_type=media_type,
+        seek_points=job.seek_points,
     )
     return await download_response(request, stored)
 

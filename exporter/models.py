@@ -150,6 +150,8 @@ jobs = Table(
     Column("bytes", BigInteger),
     Column("file_name", Text),
     Column("file_bytes", BigInteger),
+    # exporter/seekable_gzip.py's points, flattened (offset, file offset, CRC-32) triples.
+    Column("seek_points", ARRAY(BigInteger)),
     Column("cursor", Text),
     Column("error", Text),
     Index("jobs_claimable", "status", "created_at"),

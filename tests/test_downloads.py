@@ -3,6 +3,7 @@ curl: both representations, every form of Range, If-Range, conditional requests,
 downloads, and the file closed when the client leaves."""
 
 import asyncio
+import gzip
 import os
 import random
 import shutil
@@ -37,6 +38,7 @@ from exporter.preconditions import (
     parse_range,
 )
 from exporter.s3 import Credentials, S3Store
+from exporter.seekable_gzip import SeekableGzipWriter, SeekPoint
 from tests.conftest import S3Server, free_port
 
 CSV = "text/csv; charset=utf-8"
@@ -63,9 +65,12 @@ def awkward_export(seed: int) -> bytes:
     )
 
 
-def write_gzip(path: Path, data: bytes, *, members: int = 1) -> None:
+def write_gzip(path: Path, data: bytes, *, members: int = 1) -> list[SeekPoint]:
     """`data` as gzip the way a job writes it: zlib at level 1, flushed at irregular points
-    (sync and full flushes); several members if asked."""
+    (sync and full flushes); several members if asked. The seek points (offsets in `data` and
+    in the file of each full flush) of a file of one member."""
+    points = []
+    written = crc = 0
     rng = random.Random(len(data))
     cuts = sorted(rng.sample(range(1, len(data)), members - 1)) if members > 1 else []
     with path.open("wb") as file:
@@ -74,11 +79,17 @@ def write_gzip(path: Path, data: bytes, *, members: int = 1) -> None:
             position = 0
             while position < len(member):
                 size = rng.randrange(1, 400_000)
-                file.write(compressor.compress(member[position : position + size]))
+                piece = member[position : position + size]
+                written += file.write(compressor.compress(piece))
+                crc = zlib.crc32(piece, crc)
                 mode = rng.choice([zlib.Z_NO_FLUSH, zlib.Z_SYNC_FLUSH, zlib.Z_FULL_FLUSH])
-                file.write(compressor.flush(mode))
+                written += file.write(compressor.flush(mode))
                 position += size
-            file.write(compressor.flush())
+                if mode == zlib.Z_FULL_FLUSH and members == 1:
+                    points.append(SeekPoint(min(position, len(data)), written, crc))
+                    crc = 0
+            written += file.write(compressor.flush())
+    return [*points, SeekPoint(len(data), written, crc)] if members == 1 else []
 
 
 @dataclass
@@ -100,7 +111,7 @@ def store(
     directory: Path, name: str, data: bytes, members: int = 1, **overrides: Any
 ) -> StoredExport:
     path = directory / f"{name}.csv.gz"
-    write_gzip(path, data, members=members)
+    points = write_gzip(path, data, members=members)
     stored = StoredExport(
         store=LocalStore(directory),
         name=path.name,
@@ -110,6 +121,7 @@ def store(
         last_modified=FINISHED,
         filename=f"{name}-20260107T140000Z.csv",
         media_type=CSV,
+        seek_points=tuple(points),
     )
     return replace(stored, **overrides)
 
@@ -168,6 +180,26 @@ def served(
         file.write(bytes([damaged]))
     exports["crc"] = crc
     sources["crc"] = main
+    # As a job writes it (a seek point every 256 KiB here), with a byte damaged before the
+    # second point: a range after it is served whole, inflated from the last point before it.
+    seekable = directory / "seekable.csv.gz"
+    writer = SeekableGzipWriter(1, every=256 * 1024)
+    compressed = b"".join(
+        [
+            *(writer.compress(main[i : i + 65536]) for i in range(0, len(main), 65536)),
+            writer.finish(),
+        ]
+    )
+    assert gzip.decompress(compressed) == main and len(compressed) == writer.size
+    second = writer.seek_points[1][1]
+    seekable.write_bytes(compressed[: second - 10] + b"\xff" + compressed[second - 9 :])
+    exports["seekable"] = replace(
+        exports["main"],
+        name=seekable.name,
+        encoded_length=len(compressed),
+        seek_points=tuple(writer.seek_points),
+    )
+    sources["seekable"] = main
     # More than loopback's socket buffers hold, so that a client leaving finds it mid-file.
     exports["big"] = store(directory, "big", random.Random(3).randbytes(24 * 1024 * 1024))
     exports["gone"] = replace(exports["main"], name="deleted.csv.gz")
@@ -508,6 +540,25 @@ def test_a_file_not_as_its_metadata_says_aborts(
     # What is sent before the damage is found is the export's.
     start = http.get(served.url(name), headers={**IDENTITY, "Range": "bytes=0-99"})
     assert (start.status_code, start.content) == (206, served.sources[name][:100])
+
+
+def test_a_range_inflates_from_the_last_seek_point(served: Served, http: httpx.Client) -> None:
+    points = served.exports["seekable"].seek_points
+    assert len(points) > 10
+    source = served.sources["seekable"]
+    for start in (points[1][0], points[1][0] + 1, points[5][0] - 1, len(source) - 1):
+        end = min(start + 300_000, len(source))
+        response = raw(
+            http, "GET", served.url("seekable"), {**IDENTITY, "Range": f"bytes={start}-"}
+        )
+        assert (response.status_code, response.content) == (206, source[start:]), start
+        response = raw(
+            http, "GET", served.url("seekable"), {**IDENTITY, "Range": f"bytes={start}-{end - 1}"}
+        )
+        assert response.content == source[start:end], start
+    # From before the damage, inflating meets it: the transfer is cut.
+    with pytest.raises(httpx.RemoteProtocolError):
+        http.get(served.url("seekable"), headers={**IDENTITY, "Range": f"bytes={points[0][0]}-"})
 
 
 def open_descriptors(path: Path) -> int:

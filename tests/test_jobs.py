@@ -71,6 +71,18 @@ def test_a_job_runs_and_its_file_is_the_direct_export(
         assert identity.headers["etag"] and identity.headers["last-modified"]
         assert identity.headers["content-disposition"].startswith('attachment; filename="big-')
 
+        # Seek points every 16 MiB of the export, and one at its end: a range from the middle
+        # inflates from the last point before it.
+        (points, file_bytes) = run_sql(
+            database.url,
+            f"SELECT seek_points, file_bytes FROM exporter.jobs WHERE id = '{info['id']}'",
+        )[0]
+        assert len(points) == 3 * (len(direct.content) // (16 * 1024 * 1024) + 1)
+        assert points[-3] == len(direct.content) and points[-2] == file_bytes
+        middle = len(direct.content) // 2 + 7
+        ranged = client.get(done["download_url"], headers={"Range": f"bytes={middle}-"})
+        assert (ranged.status_code, ranged.content) == (206, direct.content[middle:])
+
         with client.stream(
             "GET", done["download_url"], headers={"Accept-Encoding": "gzip"}
         ) as stored:
