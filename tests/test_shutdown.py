@@ -1,14 +1,28 @@
-"""The app learns that its process begins to shut down (SIGTERM, Ctrl-C) from a handler chained
-in front of uvicorn's."""
+"""A process that begins to shut down (SIGTERM, Ctrl-C) learns it from a handler chained in front
+of uvicorn's, and drains at once: it claims no more jobs and hands its running ones back, while
+uvicorn still waits for direct exports for the grace period. Its own servers: every job server
+on the test database shares the jobs table (apart from tests/test_jobs.py, whose server would
+claim these jobs too)."""
 
 import asyncio
 import signal
 import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 from types import FrameType
 
+import httpx
 import pytest
 
 from exporter.shutdown import ShutdownSignal
+from tests.conftest import BIG_ROWS, ExportDatabase, Server, run_sql, start_server, stop_server
+from tests.job_helpers import slow_view, submit, wait_for
+
+# Far longer than any wait below: what ends early does so because it drains, not because the
+# grace period ran out.
+GRACE_S = "60"
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
@@ -68,3 +82,133 @@ def test_outside_the_main_thread_nothing_is_installed() -> None:
     thread.start()
     thread.join()
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+@contextmanager
+def held_download(server: Server, key: str) -> Iterator[Iterator[bytes]]:
+    """A direct export that has started and waits for its client, which does not read: uvicorn
+    waits for it through the grace period. The rest of it, to read once the test is done."""
+    with server.client(key) as client, client.stream("GET", "/datasets/big.csv") as download:
+        assert download.status_code == 200
+        chunks = download.iter_raw()
+        first = next(chunks)
+
+        def everything() -> Iterator[bytes]:
+            yield first
+            yield from chunks
+
+        yield everything()
+
+
+def read_all(download: Iterator[bytes]) -> int:
+    """The lines of the whole download (httpx raises if it is cut off)."""
+    return sum(chunk.count(b"\n") for chunk in download)
+
+
+def stop_accepting(server: Server) -> None:
+    """SIGTERM, then wait until the server refuses new connections: it has begun to shut down."""
+    server.process.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + 5
+    while True:
+        try:
+            httpx.get(f"{server.base_url}/healthz", timeout=1)
+        except httpx.TransportError:
+            return
+        assert time.monotonic() < deadline, "the server still accepts connections"
+        time.sleep(0.05)
+
+
+def job_row(database: ExportDatabase, job_id: str) -> tuple[str, int, str | None]:
+    status, attempts, worker = run_sql(
+        database.url,
+        f"SELECT status, attempts, worker FROM exporter.jobs WHERE id = '{job_id}'",
+    )[0]
+    return status, attempts, worker
+
+
+def pid_of(worker: str | None) -> int | None:
+    return None if worker is None else int(worker.rpartition(":")[2])
+
+
+def test_a_stopping_process_claims_no_new_job(database: ExportDatabase, tmp_path: Path) -> None:
+    files = str(tmp_path / "files")
+    stopping = start_server(
+        database.url,
+        tmp_path,
+        job_dir=files,
+        job_concurrency="1",
+        job_poll_s="0.3",
+        shutdown_grace_s=GRACE_S,
+    )
+    # Takes the submission; claims nothing.
+    front = start_server(database.url, tmp_path, job_dir=files)
+    servers = [stopping, front]
+    info = None
+    try:
+        with held_download(stopping, database.key) as download:
+            stop_accepting(stopping)
+            with front.client(database.key) as client:
+                info = submit(client, {"dataset": "people", "format": "csv"})
+                # Its NOTIFY, and several polls, reach a process that would claim it.
+                time.sleep(1.5)
+                assert job_row(database, info["id"]) == ("queued", 0, None)
+                assert stopping.process.poll() is None, "the download no longer holds it"
+                # Another process gets it.
+                servers.append(
+                    start_server(
+                        database.url, tmp_path, job_dir=files, job_concurrency="1", job_poll_s="0.3"
+                    )
+                )
+                wait_for(client, info["id"], "done", timeout_s=10)
+                _, attempts, worker = job_row(database, info["id"])
+                assert (attempts, pid_of(worker)) == (1, servers[-1].process.pid)
+            # The direct export was not cut: it goes on to its end.
+            assert read_all(download) == BIG_ROWS + 1
+        stopping.process.wait(timeout=10)
+    finally:
+        for server in servers:
+            stop_server(server)
+        if info is not None:
+            run_sql(database.url, f"DELETE FROM exporter.jobs WHERE id = '{info['id']}'")
+
+
+def test_a_stopping_process_hands_its_running_job_back_at_once(
+    database: ExportDatabase, tmp_path: Path
+) -> None:
+    view = slow_view(database, seconds=4)
+    files = str(tmp_path / "files")
+    stopping = start_server(
+        database.url, tmp_path, job_dir=files, job_concurrency="1", shutdown_grace_s=GRACE_S
+    )
+    servers = [stopping]
+    info = None
+    try:
+        with stopping.client(database.key) as client:
+            info = submit(client, {"dataset": view, "format": "csv"})
+            wait_for(client, info["id"], "running")
+        assert pid_of(job_row(database, info["id"])[2]) == stopping.process.pid
+        other = start_server(
+            database.url, tmp_path, job_dir=files, job_concurrency="1", job_poll_s="0.3"
+        )
+        servers.append(other)
+        with held_download(stopping, database.key) as download:
+            stop_accepting(stopping)
+            # Handed back at once, not when the grace period ends: the other process has it.
+            deadline = time.monotonic() + 3
+            while pid_of(job_row(database, info["id"])[2]) != other.process.pid:
+                assert time.monotonic() < deadline, job_row(database, info["id"])
+                time.sleep(0.05)
+            assert stopping.process.poll() is None, "the download no longer holds it"
+            with other.client(database.key) as client:
+                done, _ = wait_for(client, info["id"], "done", timeout_s=20)
+            assert done["rows"] == 300
+            # The interrupted run was not counted.
+            assert job_row(database, info["id"])[:2] == ("done", 1)
+            assert read_all(download) == BIG_ROWS + 1
+        stopping.process.wait(timeout=10)
+    finally:
+        for server in servers:
+            stop_server(server)
+        if info is not None:
+            run_sql(database.url, f"DELETE FROM exporter.jobs WHERE id = '{info['id']}'")
+        run_sql(database.url, f"DROP VIEW {view}")
