@@ -46,11 +46,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
         async def drain() -> None:
             # uvicorn now waits for open connections (up to EXPORTER_SHUTDOWN_GRACE_S) before
-            # the lifespan ends: jobs go to other processes meanwhile; direct exports keep
-            # their grace period.
+            # the lifespan ends: jobs and event streams go to other processes meanwhile;
+            # direct exports keep their grace period.
             await shutdown.started.wait()
-            log.info("shutting down: jobs handed back")
+            log.info("shutting down: jobs handed back, event streams ended")
             runner.drain()
+            hub.drain()
 
         background = [
             asyncio.create_task(prune_changes_forever(databases.exports, settings)),
@@ -67,6 +68,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             shutdown.uninstall()
             # Also when no signal came first (the app served without uvicorn's handlers).
             runner.drain()
+            hub.drain()
             if claiming is not None:
                 # Handing its jobs back, it returns on its own; a cancellation in the middle of
                 # a claim could leave the job to its lease.

@@ -1,8 +1,8 @@
 """A process that begins to shut down (SIGTERM, Ctrl-C) learns it from a handler chained in front
-of uvicorn's, and drains at once: it claims no more jobs and hands its running ones back, while
-uvicorn still waits for direct exports for the grace period. Its own servers: every job server
-on the test database shares the jobs table (apart from tests/test_jobs.py, whose server would
-claim these jobs too)."""
+of uvicorn's, and drains at once: it claims no more jobs, hands its running ones back, and ends
+its event streams, while uvicorn still waits for direct exports for the grace period. Its own
+servers: every job server on the test database shares the jobs table (apart from
+tests/test_jobs.py, whose server would claim these jobs too)."""
 
 import asyncio
 import signal
@@ -18,7 +18,7 @@ import pytest
 
 from exporter.shutdown import ShutdownSignal
 from tests.conftest import BIG_ROWS, ExportDatabase, Server, run_sql, start_server, stop_server
-from tests.job_helpers import slow_view, submit, wait_for
+from tests.job_helpers import Event, parse_events, read_events, slow_view, submit, wait_for
 
 # Far longer than any wait below: what ends early does so because it drains, not because the
 # grace period ran out.
@@ -209,6 +209,50 @@ def test_a_stopping_process_hands_its_running_job_back_at_once(
     finally:
         for server in servers:
             stop_server(server)
+        if info is not None:
+            run_sql(database.url, f"DELETE FROM exporter.jobs WHERE id = '{info['id']}'")
+        run_sql(database.url, f"DROP VIEW {view}")
+
+
+@pytest.mark.parametrize(
+    ("sig", "workers"), [(signal.SIGTERM, 2), (signal.SIGINT, 1)], ids=["SIGTERM-2", "SIGINT-1"]
+)
+def test_an_event_stream_ends_at_once_and_resumes_elsewhere(
+    database: ExportDatabase, tmp_path: Path, sig: signal.Signals, workers: int
+) -> None:
+    view = slow_view(database, seconds=5)
+    files = str(tmp_path / "files")
+    runner = start_server(
+        database.url, tmp_path, job_dir=files, job_concurrency="1", progress_interval_s="0.05"
+    )
+    watched = start_server(
+        database.url, tmp_path, workers=workers, job_dir=files, shutdown_grace_s=GRACE_S
+    )
+    info = None
+    try:
+        with watched.client(database.key) as client:
+            info = submit(client, {"dataset": view, "format": "csv"})
+            events: list[Event] = []
+            with client.stream("GET", info["events_url"]) as response:
+                stream = parse_events(response.iter_lines())
+                events += [next(stream), next(stream)]
+                watched.process.send_signal(sig)
+                signalled = time.monotonic()
+                # To its clean end (httpx raises on one cut off): the export still runs.
+                events += stream
+                ended_after = time.monotonic() - signalled
+        assert ended_after < 2, ended_after
+        assert [e.event for e in events] == ["progress"] * len(events)
+        # Nothing held it any more.
+        watched.process.wait(timeout=5)
+        with runner.client(database.key) as client:
+            _, rest = read_events(client, info["events_url"], last_event_id=events[-1].id)
+            _, replay = read_events(client, info["events_url"])
+        assert rest[-1].event == "done" and rest[-1].data["rows"] == 300
+        assert [(e.id, e.data) for e in events + rest] == [(e.id, e.data) for e in replay]
+    finally:
+        stop_server(watched)
+        stop_server(runner)
         if info is not None:
             run_sql(database.url, f"DELETE FROM exporter.jobs WHERE id = '{info['id']}'")
         run_sql(database.url, f"DROP VIEW {view}")
