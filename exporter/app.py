@@ -22,6 +22,7 @@ from exporter.middleware import (
 )
 from exporter.responses import ActiveExports
 from exporter.settings import Settings
+from exporter.shutdown import ShutdownSignal
 from exporter.tracking import prune_changes_forever
 
 log = logging.getLogger(__name__)
@@ -40,13 +41,38 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.event_hub = hub = EventHub(settings.state_url)
         await hub.start()
         app.state.job_runner = runner = JobRunner(databases, settings)
-        background = [asyncio.create_task(prune_changes_forever(databases.exports, settings))]
+        shutdown = ShutdownSignal()
+        shutdown.install()
+
+        async def drain() -> None:
+            # uvicorn now waits for open connections (up to EXPORTER_SHUTDOWN_GRACE_S) before
+            # the lifespan ends: jobs and event streams go to other processes meanwhile;
+            # direct exports keep their grace period.
+            await shutdown.started.wait()
+            log.info("shutting down: jobs handed back, event streams ended")
+            runner.drain()
+            hub.drain()
+
+        background = [
+            asyncio.create_task(prune_changes_forever(databases.exports, settings)),
+            asyncio.create_task(drain()),
+        ]
+        claiming: asyncio.Task[None] | None = None
         if settings.job_concurrency:
-            background.append(asyncio.create_task(runner.run_forever()))
+            claiming = asyncio.create_task(runner.run_forever())
+            background.append(claiming)
         background.append(asyncio.create_task(runner.expire_forever()))
         try:
             yield
         finally:
+            shutdown.uninstall()
+            # Also when no signal came first (the app served without uvicorn's handlers).
+            runner.drain()
+            hub.drain()
+            if claiming is not None:
+                # Handing its jobs back, it returns on its own; a cancellation in the middle of
+                # a claim could leave the job to its lease.
+                await asyncio.wait({claiming}, timeout=settings.cleanup_timeout_s + 5)
             for task in background:
                 task.cancel()
             for task in background:

@@ -123,6 +123,7 @@ class EventHub:
         self._subscribers: dict[str, set[asyncio.Event]] = {}
         self._listener = Listener(state_url, CHANNEL, self._notified, self._wake_all)
         self._task: asyncio.Task[None] | None = None
+        self.draining = False
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._listener.run_forever())
@@ -132,6 +133,14 @@ class EventHub:
             self._task.cancel()
             with contextlib.suppress(BaseException):
                 await self._task
+
+    def drain(self) -> None:
+        """This process is shutting down: every event stream ends once it has sent what there
+        is to send now. Otherwise a stream lasts as long as its export, and would hold the
+        process for the whole grace period; its EventSource reconnects (retry:) with
+        Last-Event-ID to another process or replica and, events being rows, misses none."""
+        self.draining = True
+        self._wake_all()
 
     @property
     def listening(self) -> bool:
@@ -211,6 +220,9 @@ async def event_stream(
                 if end is not None and not await events_after(pool, export_id, key_name, after):
                     yield format_event(None, end[0], json.dumps(end[1]))
                     return
+            if hub.draining:
+                # Between two events: the stream ends complete, and the client reconnects.
+                return
             # Woken by NOTIFY; a poll besides, in case it is not listening or missed one.
             timeout = 1.0 if not hub.listening else HEARTBEAT_S
             with contextlib.suppress(TimeoutError):

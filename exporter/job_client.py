@@ -22,6 +22,9 @@ from exporter.file_export import Output, Progress, _export_params
 
 # Reconnections of the event stream, and resumptions of the download, before giving up.
 ATTEMPTS = 5
+# The pause before reconnecting to an event stream that ended with events but without the
+# job's end: its process began to shut down (as the service's retry: field).
+RECONNECT_S = 2.0
 CHUNK = 64 * 1024
 
 
@@ -82,10 +85,12 @@ def _events(response: BinaryIO) -> Iterator[tuple[int, str, dict[str, Any]]]:
 def _follow(service: _Service, events_url: str, progress: Progress) -> dict[str, Any]:
     """The job's `done` event, showing progress on the way; reconnects with Last-Event-ID."""
     last = 0
-    for attempt in range(ATTEMPTS):
+    failures = 0
+    while failures < ATTEMPTS:
         headers = {"Accept": "text/event-stream"}
         if last:
             headers["Last-Event-ID"] = str(last)
+        before = last
         try:
             with service.request("GET", events_url, headers=headers) as response:
                 for seq, event, data in _events(response):
@@ -99,7 +104,14 @@ def _follow(service: _Service, events_url: str, progress: Progress) -> dict[str,
                         raise CliError(f"the job failed: {data.get('detail')}", FAILED)
         except (OSError, ValueError):
             pass
-        time.sleep(min(2**attempt, 10))
+        if last != before:
+            # Events came: a stream ended by a process shutting down (the service ends them
+            # at once, to be followed elsewhere) is no failure, however many a job outlives.
+            failures = 0
+            time.sleep(RECONNECT_S)
+        else:
+            time.sleep(min(2**failures, 10))
+            failures += 1
     raise CliError("lost the job's event stream", FAILED)
 
 

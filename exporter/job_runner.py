@@ -4,7 +4,8 @@ Each process claims jobs (exporter.jobs.claim) up to EXPORTER_JOB_CONCURRENCY at
 by NOTIFY when one is submitted and by a poll that also reclaims jobs whose worker died. A job
 runs through the same pipeline as an HTTP export (the key's scope, role, export slots and
 caps), reading from the database as fast as it allows into a gzip file: no client's pace in
-the loop, so its snapshot is held no longer than the database needs.
+the loop, so its snapshot is held no longer than the database needs. From the moment the
+process begins to shut down (drain), it claims nothing more and hands its running jobs back.
 """
 
 import asyncio
@@ -73,7 +74,23 @@ class JobRunner:
         self.worker = f"{socket.gethostname()}:{os.getpid()}"
         self._slots = asyncio.Semaphore(settings.job_concurrency)
         self._wake = asyncio.Event()
+        # Every run, and those of them that have started (only those may be cancelled: a task
+        # cancelled before its first step never runs its finally, and its job would wait for
+        # its lease to run out).
         self._tasks: set[asyncio.Task[None]] = set()
+        self._running: set[asyncio.Task[None]] = set()
+        self._draining = asyncio.Event()
+
+    def drain(self) -> None:
+        """This process is shutting down: claim no more jobs, and hand the running ones back
+        to the queue now, uncounted (exporter.jobs.requeue), rather than at the lifespan's end.
+        The grace period is for HTTP clients; a job restarts from scratch wherever it runs
+        again, so running on here could only waste the work, and keep the job from a process
+        that is not stopping for as long as the grace period lasts."""
+        self._draining.set()
+        self._wake.set()
+        for task in list(self._running):
+            task.cancel()
 
     async def run_forever(self) -> None:
         # Submissions wake the claimants at once; while the listener is down, the poll finds
@@ -86,8 +103,11 @@ class JobRunner:
         )
         listening = asyncio.create_task(listener.run_forever())
         try:
-            while True:
+            while not self._draining.is_set():
                 await self._slots.acquire()
+                if self._draining.is_set():
+                    self._slots.release()
+                    break
                 # Before looking: a submission notified while we look is not lost.
                 self._wake.clear()
                 try:
@@ -101,7 +121,9 @@ class JobRunner:
                 except Exception as exc:
                     self._slots.release()
                     log.warning("could not claim a job: %s", exc)
-                    await asyncio.sleep(self.settings.job_poll_s)
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(self.settings.job_poll_s):
+                            await self._draining.wait()
                     continue
                 if job is None:
                     self._slots.release()
@@ -109,12 +131,12 @@ class JobRunner:
                         async with asyncio.timeout(self.settings.job_poll_s):
                             await self._wake.wait()
                     continue
+                # Claimed while draining began, it is handed back by its run (_run_and_release).
                 task = asyncio.create_task(self._run_and_release(job))
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
         finally:
-            for task in list(self._tasks):
-                task.cancel()
+            self.drain()
             for task in list(self._tasks):
                 with contextlib.suppress(BaseException):
                     await task
@@ -126,11 +148,19 @@ class JobRunner:
         await self.store.aclose()
 
     async def _run_and_release(self, job: Job) -> None:
+        task = asyncio.current_task()
+        assert task is not None
         try:
+            if self._draining.is_set():
+                # Claimed as the process began to stop: handed back as a stopped run is.
+                await job_records.requeue(self.databases.state, job, counts=False)
+                return
+            self._running.add(task)
             await self.run(job)
         except Exception:
             log.exception("job %s", job.id)
         finally:
+            self._running.discard(task)
             self._slots.release()
 
     async def run(self, job: Job) -> None:

@@ -1,0 +1,61 @@
+"""`exporter export --job` following a job's events across streams that end early, as those of a
+process shutting down do (the service's side: tests/test_shutdown.py). A stand-in service:
+only the client's reconnections are under test."""
+
+import io
+import json
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from exporter import job_client
+from exporter.file_export import Progress
+
+# More streams ended early than the client's attempts: only failures may use those up.
+STREAMS = job_client.ATTEMPTS + 2
+
+
+@pytest.fixture
+def draining_service() -> Iterator[tuple[str, list[str | None]]]:
+    """Each stream sends the next progress event, then ends cleanly; the last one `done`."""
+    seen: list[str | None] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            last = self.headers.get("Last-Event-ID")
+            seen.append(last)
+            n = int(last or 0) + 1
+            event = "done" if n == STREAMS else "progress"
+            body = f"retry: 2000\n\nid: {n}\nevent: {event}\ndata: {json.dumps({'rows': n})}\n\n"
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body.encode())
+
+        def log_message(self, format: str, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", seen
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+
+
+def test_streams_ended_with_events_are_followed_without_giving_up(
+    draining_service: tuple[str, list[str | None]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    url, seen = draining_service
+    monkeypatch.setattr(job_client, "RECONNECT_S", 0)
+    service = job_client._Service(url, "key")
+    done = job_client._follow(service, "/exports/x/events", Progress(io.StringIO()))
+    assert done == {"rows": STREAMS}
+    # Each reconnection resumed after the last event received.
+    assert seen == [None, *(str(n) for n in range(1, STREAMS))]
