@@ -413,7 +413,9 @@ class _FileResponse(Response):
             # The identity representation inflates the file from its start; the encoded one
             # reads the span only.
             if self.gzip:
-                begin, end = self.span.start, self.span.end
+                # The whole file without a Range (a server or proxy may ignore one).
+                whole = self.span.end == self.stored.encoded_length
+                begin, end = self.span.start, None if whole else self.span.end
             else:
                 point, _ = seek_from(self.stored.seek_points, self.span.start)
                 begin, end = (point.file_offset if point else 0), None

@@ -14,6 +14,7 @@ import logging
 import math
 import os
 import socket
+import time
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -47,6 +48,9 @@ log = logging.getLogger(__name__)
 _GZIP_LEVEL = 1
 
 
+# Pauses between tries to store a job's file in a store that cannot be reached.
+_STORE_RETRY_PAUSES_S = (1.0, 3.0)
+
 # Failures of the database rather than of the job.
 TRANSIENT = (PoolTimeout, asyncpg.exceptions.QueryCanceledError, *UNREACHABLE)
 
@@ -63,6 +67,8 @@ class _Watch:
         self.stopped: str | None = None
         # Set before the run records its end: a renewal that loses to it is no lost claim.
         self.finishing = False
+        # The file's name once it is in the store.
+        self.stored: str | None = None
 
 
 class JobRunner:
@@ -265,9 +271,8 @@ class JobRunner:
             raise
         except TRANSIENT as exc:
             # The database, not the job: run it again later (a bounded number of times).
-            log.warning("job %s could not start, queued again: %s", job.id, exc)
-            await job_records.requeue(state, job, counts=True)
-            await asyncio.sleep(self.settings.job_poll_s)
+            log.warning("job %s could not start: %s", job.id, exc)
+            await self._later(job, publisher, "the database could not be reached")
             return
         except Exception as exc:
             log.warning("job %s could not start: %s", job.id, exc)
@@ -284,7 +289,8 @@ class JobRunner:
             written = await self._write(stream, part, give_up_at, too_long)
             # The export has ended and released its snapshot: the store's pace is no longer
             # the database's concern.
-            await self.store.keep(part, name)
+            await self._keep(part, name, job)
+            watch.stored = name
             watch.finishing = True
             kept = await job_records.finish(
                 state,
@@ -301,7 +307,7 @@ class JobRunner:
                 outcome = "completed"
                 await publisher.done(download_url=f"/exports/{job.id}/download")
             else:
-                await self.store.delete(name)
+                await self._delete(name)
                 if await job_records.end(state, job, "cancelled", None):
                     # Asked to stop after the last heartbeat: cancelled all the same.
                     outcome, error = "disconnected", "cancelled"
@@ -317,8 +323,7 @@ class JobRunner:
             error = "the job's file could not be stored"
             if exc.transient:
                 # The store, not the job: run it again later (a bounded number of times).
-                await job_records.requeue(state, job, counts=True)
-                error += "; the job runs again"
+                await self._later(job, publisher, error)
             else:
                 await job_records.end(state, job, "failed", error)
                 await publisher.error(_problem("Job failed", 500, error))
@@ -353,9 +358,46 @@ class JobRunner:
             await publisher.error(_problem("Job cancelled", 499, "cancelled"))
             return "disconnected", "cancelled"
         if watch.stopped is None:
+            if watch.stored is not None:
+                # Stored but not recorded: the run again (under the same attempt number,
+                # uncounted) writes the same name, which a sweep must not find stale.
+                await self._delete(watch.stored)
             await job_records.requeue(state, job, counts=False)
             return "disconnected", "this process stopped; the job runs again"
         return "failed", "the job's claim was lost (it runs again elsewhere)"
+
+    async def _later(self, job: Job, publisher: Publisher, reason: str) -> None:
+        """A run that met a failure of the database or the store: queued again (counted), or
+        failed once it has had MAX_ATTEMPTS runs."""
+        if job.attempts >= job_records.MAX_ATTEMPTS:
+            error = f"{reason} ({job.attempts} runs)"
+            await job_records.end(self.databases.state, job, "failed", error)
+            await publisher.error(_problem("Job failed", 503, error))
+            return
+        await job_records.requeue(self.databases.state, job, counts=True)
+        # This process's slot waits a little before it claims again.
+        await asyncio.sleep(self.settings.job_poll_s)
+
+    async def _keep(self, part: Path, name: str, job: Job) -> None:
+        """The file into the store; a store that cannot be reached is tried again a few
+        times, with pauses, before the job is (its export would be run again for nothing)."""
+        for pause_s in _STORE_RETRY_PAUSES_S:
+            try:
+                await self.store.keep(part, name)
+                return
+            except StoreError as exc:
+                if not exc.transient:
+                    raise
+                log.warning("job %s: storing its file failed, trying again: %s", job.id, exc)
+            await asyncio.sleep(pause_s)
+        await self.store.keep(part, name)
+
+    async def _delete(self, name: str) -> None:
+        """Best effort: a file left behind is the sweep's (no job needs it)."""
+        try:
+            await self.store.delete(name)
+        except StoreError as exc:
+            log.warning("could not delete %s from the store (the sweep will): %s", name, exc)
 
     async def _open(self, job: Job) -> ExportStream:
         settings, databases = self.settings, self.databases
@@ -412,20 +454,25 @@ class JobRunner:
     async def expire_forever(self) -> None:
         """Expired and orphaned files deleted, every poll interval (each process; deletion is
         idempotent)."""
+        stale_s = self.settings.job_lease_s * 2
+        # Listing a bucket costs requests (and money): not every poll.
+        store_sweep_s = max(stale_s, 60.0)
+        last_store_sweep = -math.inf
         while True:
             await asyncio.sleep(max(self.settings.job_poll_s, 1.0))
             try:
                 for job in await job_records.expire(self.databases.state):
                     if job.file_name:
-                        await self.store.delete(job.file_name)
+                        await self._delete(job.file_name)
                 in_use = await job_records.files_in_use(self.databases.state)
-                stale_s = self.settings.job_lease_s * 2
                 for path in await self.spool.orphans(in_use, stale_s):
                     log.info("deleting %s: no job writes it", path.name)
                     path.unlink(missing_ok=True)
-                for name in await self.store.orphans(in_use, stale_s):
-                    log.info("deleting %s from the store: no job needs it", name)
-                    await self.store.delete(name)
+                if time.monotonic() - last_store_sweep >= store_sweep_s:
+                    last_store_sweep = time.monotonic()
+                    for name in await self.store.orphans(in_use, stale_s):
+                        log.info("deleting %s from the store: no job needs it", name)
+                        await self._delete(name)
                 await prune_events(self.databases.state, self.settings.job_retention_s)
             except Exception as exc:
                 log.warning("could not expire job files: %s", exc)

@@ -1,6 +1,7 @@
 """POST /exports, GET /exports/{id}, GET /exports/{id}/download, DELETE /exports/{id}:
 background export jobs (exporter/jobs.py, exporter/job_runner.py)."""
 
+import logging
 import re
 import urllib.parse
 import uuid
@@ -18,12 +19,14 @@ from exporter.db import Databases
 from exporter.downloads import StoredExport, download_response
 from exporter.encoders import ENCODERS
 from exporter.events import EventHub, event_stream
-from exporter.file_store import FileStore
+from exporter.file_store import FileStore, StoreError
 from exporter.incremental import CursorsUnavailable, pull_cursor
 from exporter.jobs import Job
 from exporter.problems import PROBLEM_MEDIA_TYPE, Problem
 from exporter.query import QueryError, parse_query
 from exporter.responses import attachment_name, content_type
+
+log = logging.getLogger(__name__)
 
 router = APIRouter()
 _problem: dict[str, Any] = {"content": {PROBLEM_MEDIA_TYPE: {}}}
@@ -185,7 +188,11 @@ async def cancel_job(job_id: str, key: KeyDep, databases: DatabasesDep, store: S
     cancelled = await job_records.cancel(databases.state, job.id)
     assert cancelled is not None
     if cancelled.status == "expired" and cancelled.file_name:
-        await store.delete(cancelled.file_name)
+        try:
+            await store.delete(cancelled.file_name)
+        except StoreError as exc:
+            # Expired all the same: no job needs the file now, and the sweep deletes it.
+            log.warning("could not delete %s from the store: %s", cancelled.file_name, exc)
     return JobInfo.of(cancelled)
 
 

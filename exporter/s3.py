@@ -15,7 +15,7 @@ import os
 import xml.etree.ElementTree as ElementTree
 from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -33,17 +33,19 @@ PART_SIZE = 16 * 1024 * 1024
 MAX_PARTS = 10_000
 # Read from the spool file this much at a time, to hash a part and to send it.
 _READ = 1024 * 1024
-_NS = "{http://s3.amazonaws.com/doc/2006-03-01/}"
 EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
-# Statuses that say "not now" rather than "no": overloaded, throttled, timed out.
+# Statuses and error codes that say "not now" rather than "no": overloaded, throttled, timed
+# out.
 _TRANSIENT_STATUSES = {408, 429, 500, 502, 503, 504}
+_TRANSIENT_CODES = {"InternalError", "SlowDown", "RequestTimeout", "ServiceUnavailable"}
 
 
 @dataclass(frozen=True)
 class Credentials:
     access_key_id: str
-    secret_access_key: str
-    session_token: str | None = None
+    # Kept out of repr(), and so out of tracebacks and logs.
+    secret_access_key: str = field(repr=False)
+    session_token: str | None = field(default=None, repr=False)
 
     @classmethod
     def from_environment(cls) -> "Credentials":
@@ -132,8 +134,13 @@ class S3Store:
         credentials: Credentials,
     ) -> None:
         parts = urlsplit(endpoint)
-        if parts.scheme not in ("http", "https") or not parts.netloc:
-            raise ValueError(f"EXPORTER_JOB_S3_ENDPOINT is not an http(s) URL: {endpoint!r}")
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("EXPORTER_JOB_S3_ENDPOINT is not an http(s) URL")
+        if parts.username is not None or parts.password is not None:
+            # It would go into every Host header and log line: credentials go in AWS_*.
+            raise ValueError("EXPORTER_JOB_S3_ENDPOINT may not carry a user name or password")
+        if parts.path not in ("", "/") or parts.query or parts.fragment:
+            raise ValueError("EXPORTER_JOB_S3_ENDPOINT is a scheme, a host and a port only")
         self.host = parts.netloc if path_style else f"{bucket}.{parts.netloc}"
         self._origin = f"{parts.scheme}://{self.host}"
         self._bucket_path = f"/{uri_encode(bucket)}" if path_style else ""
@@ -142,7 +149,9 @@ class S3Store:
         self.region = region
         self.credentials = credentials
         self.description = f"s3://{bucket}/{prefix} at {endpoint}"
-        self._client: httpx.AsyncClient | None = None
+        # One client for downloads, another for the rest (uploads, HEAD, listings, deletes):
+        # slow readers holding connections never starve a job's upload or the sweep.
+        self._clients: dict[bool, httpx.AsyncClient] = {}
 
     @classmethod
     def from_settings(cls, settings: Settings) -> "S3Store":
@@ -156,9 +165,11 @@ class S3Store:
         endpoint = settings.job_s3_endpoint or f"https://s3.{region}.amazonaws.com"
         addressing = settings.job_s3_addressing
         if addressing == "auto":
-            # AWS's own endpoint: virtual-hosted, as AWS asks; another's (MinIO and the like
-            # usually serve one host name): path-style.
-            addressing = "path" if settings.job_s3_endpoint else "virtual"
+            # AWS's own endpoint: virtual-hosted, as AWS asks (but a bucket name with dots
+            # would not match AWS's certificate); another's (MinIO and the like usually serve
+            # one host name): path-style.
+            bucket = settings.job_s3_bucket
+            addressing = "path" if settings.job_s3_endpoint or "." in bucket else "virtual"
         return cls(
             endpoint,
             settings.job_s3_bucket,
@@ -182,8 +193,13 @@ class S3Store:
     async def size(self, name: str) -> int | None:
         response = await self._send("HEAD", self.prefix + name, missing_ok=True)
         if response.status_code == 404:
+            # A HEAD's 404 has no body to tell a missing object from a missing bucket.
+            await self._send("HEAD", None)
             return None
-        return int(response.headers["content-length"])
+        length = response.headers.get("content-length", "")
+        if not length.isdigit():
+            raise StoreError(f"{self.description}: HEAD {name}: no Content-Length", transient=True)
+        return int(length)
 
     def reader(
         self, name: str, start: int, end: int | None = None
@@ -207,7 +223,8 @@ class S3Store:
             await response.aclose()
 
     async def delete(self, name: str) -> None:
-        await self._send("DELETE", self.prefix + name, missing_ok=True)
+        # S3 answers 204 for an object that is not there; a 404 is a missing bucket.
+        await self._send("DELETE", self.prefix + name)
 
     async def orphans(self, in_use: set[str], older_than_s: float) -> list[str]:
         """Objects no job needs; also aborts the multipart uploads of killed workers (storage
@@ -223,9 +240,9 @@ class S3Store:
         return names
 
     async def aclose(self) -> None:
-        if self._client is not None:
-            await self._client.aclose()
-            self._client = None
+        clients, self._clients = list(self._clients.values()), {}
+        for client in clients:
+            await client.aclose()
 
     # Requests.
 
@@ -252,7 +269,10 @@ class S3Store:
                 length = min(part_size, size - offset)
                 query = [("partNumber", str(number)), ("uploadId", upload_id)]
                 response = await self._put(key, query, path, offset, length)
-                etags.append(response.headers["etag"])
+                etag = response.headers.get("etag")
+                if not etag:
+                    raise StoreError(f"{self.description}: a part without an ETag", transient=True)
+                etags.append(etag)
             body = "".join(
                 f"<Part><PartNumber>{n}</PartNumber><ETag>{_escape(etag)}</ETag></Part>"
                 for n, etag in enumerate(etags, start=1)
@@ -269,7 +289,10 @@ class S3Store:
             # S3 may answer 200 and report the failure in the body.
             root = _xml(completed.content)
             if root.tag.endswith("Error"):
-                raise StoreError(f"{self.description}: {_describe(root)}", transient=True)
+                raise StoreError(
+                    f"{self.description}: {_describe(root)}",
+                    transient=_text(root, "Code", "") in _TRANSIENT_CODES,
+                )
         except BaseException:
             # Not left for the sweep: the parts cost storage until the upload is aborted.
             with anyio.move_on_after(10, shield=True):
@@ -285,18 +308,21 @@ class S3Store:
         while True:
             query = [("uploads", ""), ("prefix", self.prefix), *markers]
             root = _xml((await self._send("GET", None, query)).content)
-            for upload in root.iter(f"{_NS}Upload"):
+            for upload in root.findall("{*}Upload"):
                 key, upload_id = _text(upload, "Key"), _text(upload, "UploadId")
                 name = key[len(self.prefix) :]
                 initiated = _timestamp(_text(upload, "Initiated"))
                 if JOB_FILE.fullmatch(name) and name not in in_use and initiated < cutoff:
                     stale.append((key, upload_id))
-            if _text(root, "IsTruncated", "false") != "true":
-                return stale
-            markers = [
+            following = [
                 ("key-marker", _text(root, "NextKeyMarker", "")),
                 ("upload-id-marker", _text(root, "NextUploadIdMarker", "")),
             ]
+            truncated = _text(root, "IsTruncated", "false") == "true"
+            # A listing that says it goes on without saying where: stop rather than loop.
+            if not truncated or not following[0][1] or following == markers:
+                return stale
+            markers = following
 
     async def _objects(self) -> AsyncIterator[tuple[str, datetime]]:
         token: str | None = None
@@ -305,11 +331,12 @@ class S3Store:
             if token:
                 query.append(("continuation-token", token))
             root = _xml((await self._send("GET", None, query)).content)
-            for item in root.iter(f"{_NS}Contents"):
+            for item in root.findall("{*}Contents"):
                 yield _text(item, "Key"), _timestamp(_text(item, "LastModified"))
-            token = _text(root, "NextContinuationToken", "")
-            if _text(root, "IsTruncated", "false") != "true" or not token:
+            following = _text(root, "NextContinuationToken", "")
+            if _text(root, "IsTruncated", "false") != "true" or following in ("", token):
                 return
+            token = following
 
     async def _send(
         self,
@@ -323,7 +350,8 @@ class S3Store:
         stream: bool = False,
         missing_ok: bool = False,
     ) -> httpx.Response:
-        """One signed request; StoreError for a failure (a 404 returned when missing_ok)."""
+        """One signed request; StoreError for a failure (a 404 returned when missing_ok; a
+        GET's NoSuchKey raised as FileGone). `stream`: a download's, body unread."""
         path = self._bucket_path + "/" + (uri_encode(key, safe="/") if key is not None else "")
         if key is None and self._bucket_path:
             path = self._bucket_path
@@ -339,38 +367,47 @@ class S3Store:
             datetime.now(UTC),
         )
         url = self._origin + path + (f"?{canonical_query(query)}" if query else "")
-        client = self._http()
+        client = self._http(downloads=stream)
         try:
             request = client.build_request(method, url, headers=signed, content=content)
             response = await client.send(request, stream=stream)
-        except httpx.TransportError as exc:
+            if response.status_code < 300 or (missing_ok and response.status_code == 404):
+                return response
+            try:
+                body = await response.aread()
+            finally:
+                await response.aclose()
+        except httpx.HTTPError as exc:
+            # Unreachable, timed out, a full pool, a body that does not decode.
             raise StoreError(f"{self.description}: {exc!r}", transient=True) from exc
-        if response.status_code < 300 or (missing_ok and response.status_code == 404):
-            return response
-        if response.status_code == 404 and key is not None and method == "GET":
-            await response.aclose()
-            raise FileGone(key)
-        try:
-            body = await response.aread()
-        except httpx.TransportError:
-            body = b""
-        finally:
-            await response.aclose()
         detail = f"{method} {key or ''}: {response.status_code}"
+        code = ""
         try:
-            detail += f" {_describe(_xml(body))}"
+            error = _xml(body)
+            code = _text(error, "Code", "")
+            detail += f" {_describe(error)}"
         except StoreError:
             pass
+        if response.status_code == 404 and key is not None and code in ("NoSuchKey", ""):
+            raise FileGone(key)
         raise StoreError(
             f"{self.description}: {detail}",
-            transient=response.status_code in _TRANSIENT_STATUSES,
+            transient=response.status_code in _TRANSIENT_STATUSES or code in _TRANSIENT_CODES,
         )
 
-    def _http(self) -> httpx.AsyncClient:
-        if self._client is None:
-            # No retries of its own: a failed job runs again, a failed download is resumed.
-            self._client = httpx.AsyncClient(timeout=httpx.Timeout(60.0, connect=10.0))
-        return self._client
+    def _http(self, downloads: bool) -> httpx.AsyncClient:
+        client = self._clients.get(downloads)
+        if client is None:
+            # No retries of httpx's own (an upload is retried by the job runner, a download
+            # resumed by its client). A full pool waits 5 s, then is a 503 or a retry. The
+            # store's bodies are read as sent: no content coding asked for.
+            client = httpx.AsyncClient(
+                timeout=httpx.Timeout(60.0, connect=10.0, pool=5.0),
+                limits=httpx.Limits(max_connections=100 if downloads else 20),
+                headers={"accept-encoding": "identity"},
+            )
+            self._clients[downloads] = client
+        return client
 
 
 class _ResponseSource:
@@ -382,7 +419,7 @@ class _ResponseSource:
             return await anext(self._chunks)
         except StopAsyncIteration:
             return b""
-        except httpx.TransportError as exc:
+        except httpx.HTTPError as exc:
             raise StoreError(f"reading from the store: {exc!r}", transient=True) from exc
 
 
@@ -423,9 +460,8 @@ def _xml(body: bytes) -> ElementTree.Element:
 
 
 def _text(element: ElementTree.Element, name: str, default: str | None = None) -> str:
-    found = element.find(f"{_NS}{name}")
-    if found is None:
-        found = element.find(name)  # an error document has no namespace
+    # In S3's namespace, or in none (error documents; some servers).
+    found = element.find(f"{{*}}{name}")
     if found is None or found.text is None:
         if default is None:
             raise StoreError(f"the store's answer has no {name}", transient=True)

@@ -71,6 +71,15 @@ class Settings(BaseSettings):
     # Progress events of a running export (GET /exports/{id}/events) at most this often.
     progress_interval_s: float = Field(default=0.5, ge=0.05)
 
+    @field_validator("job_s3_prefix")
+    @classmethod
+    def _plain_prefix(cls, value: str) -> str:
+        # HTTP clients drop "." and ".." path segments after a request is signed, and an
+        # empty segment is a key no sweep would list under the prefix.
+        if any(segment in ("", ".", "..") for segment in value.split("/")[:-1]):
+            raise ValueError("no empty, '.' or '..' segments (nor a leading '/')")
+        return value
+
     @field_validator("schemas", mode="before")
     @classmethod
     def _split_schemas(cls, value: object) -> object:

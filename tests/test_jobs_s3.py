@@ -110,8 +110,12 @@ def test_a_job_file_goes_to_the_bucket_and_downloads_from_it(
                     assert response.status_code == 503, response.text
                     assert response.headers["retry-after"] == "5"
                     assert "127.0.0.1" not in response.text  # the store's address stays inside
+                    # Deleting is recorded all the same; the file is left to a sweep.
+                    deleted = other.delete(f"/exports/{info['id']}")
+                    assert (deleted.status_code, deleted.json()["status"]) == (200, "expired")
             finally:
                 stop_server(unreachable)
+            assert objects.keys() == {f"exporter-jobs/{info['id']}-1.gz"}
 
             assert client.delete(f"/exports/{info['id']}").json()["status"] == "expired"
             assert objects.keys() == set()
@@ -145,3 +149,25 @@ def test_a_bucket_without_credentials_is_refused_at_start(
     monkeypatch.delenv("AWS_SECRET_ACCESS_KEY", raising=False)
     with pytest.raises(RuntimeError, match="AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"):
         start_server(database.url, tmp_path, 1, **s3_server.settings("some-bucket"))
+
+
+def test_a_store_that_cannot_be_reached_fails_the_job_after_three_runs(
+    database: ExportDatabase, s3_environment: S3Server, tmp_path: Path
+) -> None:
+    server = s3_job_server(
+        database,
+        tmp_path,
+        s3_environment,
+        "some-bucket",
+        job_s3_endpoint=f"http://127.0.0.1:{free_port()}",
+    )
+    try:
+        with server.client(database.key) as client:
+            info = submit(client, {"dataset": "small_copy", "format": "ndjson"})
+            # Each run tries the upload three times, with pauses; then the job runs again.
+            failed, _ = wait_for(client, info["id"], "done", "failed", timeout_s=90)
+            assert failed["status"] == "failed"
+            assert failed["error"] == "the job's file could not be stored (3 runs)"
+        assert list((tmp_path / "spool").iterdir()) == []
+    finally:
+        stop_server(server)

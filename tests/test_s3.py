@@ -14,9 +14,11 @@ import pytest
 from botocore.auth import S3SigV4Auth  # type: ignore[import-untyped]
 from botocore.awsrequest import AWSRequest  # type: ignore[import-untyped]
 from botocore.credentials import Credentials as BotocoreCredentials  # type: ignore[import-untyped]
+from pydantic import ValidationError
 
 from exporter.file_store import FileGone, StoreError
 from exporter.s3 import PART_SIZE, Credentials, S3Store, canonical_query, sign, uri_encode
+from exporter.settings import Settings
 from tests.conftest import S3Server, free_port
 
 CREDENTIALS = Credentials("AKIDEXAMPLE", "wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY")
@@ -236,7 +238,36 @@ def test_a_missing_bucket_is_no_transient_error(s3_server: S3Server, tmp_path: P
                 await keep_bytes(store, tmp_path, JOB_FILE, b"x")
             assert not raised.value.transient
             assert "NoSuchBucket" in str(raised.value)
+            # Not taken for a deleted file (a 410): the store is misconfigured (a 503).
+            for operation in (store.size(JOB_FILE), read_all(store, JOB_FILE)):
+                with pytest.raises(StoreError) as raised:
+                    await operation
+                assert not isinstance(raised.value, FileGone)
         finally:
             await store.aclose()
 
     asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("prefix", ["/jobs/", "a/../b/", "a/./b/", "a//b/", "./"])
+def test_prefixes_that_would_not_be_sent_as_signed_are_refused(prefix: str) -> None:
+    with pytest.raises(ValidationError):
+        Settings(job_s3_bucket="bucket", job_s3_prefix=prefix)
+
+
+@pytest.mark.parametrize("prefix", ["", "jobs/", "a/b/c-", "exports of 2026/é+x ~/", "jobs/."])
+def test_plain_prefixes_are_taken(prefix: str) -> None:
+    assert Settings(job_s3_bucket="bucket", job_s3_prefix=prefix).job_s3_prefix == prefix
+
+
+def test_the_secret_stays_out_of_repr() -> None:
+    credentials = Credentials("AKID", "the-secret", "the-token")
+    assert "the-secret" not in repr(credentials) and "the-token" not in repr(credentials)
+
+
+@pytest.mark.parametrize(
+    "endpoint", ["http://user:pass@127.0.0.1:9000", "ftp://127.0.0.1", "http://h:9000/base"]
+)
+def test_endpoints_are_a_scheme_host_and_port(endpoint: str) -> None:
+    with pytest.raises(ValueError):
+        S3Store(endpoint, "bucket", "jobs/", "us-east-1", True, CREDENTIALS)
