@@ -298,18 +298,21 @@ class S3Server:
     ACCESS_KEY_ID = "AKIDEXPORTERTEST"
     SECRET_ACCESS_KEY = "exporter-test-secret"
 
-    def create_bucket(self) -> str:
+    def boto3_client(self) -> Any:
+        """The AWS SDK's client of the server, to look at the bucket from outside."""
         import boto3  # type: ignore[import-untyped]
 
-        name = f"jobs-{uuid.uuid4().hex[:12]}"
-        client = boto3.client(
+        return boto3.client(
             "s3",
             endpoint_url=self.endpoint,
             aws_access_key_id=self.ACCESS_KEY_ID,
             aws_secret_access_key=self.SECRET_ACCESS_KEY,
             region_name="us-east-1",
         )
-        client.create_bucket(Bucket=name)
+
+    def create_bucket(self) -> str:
+        name = f"jobs-{uuid.uuid4().hex[:12]}"
+        self.boto3_client().create_bucket(Bucket=name)
         return name
 
     def credentials(self) -> dict[str, str]:

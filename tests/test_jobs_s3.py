@@ -50,16 +50,8 @@ def bucket_objects(s3_environment: S3Server) -> Iterator[tuple[str, "ObjectListe
 
 class ObjectLister:
     def __init__(self, s3_server: S3Server, bucket: str) -> None:
-        import boto3  # type: ignore[import-untyped]
-
         self.bucket = bucket
-        self.client = boto3.client(
-            "s3",
-            endpoint_url=s3_server.endpoint,
-            aws_access_key_id=s3_server.ACCESS_KEY_ID,
-            aws_secret_access_key=s3_server.SECRET_ACCESS_KEY,
-            region_name="us-east-1",
-        )
+        self.client = s3_server.boto3_client()
 
     def keys(self) -> set[str]:
         listed = self.client.list_objects_v2(Bucket=self.bucket)

@@ -179,15 +179,7 @@ def test_deleted_and_missing_files(store: S3Store, tmp_path: Path) -> None:
 def test_the_sweep_takes_only_stray_job_files(
     s3_server: S3Server, store: S3Store, bucket: str, tmp_path: Path
 ) -> None:
-    import boto3  # type: ignore[import-untyped]
-
-    client = boto3.client(
-        "s3",
-        endpoint_url=s3_server.endpoint,
-        aws_access_key_id=s3_server.ACCESS_KEY_ID,
-        aws_secret_access_key=s3_server.SECRET_ACCESS_KEY,
-        region_name="us-east-1",
-    )
+    client = s3_server.boto3_client()
     kept = "f" * 32 + "-2.gz"
     # Not the store's (another name, or outside its prefix): never deleted.
     client.put_object(Bucket=bucket, Key="jobs/notes.txt", Body=b"x")
