@@ -22,7 +22,7 @@ import anyio
 import anyio.to_thread
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.types import Receive, Scope, Send
+from starlette.types import Message, Receive, Scope, Send
 
 from exporter.compression import GZIP, IDENTITY, compressible, parse_accept_encoding
 from exporter.file_store import ByteSource, FileGone, FileStore, StoreError
@@ -409,16 +409,35 @@ class _FileResponse(Response):
             await send({"type": "http.response.body", "body": b""})
             return
         failure: Exception | None = None
+        # Watched from the start: opening the file may wait on the store (S3) for a while.
+        async with anyio.create_task_group() as task_group:
+
+            async def cancel_on_disconnect() -> None:
+                while (await receive())["type"] != "http.disconnect":
+                    pass
+                task_group.cancel_scope.cancel()
+
+            task_group.start_soon(cancel_on_disconnect)
+            try:
+                await self._send(start, scope, receive, send)
+            except Exception as exc:
+                # Kept out of the task group, which would wrap it in an ExceptionGroup.
+                failure = exc
+            task_group.cancel_scope.cancel()
+        if failure is not None:
+            raise failure
+
+    async def _send(self, start: Message, scope: Scope, receive: Receive, send: Send) -> None:
+        # The identity representation inflates the file from a seek point (or its start);
+        # the encoded one reads the span only.
+        if self.gzip:
+            # The whole file without a Range (a server or proxy may ignore one).
+            whole = self.span.end == self.stored.encoded_length
+            begin, end = self.span.start, None if whole else self.span.end
+        else:
+            point, _ = seek_from(self.stored.seek_points, self.span.start)
+            begin, end = (point.file_offset if point else 0), None
         async with AsyncExitStack() as stack:
-            # The identity representation inflates the file from its start; the encoded one
-            # reads the span only.
-            if self.gzip:
-                # The whole file without a Range (a server or proxy may ignore one).
-                whole = self.span.end == self.stored.encoded_length
-                begin, end = self.span.start, None if whole else self.span.end
-            else:
-                point, _ = seek_from(self.stored.seek_points, self.span.start)
-                begin, end = (point.file_offset if point else 0), None
             try:
                 source = await stack.enter_async_context(
                     self.stored.store.reader(self.stored.name, begin, end)
@@ -435,23 +454,8 @@ class _FileResponse(Response):
                 )
                 await response(scope, receive, send)
                 return
-            async with anyio.create_task_group() as task_group:
-
-                async def cancel_on_disconnect() -> None:
-                    while (await receive())["type"] != "http.disconnect":
-                        pass
-                    task_group.cancel_scope.cancel()
-
-                task_group.start_soon(cancel_on_disconnect)
-                try:
-                    await send(start)
-                    await self._send_body(source, send)
-                except Exception as exc:
-                    # Kept out of the task group, which would wrap it in an ExceptionGroup.
-                    failure = exc
-                task_group.cancel_scope.cancel()
-        if failure is not None:
-            raise failure
+            await send(start)
+            await self._send_body(source, send)
 
     async def _send_body(self, source: ByteSource, send: Send) -> None:
         reader: _Reader = (

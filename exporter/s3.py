@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from email.utils import parsedate_to_datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlsplit
@@ -229,13 +230,15 @@ class S3Store:
     async def orphans(self, in_use: set[str], older_than_s: float) -> list[str]:
         """Objects no job needs; also aborts the multipart uploads of killed workers (storage
         is charged for their parts until then)."""
-        cutoff = datetime.now(UTC) - timedelta(seconds=older_than_s)
-        for key, upload_id in await self._stale_uploads(in_use, cutoff):
+        # Ages by the store's clock (its Date header), as its timestamps are: this host's may
+        # be minutes off.
+        age = timedelta(seconds=older_than_s)
+        for key, upload_id in await self._stale_uploads(in_use, age):
             await self._send("DELETE", key, [("uploadId", upload_id)], missing_ok=True)
         names = []
-        async for key, modified in self._objects():
+        async for key, modified, now in self._objects():
             name = key[len(self.prefix) :]
-            if JOB_FILE.fullmatch(name) and name not in in_use and modified < cutoff:
+            if JOB_FILE.fullmatch(name) and name not in in_use and modified < now - age:
                 names.append(name)
         return names
 
@@ -302,12 +305,13 @@ class S3Store:
                     pass
             raise
 
-    async def _stale_uploads(self, in_use: set[str], cutoff: datetime) -> list[tuple[str, str]]:
+    async def _stale_uploads(self, in_use: set[str], age: timedelta) -> list[tuple[str, str]]:
         stale: list[tuple[str, str]] = []
         markers: list[tuple[str, str]] = []
         while True:
             query = [("uploads", ""), ("prefix", self.prefix), *markers]
-            root = _xml((await self._send("GET", None, query)).content)
+            response = await self._send("GET", None, query)
+            root, cutoff = _xml(response.content), _server_time(response) - age
             for upload in root.findall("{*}Upload"):
                 key, upload_id = _text(upload, "Key"), _text(upload, "UploadId")
                 name = key[len(self.prefix) :]
@@ -324,15 +328,17 @@ class S3Store:
                 return stale
             markers = following
 
-    async def _objects(self) -> AsyncIterator[tuple[str, datetime]]:
+    async def _objects(self) -> AsyncIterator[tuple[str, datetime, datetime]]:
+        """(key, last modified, the store's time of the listing) under the prefix."""
         token: str | None = None
         while True:
             query = [("list-type", "2"), ("prefix", self.prefix)]
             if token:
                 query.append(("continuation-token", token))
-            root = _xml((await self._send("GET", None, query)).content)
+            response = await self._send("GET", None, query)
+            root, now = _xml(response.content), _server_time(response)
             for item in root.findall("{*}Contents"):
-                yield _text(item, "Key"), _timestamp(_text(item, "LastModified"))
+                yield _text(item, "Key"), _timestamp(_text(item, "LastModified")), now
             following = _text(root, "NextContinuationToken", "")
             if _text(root, "IsTruncated", "false") != "true" or following in ("", token):
                 return
@@ -471,6 +477,13 @@ def _text(element: ElementTree.Element, name: str, default: str | None = None) -
 
 def _describe(error: Any) -> str:
     return f"{_text(error, 'Code', '?')}: {_text(error, 'Message', '')}".strip()
+
+
+def _server_time(response: httpx.Response) -> datetime:
+    try:
+        return parsedate_to_datetime(response.headers["date"]).astimezone(UTC)
+    except (KeyError, TypeError, ValueError):
+        return datetime.now(UTC)
 
 
 def _timestamp(value: str) -> datetime:
