@@ -201,7 +201,8 @@ def served(
     )
     sources["seekable"] = main
     # More than loopback's socket buffers hold, so that a client leaving finds it mid-file.
-    exports["big"] = store(directory, "big", random.Random(3).randbytes(24 * 1024 * 1024))
+    sources["big"] = random.Random(3).randbytes(24 * 1024 * 1024)
+    exports["big"] = store(directory, "big", sources["big"])
     exports["gone"] = replace(exports["main"], name="deleted.csv.gz")
     if request.param == "s3":
         s3_server: S3Server = request.getfixturevalue("s3_server")
@@ -638,10 +639,12 @@ def test_curl_resumes_a_gzip_download(served: Served, tmp_path: Path) -> None:
 
 @needs_curl
 def test_curl_killed_mid_download_then_resumed(served: Served, tmp_path: Path) -> None:
-    source = served.sources["main"]
+    # Larger than loopback's socket buffers: curl's --limit-rate paces its reads, and a file
+    # that fits in the buffers can arrive whole before it is killed.
+    source = served.sources["big"]
     partial = tmp_path / "partial.csv"
     slow = subprocess.Popen(
-        ["curl", "-sS", "--limit-rate", "500K", "-o", str(partial), served.url("main")],
+        ["curl", "-sS", "--limit-rate", "500K", "-o", str(partial), served.url("big")],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -654,7 +657,7 @@ def test_curl_killed_mid_download_then_resumed(served: Served, tmp_path: Path) -
         slow.kill()
         slow.wait()
     assert 0 < partial.stat().st_size < len(source)
-    result = curl("-f", "-C", "-", "-o", str(partial), served.url("main"))
+    result = curl("-f", "-C", "-", "-o", str(partial), served.url("big"))
     assert result.returncode == 0, result.stderr
     assert partial.read_bytes() == source
 
