@@ -2,6 +2,7 @@
 is done here first; then ExportResponse streams and, however it ends, releases and logs."""
 
 import logging
+import math
 import urllib.parse
 from collections.abc import Callable, Coroutine
 from datetime import UTC, datetime
@@ -151,12 +152,23 @@ async def start_export(
 
     done = active.begin()
     try:
-        opened = await _open_unless_client_leaves(stream, request)
+        opened = await _open_unless_client_leaves(stream, request, settings.max_seconds)
     except BaseException as exc:
         stream.error = exc
         problem = _open_error(exc, query) if isinstance(exc, Exception) else None
         with anyio.CancelScope(shield=True):
-            if problem is not None:
+            if isinstance(exc, ExportAborted) and problem is not None:
+                await audit.record_end(
+                    databases.state,
+                    logged,
+                    outcome="aborted",
+                    status=problem.status,
+                    rows=0,
+                    bytes_sent=0,
+                    error=str(exc),
+                    aborted_by=exc.limit,
+                )
+            elif problem is not None:
                 await audit.record_refusal(
                     databases.state, logged, problem.status, problem.detail or problem.title
                 )
@@ -258,12 +270,15 @@ def _cursor_headers(stream: ExportStream) -> dict[str, str]:
     return headers
 
 
-async def _open_unless_client_leaves(stream: ExportStream, request: Request) -> bool:
-    """Open the stream; False if the client left first.
+async def _open_unless_client_leaves(
+    stream: ExportStream, request: Request, max_seconds: float | None
+) -> bool:
+    """Open the stream; False if the client left first; ExportAborted past max_seconds.
 
     Under uvicorn, nothing cancels an endpoint whose client has gone: the first batch of a
     slow query would hold its connection until it was ready. So the disconnect is watched
-    here, and opening is cancelled (the cursor, transaction and connection with it).
+    here, and opening is cancelled (the cursor, transaction and connection with it). So is
+    a query that has not given its first rows within EXPORTER_MAX_SECONDS.
     """
     opened = False
     failure: Exception | None = None
@@ -276,7 +291,13 @@ async def _open_unless_client_leaves(stream: ExportStream, request: Request) -> 
 
         task_group.start_soon(cancel_on_disconnect)
         try:
-            await stream.open()
+            with anyio.move_on_after(math.inf if max_seconds is None else max_seconds) as late:
+                await stream.open()
+            if late.cancelled_caught:
+                stream.abort(
+                    "max_seconds",
+                    f"the export ran longer than {max_seconds:g} s before its first rows",
+                )
             opened = True
         except Exception as exc:
             # Kept out of the task group, which would wrap it in an ExceptionGroup.
@@ -311,6 +332,9 @@ def _open_error(exc: Exception, query: ExportQuery) -> Problem | None:
             "the query timed out before its first rows",
             headers={"Retry-After": "30"},
         )
+    if isinstance(exc, ExportAborted):
+        # EXPORTER_MAX_SECONDS before the first rows (the slow query's fault, as a timeout).
+        return Problem(503, "Service Unavailable", str(exc))
     if isinstance(exc, CursorExpired):
         return Problem(
             410, "Gone", f"{exc}; run a full export (without since=) and pull from its cursor"

@@ -267,6 +267,34 @@ def test_max_seconds_aborts_a_long_export(database: ExportDatabase, tmp_path: Pa
         admitted_within(server, key, seconds=3)
 
 
+def test_max_seconds_holds_before_the_first_rows(database: ExportDatabase, tmp_path: Path) -> None:
+    """A query that has not given its first rows within EXPORTER_MAX_SECONDS is answered
+    then, with an error (nothing has been sent), and lets go of PostgreSQL."""
+    view = f"late_{uuid.uuid4().hex[:8]}"
+    run_sql(database.url, f"CREATE VIEW public.{view} AS SELECT pg_sleep(30) IS NULL AS slept")
+    key = new_key(database.url)
+    try:
+        with running_server(database, tmp_path, max_seconds="1") as server:
+            with server.client(key) as client:
+                started = time.monotonic()
+                response = client.get(f"/datasets/{view}.csv", headers={"X-Request-Id": "late"})
+                assert time.monotonic() - started < 5
+                assert response.status_code == 503, response.text
+                assert response.json()["detail"] == (
+                    "max_seconds: the export ran longer than 1 s before its first rows"
+                )
+            assert backend_gone(database, "late", seconds=4)
+            logged = logged_export(database.url, "late")
+            assert (logged["outcome"], logged["status"], logged["aborted_by"]) == (
+                "aborted",
+                503,
+                "max_seconds",
+            )
+            admitted_within(server, key, seconds=3)
+    finally:
+        run_sql(database.url, f"DROP VIEW public.{view}")
+
+
 def test_a_slow_client_is_cut_off(database: ExportDatabase, tmp_path: Path) -> None:
     key = new_key(database.url)
     settings = {"min_bytes_per_second": "1000000", "min_rate_window_s": "2"}
