@@ -92,12 +92,14 @@ class Publisher:
     async def _progress_forever(self) -> None:
         published = 0.0
         while True:
+            # Waiting first: a job claimed only to find its key's export slots taken goes
+            # back to the queue within moments, and must not publish a progress each time.
+            await asyncio.sleep(self.interval_s)
             counts = self.counts()
             now = time.monotonic()
             if counts != self._last or now - published >= PROGRESS_AT_LEAST_S:
                 self._last, published = counts, now
                 await self._publish("progress", self.progress())
-            await asyncio.sleep(self.interval_s)
 
     async def stop(self) -> None:
         task, self._task = self._task, None

@@ -1,6 +1,7 @@
 """The job queue is shared fairly: a key at its limit of concurrent exports does not hold up
 another key's jobs. Apart from tests/test_jobs.py, whose server would claim the jobs too."""
 
+import time
 from pathlib import Path
 
 from tests.conftest import ExportDatabase, new_key, run_sql, start_server, stop_server
@@ -61,3 +62,40 @@ def test_a_process_that_stops_hands_its_job_back(database: ExportDatabase, tmp_p
             f"DELETE FROM exporter.jobs WHERE id = '{info['id']}'",
             f"DROP VIEW {view}",
         )
+
+
+def test_a_job_waiting_for_its_keys_slot_publishes_nothing(
+    database: ExportDatabase, tmp_path: Path
+) -> None:
+    """The key's only export slot is held by its direct export (a client that does not read):
+    its job is claimed and handed back each poll, silently, and runs once the slot is free."""
+    server = start_server(
+        database.url,
+        tmp_path,
+        job_dir=str(tmp_path / "files"),
+        job_poll_s="0.2",
+        job_concurrency="1",
+        max_exports_per_key="1",
+    )
+    key = new_key(database.url)
+    try:
+        with server.client(key) as client:
+            with client.stream("GET", "/datasets/big.csv") as direct:
+                assert direct.status_code == 200
+                info = submit(client, {"dataset": "people", "format": "csv"})
+                time.sleep(2)
+                (count,) = run_sql(
+                    database.url,
+                    f"SELECT count(*) FROM exporter.export_events WHERE export_id = '{info['id']}'",
+                )[0]
+                assert count == 0
+                assert client.get(info["status_url"]).json()["status"] in ("queued", "running")
+            # The direct export's client has left: its slot is free.
+            done, _ = wait_for(client, info["id"], "done", timeout_s=10)
+            assert done["rows"] > 0
+            (attempts,) = run_sql(
+                database.url, f"SELECT attempts FROM exporter.jobs WHERE id = '{info['id']}'"
+            )[0]
+            assert attempts == 1  # the runs handed back for want of a slot are not counted
+    finally:
+        stop_server(server)
