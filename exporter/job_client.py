@@ -28,6 +28,11 @@ RECONNECT_S = 2.0
 CHUNK = 64 * 1024
 
 
+class _Unreachable(CliError):
+    """The service could not be reached, or answered 502/503/504: a restart or an overload,
+    worth trying again (a bounded number of times)."""
+
+
 class _Service:
     def __init__(self, url: str, key: str) -> None:
         self.url = url.rstrip("/")
@@ -52,9 +57,11 @@ class _Service:
         try:
             return urllib.request.urlopen(request, timeout=60)
         except urllib.error.HTTPError as exc:
+            if exc.code in (502, 503, 504):
+                raise _Unreachable(_problem_text(exc), FAILED) from None
             raise CliError(_problem_text(exc), code) from None
         except (urllib.error.URLError, OSError) as exc:
-            raise CliError(f"cannot reach {self.url}: {exc}") from None
+            raise _Unreachable(f"cannot reach {self.url}: {exc}") from None
 
 
 def _problem_text(exc: urllib.error.HTTPError) -> str:
@@ -102,7 +109,8 @@ def _follow(service: _Service, events_url: str, progress: Progress) -> dict[str,
                         return data
                     elif event == "error":
                         raise CliError(f"the job failed: {data.get('detail')}", FAILED)
-        except (OSError, ValueError):
+        except (OSError, ValueError, _Unreachable):
+            # A broken stream, or a service restarting: follow it again.
             pass
         if last != before:
             # Events came: a stream ended by a process shutting down (the service ends them
@@ -129,7 +137,7 @@ def _download(service: _Service, url: str, output: Output, size: int) -> None:
                     written += len(chunk)
             if written == size:
                 return
-        except OSError:
+        except (OSError, _Unreachable):
             if output.target is None:
                 # stdout cannot be rewound: what was written stays written.
                 raise CliError(f"the download broke after {written} bytes", FAILED) from None

@@ -2,9 +2,11 @@
 process shutting down do (the service's side: tests/test_shutdown.py). A stand-in service:
 only the client's reconnections are under test."""
 
+import contextlib
 import io
 import json
 import threading
+import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -12,13 +14,13 @@ import pytest
 
 from exporter import job_client
 from exporter.file_export import Progress
+from tests.conftest import free_port
 
 # More streams ended early than the client's attempts: only failures may use those up.
 STREAMS = job_client.ATTEMPTS + 2
 
 
-@pytest.fixture
-def draining_service() -> Iterator[tuple[str, list[str | None]]]:
+def serve_events(port: int = 0) -> tuple[ThreadingHTTPServer, list[str | None]]:
     """Each stream sends the next progress event, then ends cleanly; the last one `done`."""
     seen: list[str | None] = []
 
@@ -38,15 +40,26 @@ def draining_service() -> Iterator[tuple[str, list[str | None]]]:
         def log_message(self, format: str, *args: object) -> None:
             pass
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    return ThreadingHTTPServer(("127.0.0.1", port), Handler), seen
+
+
+@contextlib.contextmanager
+def serving(server: ThreadingHTTPServer) -> Iterator[None]:
     thread = threading.Thread(target=server.serve_forever)
     thread.start()
     try:
-        yield f"http://127.0.0.1:{server.server_address[1]}", seen
+        yield
     finally:
         server.shutdown()
         server.server_close()
         thread.join()
+
+
+@pytest.fixture
+def draining_service() -> Iterator[tuple[str, list[str | None]]]:
+    server, seen = serve_events()
+    with serving(server):
+        yield f"http://127.0.0.1:{server.server_address[1]}", seen
 
 
 def test_streams_ended_with_events_are_followed_without_giving_up(
@@ -59,3 +72,28 @@ def test_streams_ended_with_events_are_followed_without_giving_up(
     assert done == {"rows": STREAMS}
     # Each reconnection resumed after the last event received.
     assert seen == [None, *(str(n) for n in range(1, STREAMS))]
+
+
+def test_a_service_that_restarts_is_followed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Nothing listens at first (a restart): the client tries again instead of giving up."""
+    monkeypatch.setattr(job_client, "RECONNECT_S", 0)
+    port = free_port()
+    service = job_client._Service(f"http://127.0.0.1:{port}", "key")
+    server: list[ThreadingHTTPServer] = []
+
+    def start_late() -> None:
+        time.sleep(1.5)
+        server.append(serve_events(port)[0])
+        server[0].serve_forever()
+
+    thread = threading.Thread(target=start_late)
+    thread.start()
+    try:
+        done = job_client._follow(service, "/exports/x/events", Progress(io.StringIO()))
+        assert done == {"rows": STREAMS}
+    finally:
+        while not server:
+            time.sleep(0.05)
+        server[0].shutdown()
+        server[0].server_close()
+        thread.join()
