@@ -1,7 +1,11 @@
+import re
 from typing import Annotated, Literal
 
-from pydantic import Field, field_validator
+from pydantic import AliasChoices, Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+_DURATION = re.compile(r"(?P<number>[0-9]+(?:\.[0-9]+)?)\s*(?P<unit>[smhd])?")
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
 # The service's own schema: keys and the export log live here, and it is never exported.
 OWN_SCHEMA = "exporter"
@@ -57,7 +61,14 @@ class Settings(BaseSettings):
     job_concurrency: int = Field(default=1, ge=0, le=100)
     job_lease_s: float = Field(default=30, gt=0)
     job_poll_s: float = Field(default=2, gt=0)
-    job_retention_s: float = Field(default=24 * 3600, ge=0)
+    # Also as EXPORTER_JOB_RETENTION, with a unit if wished: 90, 90s, 15m, 24h, 7d.
+    job_retention_s: float = Field(
+        default=24 * 3600,
+        ge=0,
+        validation_alias=AliasChoices(
+            "job_retention_s", "EXPORTER_JOB_RETENTION_S", "EXPORTER_JOB_RETENTION"
+        ),
+    )
     max_jobs_per_key: int = Field(default=10, ge=1, le=10_000)
     # Finished job files in an S3-compatible bucket rather than in job_dir (which then only
     # holds files being written). Credentials: AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY and
@@ -70,6 +81,16 @@ class Settings(BaseSettings):
     job_s3_addressing: Literal["auto", "path", "virtual"] = "auto"
     # Progress events of a running export (GET /exports/{id}/events) at most this often.
     progress_interval_s: float = Field(default=0.5, ge=0.05)
+
+    @field_validator("job_retention_s", mode="before")
+    @classmethod
+    def _duration(cls, value: object) -> object:
+        if isinstance(value, str):
+            match = _DURATION.fullmatch(value.strip())
+            if match is None:
+                raise ValueError("a number of seconds, or a number with s, m, h or d")
+            return float(match["number"]) * _UNITS[match["unit"] or "s"]
+        return value
 
     @field_validator("job_s3_prefix")
     @classmethod
