@@ -250,10 +250,13 @@ class _IdentityReader(_Reader):
         self._length = length
         self._produced = point.offset if point else 0
         self._skip = span.start - self._produced
-        self._checks = checks if point else []
+        # From the file's start too: a range that stops before the end is checked by them.
+        self._checks = list(checks)
+        self._checked_to = self._produced  # the end of the last segment checked
         self._crc = 0
         self._remaining = span.end - span.start
         self._to_the_end = span.end == length
+        self._end = span.end
         self._last: bytes | None = None  # held back until the end has been checked
 
     async def read(self) -> bytes:
@@ -270,8 +273,8 @@ class _IdentityReader(_Reader):
     def _step(self) -> bytes | None:
         """The next chunk; None after SKIP_STEP bytes skipped (a point to stop at)."""
         if self._last is not None:
-            # Checking the end needed more input: check again with it.
-            self._check_end()
+            # Checking the last chunk needed more input: check again with it.
+            self._check_last()
             out, self._last = self._last, None
             return out
         budget = SKIP_STEP
@@ -287,11 +290,12 @@ class _IdentityReader(_Reader):
                 out, self._skip = out[self._skip :], 0
             out = out[: self._remaining]
             self._remaining -= len(out)
-            if self._remaining == 0 and self._to_the_end:
-                # The last chunk leaves only once the gzip trailer has been checked: with a
-                # Content-Length, holding it back is the one way to tell the client.
+            if self._remaining == 0:
+                # The last chunk leaves only once what it holds has been checked: the gzip
+                # trailer for a range to the end, else the CRC-32 of the segment it ends in.
+                # With a Content-Length, holding it back is the one way to tell the client.
                 self._last = out
-                self._check_end()
+                self._check_last()
                 self._last = None
             return out
         return b""
@@ -309,7 +313,7 @@ class _IdentityReader(_Reader):
             raise CorruptExport("the export is shorter than its identity length")
         if self._produced + len(out) > self._length:
             raise CorruptExport("the export is longer than its identity length")
-        if self._raw:
+        if self._checks:
             self._check_segments(out)
         self._produced += len(out)
         return out
@@ -321,9 +325,10 @@ class _IdentityReader(_Reader):
         while self._checks and self._produced + len(out) >= self._checks[0].offset:
             cut = self._checks[0].offset - self._produced
             self._crc = zlib.crc32(out[position:cut], self._crc)
-            if self._crc != self._checks.pop(0).crc32:
+            check = self._checks.pop(0)
+            if self._crc != check.crc32:
                 raise CorruptExport(f"{self._name}: a segment's CRC-32 does not match")
-            self._crc, position = 0, cut
+            self._crc, position, self._checked_to = 0, cut, check.offset
         self._crc = zlib.crc32(out[position:], self._crc)
 
     def _inflate_any(self) -> bytes:
@@ -369,6 +374,16 @@ class _IdentityReader(_Reader):
         if self._checks or self._produced != self._length:
             raise CorruptExport(f"{self._name}: the export ends before its last seek point")
         return b""
+
+    def _check_last(self) -> None:
+        if self._to_the_end:
+            self._check_end()
+            return
+        # A range that ends inside a segment: the segment is inflated to its end (at most
+        # SEEK_POINT_BYTES more), so that its CRC-32 is checked. Not for an older file
+        # without seek points (nothing to check against but the trailer).
+        while self._checks and self._checked_to < self._end:
+            self._inflate()
 
     def _check_end(self) -> None:
         if self._inflate_any():

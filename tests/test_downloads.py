@@ -557,9 +557,20 @@ def test_a_range_inflates_from_the_last_seek_point(served: Served, http: httpx.C
             http, "GET", served.url("seekable"), {**IDENTITY, "Range": f"bytes={start}-{end - 1}"}
         )
         assert response.content == source[start:end], start
-    # From before the damage, inflating meets it: the transfer is cut.
-    with pytest.raises(httpx.RemoteProtocolError):
-        http.get(served.url("seekable"), headers={**IDENTITY, "Range": f"bytes={points[0][0]}-"})
+    # From before the damage, inflating meets it: the transfer is cut, also for a range that
+    # ends inside the damaged segment (its end is inflated to check its CRC-32) or at its end.
+    damaged = points[1].offset  # the damage is in the segment that ends here
+    for value in (
+        f"bytes={points[0].offset}-",
+        f"bytes=0-{damaged - 1}",
+        f"bytes={points[0].offset + 5}-{points[0].offset + 10}",
+        f"bytes=0-{damaged + 5}",
+    ):
+        with pytest.raises(httpx.RemoteProtocolError):
+            http.get(served.url("seekable"), headers={**IDENTITY, "Range": value})
+    # A range in an intact segment is checked, and served.
+    intact = raw(http, "GET", served.url("seekable"), {**IDENTITY, "Range": "bytes=10-99"})
+    assert (intact.status_code, intact.content) == (206, source[10:100])
 
 
 def open_descriptors(path: Path) -> int:
