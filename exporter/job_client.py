@@ -6,6 +6,7 @@ needs little of one.
 """
 
 import argparse
+import http.client
 import json
 import os
 import sys
@@ -109,8 +110,9 @@ def _follow(service: _Service, events_url: str, progress: Progress) -> dict[str,
                         return data
                     elif event == "error":
                         raise CliError(f"the job failed: {data.get('detail')}", FAILED)
-        except (OSError, ValueError, _Unreachable):
-            # A broken stream, or a service restarting: follow it again.
+        except (OSError, ValueError, http.client.HTTPException, _Unreachable):
+            # A broken stream (cut inside a chunk, say), or a service restarting: follow it
+            # again.
             pass
         if last != before:
             # Events came: a stream ended by a process shutting down (the service ends them
@@ -137,8 +139,8 @@ def _download(service: _Service, url: str, output: Output, size: int) -> None:
                     written += len(chunk)
             if written == size:
                 return
-        except (OSError, _Unreachable):
-            if output.target is None:
+        except (OSError, http.client.HTTPException, _Unreachable):
+            if output.target is None and written:
                 # stdout cannot be rewound: what was written stays written.
                 raise CliError(f"the download broke after {written} bytes", FAILED) from None
         time.sleep(min(2**attempt, 10))

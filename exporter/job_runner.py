@@ -67,8 +67,6 @@ class _Watch:
         self.stopped: str | None = None
         # Set before the run records its end: a renewal that loses to it is no lost claim.
         self.finishing = False
-        # The file's name once it is in the store.
-        self.stored: str | None = None
 
 
 class JobRunner:
@@ -80,11 +78,12 @@ class JobRunner:
         self.worker = f"{socket.gethostname()}:{os.getpid()}"
         self._slots = asyncio.Semaphore(settings.job_concurrency)
         self._wake = asyncio.Event()
-        # Every run, and those of them that have started (only those may be cancelled: a task
-        # cancelled before its first step never runs its finally, and its job would wait for
-        # its lease to run out).
+        # Every run's task, and the cancel scopes of those that have started. A drain cancels
+        # through the scopes: anyio's shields then hold (a task's own cancel() would break
+        # into a run's shielded hand-back), and a run not started yet hands its job back
+        # itself.
         self._tasks: set[asyncio.Task[None]] = set()
-        self._running: set[asyncio.Task[None]] = set()
+        self._running: set[anyio.CancelScope] = set()
         self._draining = asyncio.Event()
 
     def drain(self) -> None:
@@ -95,8 +94,8 @@ class JobRunner:
         that is not stopping for as long as the grace period lasts."""
         self._draining.set()
         self._wake.set()
-        for task in list(self._running):
-            task.cancel()
+        for scope in list(self._running):
+            scope.cancel()
 
     async def run_forever(self) -> None:
         # Submissions wake the claimants at once; while the listener is down, the poll finds
@@ -154,19 +153,15 @@ class JobRunner:
         await self.store.aclose()
 
     async def _run_and_release(self, job: Job) -> None:
-        task = asyncio.current_task()
-        assert task is not None
         try:
             if self._draining.is_set():
                 # Claimed as the process began to stop: handed back as a stopped run is.
                 await job_records.requeue(self.databases.state, job, counts=False)
                 return
-            self._running.add(task)
             await self.run(job)
         except Exception:
             log.exception("job %s", job.id)
         finally:
-            self._running.discard(task)
             self._slots.release()
 
     async def run(self, job: Job) -> None:
@@ -175,10 +170,14 @@ class JobRunner:
         it cancels the run."""
         watch = _Watch()
         async with anyio.create_task_group() as group:
+            self._running.add(group.cancel_scope)
+            if self._draining.is_set():
+                group.cancel_scope.cancel()
             group.start_soon(self._heartbeat, job, watch, group.cancel_scope)
             try:
                 await self._execute(job, watch)
             finally:
+                self._running.discard(group.cancel_scope)
                 group.cancel_scope.cancel()
 
     async def _heartbeat(self, job: Job, watch: "_Watch", scope: anyio.CancelScope) -> None:
@@ -258,6 +257,8 @@ class JobRunner:
         except TooManyExports:
             # Slots are the key's and the service's, as for HTTP exports: wait for one.
             await job_records.requeue(state, job, counts=False)
+            # Handed back: nothing to publish while this process's slot waits.
+            await publisher.stop()
             await asyncio.sleep(self.settings.job_poll_s)
             return
         except (JobFailed, QueryError, CursorsUnavailable) as exc:
@@ -283,37 +284,19 @@ class JobRunner:
         publisher.estimated_rows = estimated_rows(stream.query)
         await audit.record_start(state, logged)
         part = self.spool.part_path(job.id, job.attempts)
-        name = f"{job.id}-{job.attempts}.gz"
+        name = _file_name(job)
         outcome, error = "failed", None
         try:
             written = await self._write(stream, part, give_up_at, too_long)
             # The export has ended and released its snapshot: the store's pace is no longer
             # the database's concern.
             await self._keep(part, name, job)
-            watch.stored = name
+            # From here the run ends as it finished: a drain's cancel waits (the file is
+            # stored, and recording it takes a moment), as DELETE and a lost claim do (the
+            # heartbeat stands back, and finish() checks both).
             watch.finishing = True
-            kept = await job_records.finish(
-                state,
-                job,
-                rows=stream.rows,
-                size=stream.bytes,
-                file_name=name,
-                file_bytes=written.size,
-                seek_points=written.seek_points,
-                cursor=stream.next_cursor,
-                retention_s=self.settings.job_retention_s,
-            )
-            if kept:
-                outcome = "completed"
-                await publisher.done(download_url=f"/exports/{job.id}/download")
-            else:
-                await self._delete(name)
-                if await job_records.end(state, job, "cancelled", None):
-                    # Asked to stop after the last heartbeat: cancelled all the same.
-                    outcome, error = "disconnected", "cancelled"
-                    await publisher.error(_problem("Job cancelled", 499, "cancelled"))
-                else:
-                    error = "the job's claim was lost (it runs again elsewhere)"
+            with anyio.CancelScope(shield=True):
+                outcome, error = await self._record_finish(job, stream, written, name, publisher)
         except anyio.get_cancelled_exc_class():
             with anyio.CancelScope(shield=True):
                 outcome, error = await self._stopped(job, watch, publisher)
@@ -349,6 +332,37 @@ class JobRunner:
                     aborted_by=stream.aborted_by,
                 )
 
+    async def _record_finish(
+        self,
+        job: Job,
+        stream: ExportStream,
+        written: SeekableGzipWriter,
+        name: str,
+        publisher: Publisher,
+    ) -> tuple[str, str | None]:
+        """The stored file recorded as the job's; (outcome, error) for the export log."""
+        state = self.databases.state
+        kept = await job_records.finish(
+            state,
+            job,
+            rows=stream.rows,
+            size=stream.bytes,
+            file_name=name,
+            file_bytes=written.size,
+            seek_points=written.seek_points,
+            cursor=stream.next_cursor,
+            retention_s=self.settings.job_retention_s,
+        )
+        if kept:
+            await publisher.done(download_url=f"/exports/{job.id}/download")
+            return "completed", None
+        await self._delete(name)
+        if await job_records.end(state, job, "cancelled", None):
+            # Asked to stop after the last heartbeat: cancelled all the same.
+            await publisher.error(_problem("Job cancelled", 499, "cancelled"))
+            return "disconnected", "cancelled"
+        return "failed", "the job's claim was lost (it runs again elsewhere)"
+
     async def _stopped(self, job: Job, watch: "_Watch", publisher: Publisher) -> tuple[str, str]:
         """A run cancelled: by DELETE, by the loss of its claim, or by this process shutting
         down (the job is handed back at once rather than after its lease, uncounted)."""
@@ -358,10 +372,10 @@ class JobRunner:
             await publisher.error(_problem("Job cancelled", 499, "cancelled"))
             return "disconnected", "cancelled"
         if watch.stopped is None:
-            if watch.stored is not None:
-                # Stored but not recorded: the run again (under the same attempt number,
+            if not watch.finishing:
+                # Perhaps stored, not recorded: the run again (under the same attempt number,
                 # uncounted) writes the same name, which a sweep must not find stale.
-                await self._delete(watch.stored)
+                await self._delete(_file_name(job))
             await job_records.requeue(state, job, counts=False)
             return "disconnected", "this process stopped; the job runs again"
         return "failed", "the job's claim was lost (it runs again elsewhere)"
@@ -375,7 +389,8 @@ class JobRunner:
             await publisher.error(_problem("Job failed", 503, error))
             return
         await job_records.requeue(self.databases.state, job, counts=True)
-        # This process's slot waits a little before it claims again.
+        # This process's slot waits a little before it claims again, publishing nothing.
+        await publisher.stop()
         await asyncio.sleep(self.settings.job_poll_s)
 
     async def _keep(self, part: Path, name: str, job: Job) -> None:
@@ -441,7 +456,8 @@ class JobRunner:
                 aclose = getattr(chunks, "aclose", None)
                 if aclose is not None:
                     await aclose()
-            if deadline.cancelled_caught:
+            # (A deadline that struck as the export completed is no abort.)
+            if deadline.cancelled_caught and not stream.completed:
                 stream.abort("max_seconds", too_long.removeprefix("max_seconds: "))
             if not stream.completed:
                 raise RuntimeError(str(stream.error) if stream.error else "the export stopped")
@@ -476,6 +492,11 @@ class JobRunner:
                 await prune_events(self.databases.state, self.settings.job_retention_s)
             except Exception as exc:
                 log.warning("could not expire job files: %s", exc)
+
+
+def _file_name(job: Job) -> str:
+    # Made here (job ids are generated), never taken from a request.
+    return f"{job.id}-{job.attempts}.gz"
 
 
 def _counts(stream: ExportStream | None) -> tuple[int, int]:

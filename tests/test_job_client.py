@@ -5,6 +5,7 @@ only the client's reconnections are under test."""
 import contextlib
 import io
 import json
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -97,3 +98,37 @@ def test_a_service_that_restarts_is_followed(monkeypatch: pytest.MonkeyPatch) ->
         server[0].shutdown()
         server[0].server_close()
         thread.join()
+
+
+def test_a_stream_cut_inside_a_chunk_is_followed_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A process killed mid-write leaves a chunked stream cut inside a chunk (an
+    http.client.IncompleteRead, not an OSError): the client reconnects."""
+    monkeypatch.setattr(job_client, "RECONNECT_S", 0)
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+
+    def serve() -> None:
+        for n in (1, 2, 3):
+            connection, _ = listener.accept()
+            with connection:
+                connection.recv(65536)
+                event = "done" if n == 3 else "progress"
+                body = f"id: {n}\nevent: {event}\ndata: {json.dumps({'rows': n})}\n\n".encode()
+                head = (
+                    b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+                    b"Transfer-Encoding: chunked\r\n\r\n"
+                )
+                chunk = b"%x\r\n%s\r\n" % (len(body), body)
+                # The last stream ends properly; the others are cut inside their next chunk.
+                tail = b"0\r\n\r\n" if n == 3 else b"40\r\nid: 9"
+                connection.sendall(head + chunk + tail)
+
+    thread = threading.Thread(target=serve)
+    thread.start()
+    try:
+        service = job_client._Service(f"http://127.0.0.1:{port}", "key")
+        done = job_client._follow(service, "/exports/x/events", Progress(io.StringIO()))
+        assert done == {"rows": 3}
+    finally:
+        thread.join(10)
+        listener.close()

@@ -73,7 +73,8 @@ def test_a_job_waiting_for_its_keys_slot_publishes_nothing(
         database.url,
         tmp_path,
         job_dir=str(tmp_path / "files"),
-        job_poll_s="0.2",
+        # The default poll (2 s), longer than the progress interval: a run handed back waits
+        # that long in its slot, and must publish nothing meanwhile.
         job_concurrency="1",
         max_exports_per_key="1",
     )
@@ -83,7 +84,7 @@ def test_a_job_waiting_for_its_keys_slot_publishes_nothing(
             with client.stream("GET", "/datasets/big.csv") as direct:
                 assert direct.status_code == 200
                 info = submit(client, {"dataset": "people", "format": "csv"})
-                time.sleep(2)
+                time.sleep(5)
                 (count,) = run_sql(
                     database.url,
                     f"SELECT count(*) FROM exporter.export_events WHERE export_id = '{info['id']}'",
