@@ -9,10 +9,11 @@ jsonb cannot hold (NUL), so that writing the log never fails the request.
 import contextlib
 import json
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 import anyio
+import asyncpg
 
 from exporter.db import UNREACHABLE, Pool, PoolTimeout, RoleUnavailable
 from exporter.problems import Problem
@@ -29,6 +30,19 @@ def clean(text: str, limit: int = MAX_TEXT) -> str:
     # NUL cannot be stored in text or jsonb; lone surrogates cannot be encoded.
     text = text[:limit].replace("\x00", "\ufffd")
     return text.encode("utf-8", "replace").decode("utf-8")
+
+
+def ascii_escaped(text: str) -> str:
+    """For a state database whose encoding cannot hold a character (an emoji in LATIN1): the
+    text with every non-ASCII character backslash-escaped."""
+    return text.encode("ascii", "backslashreplace").decode("ascii")
+
+
+# What PostgreSQL says of a character its database's encoding cannot hold.
+ENCODING_ERRORS = (
+    asyncpg.exceptions.UntranslatableCharacterError,
+    asyncpg.exceptions.CharacterNotInRepertoireError,
+)
 
 
 def bounded_parameters(params: list[tuple[str, str]]) -> dict[str, list[str]]:
@@ -73,18 +87,37 @@ _INSERT = (
 async def _insert(
     pool: Pool, request: ExportRequest, outcome: str, status: int | None, error: str | None
 ) -> int:
+    try:
+        return await _insert_as(pool, request, outcome, status, error, clean)
+    except ENCODING_ERRORS:
+        return await _insert_as(
+            pool, request, outcome, status, error, lambda text: ascii_escaped(clean(text))
+        )
+
+
+async def _insert_as(
+    pool: Pool,
+    request: ExportRequest,
+    outcome: str,
+    status: int | None,
+    error: str | None,
+    text: Callable[[str], str],
+) -> int:
+    parameters = {
+        text(name): [text(value) for value in values] for name, values in request.parameters.items()
+    }
     async with pool.connection() as connection:
         entry_id = await connection.fetchval(
             _INSERT,
             request.request_id,
-            None if request.key_name is None else clean(request.key_name),
-            clean(request.dataset),
+            None if request.key_name is None else text(request.key_name),
+            text(request.dataset),
             request.format,
-            json.dumps(request.parameters),
+            json.dumps(parameters),
             request.client_addr,
             outcome,
             status,
-            None if error is None else clean(error),
+            None if error is None else text(error),
         )
     return int(entry_id)
 
@@ -144,20 +177,26 @@ async def _update(
     error: str | None,
     aborted_by: str | None,
 ) -> None:
-    async with pool.connection() as connection:
-        await connection.execute(
-            "UPDATE exporter.export_log"
-            " SET outcome = $2, status = $3, rows = $4, bytes = $5, error = $6,"
-            " aborted_by = $7, ended_at = clock_timestamp()"
-            " WHERE id = $1",
-            entry_id,
-            outcome,
-            status,
-            rows,
-            bytes_sent,
-            None if error is None else clean(error),
-            aborted_by,
-        )
+    for text in (clean, lambda text: ascii_escaped(clean(text))):
+        try:
+            async with pool.connection() as connection:
+                await connection.execute(
+                    "UPDATE exporter.export_log"
+                    " SET outcome = $2, status = $3, rows = $4, bytes = $5, error = $6,"
+                    " aborted_by = $7, ended_at = clock_timestamp()"
+                    " WHERE id = $1",
+                    entry_id,
+                    outcome,
+                    status,
+                    rows,
+                    bytes_sent,
+                    None if error is None else text(error),
+                    aborted_by,
+                )
+            return
+        except ENCODING_ERRORS:
+            if error is None:
+                raise
 
 
 def refusal_status(exc: BaseException) -> tuple[int, str]:

@@ -261,7 +261,8 @@ class JobRunner:
             await publisher.stop()
             await asyncio.sleep(self.settings.job_poll_s)
             return
-        except (JobFailed, QueryError, CursorsUnavailable) as exc:
+        except (JobFailed, QueryError, CursorsUnavailable, *audit.ENCODING_ERRORS) as exc:
+            # (ENCODING_ERRORS: a filter value the exported database's encoding cannot hold.)
             await audit.record_refusal(state, logged, 400, str(exc))
             await job_records.end(state, job, "failed", str(exc))
             await publisher.error(_problem("Job failed", 400, str(exc)))

@@ -12,6 +12,7 @@ from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, Field
 
+from exporter import audit
 from exporter import jobs as job_records
 from exporter.api import DatabasesDep, KeyDep, SettingsDep, _dataset
 from exporter.auth import ApiKey
@@ -133,16 +134,25 @@ async def submit_job(
         raise Problem.from_query_error(exc) from exc
     except CursorsUnavailable as exc:
         raise Problem(503, "Service Unavailable", str(exc)) from exc
-    job = await job_records.submit(
-        databases.state,
-        uuid.uuid4().hex,
-        key.id,
-        key.name,
-        dataset.name,
-        body.format,
-        params,
-        settings.max_jobs_per_key,
-    )
+    try:
+        job = await job_records.submit(
+            databases.state,
+            uuid.uuid4().hex,
+            key.id,
+            key.name,
+            dataset.name,
+            body.format,
+            params,
+            settings.max_jobs_per_key,
+        )
+    except audit.ENCODING_ERRORS as exc:
+        # The job's parameters are kept as given, to run it exactly: a state database whose
+        # encoding cannot hold one (an emoji in LATIN1) cannot keep the job.
+        raise Problem(
+            400,
+            "Invalid request body",
+            f"a value the service's state database cannot hold (its encoding): {exc}",
+        ) from exc
     if job is None:
         raise Problem(
             429,

@@ -323,6 +323,20 @@ def _open_error(exc: Exception, query: ExportQuery) -> Problem | None:
             f"PostgreSQL rejected the query: {exc}",
             invalid_params=[{"name": name, "reason": str(exc)} for name in names],
         )
+    if isinstance(exc, audit.ENCODING_ERRORS):
+        # A filter value or a format option (null=) the database's encoding cannot hold
+        # (an emoji in a LATIN1 database): the request's, not the service's.
+        names = dict.fromkeys(
+            [f.parameter for f in query.filters if not _ascii(f.value)]
+            + [name for name, value in query.options if not value.isascii()]
+        )
+        reason = f"a value the database's encoding cannot hold: {exc}"
+        return Problem(
+            400,
+            "Invalid query parameter",
+            reason,
+            invalid_params=[{"name": name, "reason": reason} for name in names],
+        )
     if isinstance(exc, RoleUnavailable | asyncpg.exceptions.InsufficientPrivilegeError):
         return Problem(403, "Forbidden", str(exc))
     if isinstance(exc, asyncpg.exceptions.QueryCanceledError | CopyTimeout):
@@ -495,3 +509,7 @@ class ExportResponse(StreamingResponse):
             raise self.stream.error
         if failure is not None:
             raise failure
+
+
+def _ascii(value: str | tuple[str, ...]) -> bool:
+    return all(part.isascii() for part in ((value,) if isinstance(value, str) else value))
