@@ -32,10 +32,10 @@ def clean(text: str, limit: int = MAX_TEXT) -> str:
     return text.encode("utf-8", "replace").decode("utf-8")
 
 
-def ascii_escaped(text: str) -> str:
+def _escaped(text: str) -> str:
     """For a state database whose encoding cannot hold a character (an emoji in LATIN1): the
-    text with every non-ASCII character backslash-escaped."""
-    return text.encode("ascii", "backslashreplace").decode("ascii")
+    cleaned text with every non-ASCII character backslash-escaped."""
+    return clean(text).encode("ascii", "backslashreplace").decode("ascii")
 
 
 # What PostgreSQL says of a character its database's encoding cannot hold.
@@ -90,9 +90,7 @@ async def _insert(
     try:
         return await _insert_as(pool, request, outcome, status, error, clean)
     except ENCODING_ERRORS:
-        return await _insert_as(
-            pool, request, outcome, status, error, lambda text: ascii_escaped(clean(text))
-        )
+        return await _insert_as(pool, request, outcome, status, error, _escaped)
 
 
 async def _insert_as(
@@ -177,26 +175,26 @@ async def _update(
     error: str | None,
     aborted_by: str | None,
 ) -> None:
-    for text in (clean, lambda text: ascii_escaped(clean(text))):
-        try:
-            async with pool.connection() as connection:
-                await connection.execute(
-                    "UPDATE exporter.export_log"
-                    " SET outcome = $2, status = $3, rows = $4, bytes = $5, error = $6,"
-                    " aborted_by = $7, ended_at = clock_timestamp()"
-                    " WHERE id = $1",
-                    entry_id,
-                    outcome,
-                    status,
-                    rows,
-                    bytes_sent,
-                    None if error is None else text(error),
-                    aborted_by,
-                )
-            return
-        except ENCODING_ERRORS:
-            if error is None:
-                raise
+    async def update(text: Callable[[str], str]) -> None:
+        async with pool.connection() as connection:
+            await connection.execute(
+                "UPDATE exporter.export_log"
+                " SET outcome = $2, status = $3, rows = $4, bytes = $5, error = $6,"
+                " aborted_by = $7, ended_at = clock_timestamp()"
+                " WHERE id = $1",
+                entry_id,
+                outcome,
+                status,
+                rows,
+                bytes_sent,
+                None if error is None else text(error),
+                aborted_by,
+            )
+
+    try:
+        await update(clean)
+    except ENCODING_ERRORS:
+        await update(_escaped)
 
 
 def refusal_status(exc: BaseException) -> tuple[int, str]:

@@ -25,7 +25,7 @@ from starlette.responses import Response
 from starlette.types import Message, Receive, Scope, Send
 
 from exporter.compression import GZIP, IDENTITY, compressible, parse_accept_encoding
-from exporter.file_store import ByteSource, FileGone, FileStore, StoreError
+from exporter.file_store import CHUNK, ByteSource, FileGone, FileStore, StoreError
 from exporter.preconditions import (
     OPAQUE_TAG,
     UNSATISFIABLE,
@@ -43,7 +43,6 @@ from exporter.seekable_gzip import GZIP_WBITS, RAW_WBITS, SeekPoint, seek_from
 
 log = logging.getLogger(__name__)
 
-CHUNK = 64 * 1024
 # A range of the identity representation starts with inflating the file from the last seek
 # point before it (exporter/seekable_gzip.py: at most 16 MiB before it), or from its beginning
 # for a file without them: about 2 s of one core per GB skipped (zlib inflates some 500 MB/s
@@ -112,7 +111,7 @@ async def download_response(request: Request, stored: StoredExport) -> Response:
     except StoreError as exc:
         return _unavailable(request, exc)
     if size is None:
-        return problem_response(Problem(410, "Gone", "the export's file has been deleted"), request)
+        return _gone(request)
     if size != stored.encoded_length:
         raise CorruptExport(f"{stored.name}: {size} bytes, not {stored.encoded_length}")
 
@@ -155,6 +154,10 @@ async def download_response(request: Request, stored: StoredExport) -> Response:
     headers |= representation
     headers["Content-Length"] = str(span.end - span.start)
     return _FileResponse(stored, gzip, span, status, headers, head=request.method == "HEAD")
+
+
+def _gone(request: Request) -> Response:
+    return problem_response(Problem(410, "Gone", "the export's file has been deleted"), request)
 
 
 def _unavailable(request: Request, exc: StoreError) -> Response:
@@ -461,11 +464,7 @@ class _FileResponse(Response):
                 # Deleted or unreachable since its size was read: nothing has been sent yet.
                 request = Request(scope)
                 response = (
-                    problem_response(
-                        Problem(410, "Gone", "the export's file has been deleted"), request
-                    )
-                    if isinstance(exc, FileGone)
-                    else _unavailable(request, exc)
+                    _gone(request) if isinstance(exc, FileGone) else _unavailable(request, exc)
                 )
                 await response(scope, receive, send)
                 return

@@ -52,8 +52,6 @@ class ByteSource(Protocol):
 
 
 class FileStore(Protocol):
-    description: str
-
     async def keep(self, part: Path, name: str) -> None:
         """The spooled file `part` stored as `name` (replacing any file of that name); `part`
         is gone afterwards."""
@@ -107,7 +105,6 @@ class LocalStore:
 
     def __init__(self, directory: Path) -> None:
         self.directory = directory
-        self.description = f"directory {directory}"
 
     def path(self, name: str) -> Path:
         return self.directory / name

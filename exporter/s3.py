@@ -1,12 +1,12 @@
 """Job files in an S3-compatible bucket (AWS S3, MinIO, Ceph, R2, ...), over HTTP with AWS
 Signature Version 4.
 
-Only what the store needs, with httpx (imported only when the store is configured; botocore
-alone would add some 30 MB to every worker): PUT of a whole file up to PART_SIZE, multipart
-uploads beyond it, HEAD, ranged GET, DELETE, ListObjectsV2, and ListMultipartUploads with abort
-for the uploads of a killed worker. Each part is hashed before it is sent (a signed payload,
-which every S3-compatible server accepts over plain HTTP too), then streamed from the spool
-file: memory stays at a chunk, whatever the file's size.
+Only what the store needs, with httpx (imported only when the store is configured: 3.6 MiB on
+top of a serving process, where botocore's S3 client took 22 MiB, measured here): PUT of a
+whole file up to PART_SIZE, multipart uploads beyond it, HEAD, ranged GET, DELETE,
+ListObjectsV2, and ListMultipartUploads with abort for the uploads of a killed worker. Each part
+is hashed before it is sent (a signed payload: an unsigned one may be refused over plain HTTP),
+then streamed from the spool file: memory stays at a chunk, whatever the file's size.
 """
 
 import hashlib
