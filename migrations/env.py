@@ -7,8 +7,8 @@ from sqlalchemy import text
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from exporter.db import connect_url
-from exporter.models import metadata
+from exporter.db.pool import connect_url
+from exporter.schema.models import metadata
 from exporter.settings import OWN_SCHEMA, Settings
 
 config = context.config

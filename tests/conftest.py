@@ -20,9 +20,9 @@ import httpx
 import pytest
 from sqlalchemy.engine import make_url
 
-from exporter.auth import create_key
-from exporter.db import Pool
-from exporter.migrate import upgrade
+from exporter.access.keys import create_key
+from exporter.db.pool import Pool
+from exporter.schema.migrate import upgrade
 
 BIG_ROWS = 1_000_000
 
@@ -55,7 +55,7 @@ def server_url() -> Iterator[str]:
         with PostgresContainer("postgres:16-alpine", driver=None) as container:
             yield container.get_connection_url()
         return
-    from exporter.embedded import EmbeddedPostgres
+    from exporter.cli.embedded import EmbeddedPostgres
 
     with tempfile.TemporaryDirectory(prefix="exporter-test-pg-") as data_dir:
         postgres = EmbeddedPostgres(Path(data_dir))

@@ -8,8 +8,8 @@ import asyncpg
 import httpx
 import pytest
 
-from exporter.catalog import Dataset, find_dataset, load_datasets
-from exporter.db import Pool
+from exporter.db.pool import Pool
+from exporter.pipeline.catalog import Dataset, find_dataset, load_datasets
 from exporter.settings import Settings
 from tests.conftest import ExportDatabase, _asyncpg_dsn, run_sql, start_server, stop_server
 

@@ -21,8 +21,8 @@ import pytest
 from alembic import command
 from alembic.script import ScriptDirectory
 
-from exporter.migrate import alembic_config, upgrade
-from exporter.query import FORMAT_OPTIONS
+from exporter.pipeline.query import FORMAT_OPTIONS
+from exporter.schema.migrate import alembic_config, upgrade
 from tests.conftest import ExportDatabase, Server, _with_database, free_port, run_sql
 from tests.test_export_log import insert_log
 
@@ -154,7 +154,7 @@ def test_models_match_the_migrations(fresh_database: str) -> None:
     from sqlalchemy.engine import Connection
     from sqlalchemy.ext.asyncio import create_async_engine
 
-    from exporter.models import metadata
+    from exporter.schema.models import metadata
 
     upgrade(fresh_database)
 

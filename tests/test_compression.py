@@ -13,7 +13,7 @@ import httpx
 import pytest
 import zstandard
 
-from exporter.compression import (
+from exporter.http.compression import (
     GZIP,
     IDENTITY,
     ZSTD,

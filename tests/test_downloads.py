@@ -26,10 +26,9 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from exporter.downloads import CACHE_CONTROL, StoredExport, download_response
-from exporter.file_store import LocalStore
-from exporter.middleware import SecurityHeadersMiddleware
-from exporter.preconditions import (
+from exporter.http.downloads import CACHE_CONTROL, StoredExport, download_response
+from exporter.http.middleware import SecurityHeadersMiddleware
+from exporter.http.preconditions import (
     UNSATISFIABLE,
     ByteRange,
     EntityTag,
@@ -37,8 +36,9 @@ from exporter.preconditions import (
     parse_entity_tags,
     parse_range,
 )
-from exporter.s3 import Credentials, S3Store
-from exporter.seekable_gzip import SeekableGzipWriter, SeekPoint
+from exporter.jobs.seekable_gzip import SeekableGzipWriter, SeekPoint
+from exporter.storage.s3 import Credentials, S3Store
+from exporter.storage.store import LocalStore
 from tests.conftest import S3Server, free_port
 
 CSV = "text/csv; charset=utf-8"

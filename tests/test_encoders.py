@@ -2,10 +2,10 @@ import csv
 import io
 import json
 
-from exporter.catalog import Column
-from exporter.encoders import ENCODERS, Encoder, Rendering, encoder_for_media_type
-from exporter.encoders.csv import CsvEncoder
-from exporter.encoders.ndjson import NdjsonEncoder
+from exporter.pipeline.catalog import Column
+from exporter.pipeline.encoders import ENCODERS, Encoder, Rendering, encoder_for_media_type
+from exporter.pipeline.encoders.csv import CsvEncoder
+from exporter.pipeline.encoders.ndjson import NdjsonEncoder
 
 COLUMNS = (Column("id", "integer", "integer", "int4"), Column("text", "text", "text", "text"))
 
@@ -53,7 +53,7 @@ def test_csv_header_is_quoted_as_copy_quotes_it() -> None:
 
 
 def test_formula_escape_rule() -> None:
-    from exporter.encoders.csv import needs_formula_escape
+    from exporter.pipeline.encoders.csv import needs_formula_escape
 
     for value in ("=1+1", "+1", "-2", "@SUM(A1)", "\tx", "\rx", "\nx", "  =x", " \t", "\v-1"):
         assert needs_formula_escape(value), value

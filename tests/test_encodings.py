@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from exporter.migrate import upgrade
+from exporter.schema.migrate import upgrade
 from tests.conftest import (
     ExportDatabase,
     Server,

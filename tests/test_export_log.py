@@ -14,9 +14,9 @@ import asyncpg
 import httpx
 import pytest
 
-from exporter.auth import create_key, revoke_key
-from exporter.db import Pool
-from exporter.log_query import LogQuery, LogQueryTimeout, fetch_page
+from exporter.access.keys import create_key, revoke_key
+from exporter.access.log_query import LogQuery, LogQueryTimeout, fetch_page
+from exporter.db.pool import Pool
 from tests.conftest import ExportDatabase, Server, _asyncpg_dsn
 
 ITEM_FIELDS = {

@@ -14,8 +14,8 @@ import asyncpg
 import httpx
 import pytest
 
-from exporter.catalog import Column, Dataset
-from exporter.query import QueryError, parse_query
+from exporter.pipeline.catalog import Column, Dataset
+from exporter.pipeline.query import QueryError, parse_query
 from tests.conftest import (
     ExportDatabase,
     Server,

@@ -33,8 +33,8 @@ import zstandard
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from exporter.auth import create_key
-from exporter.db import Pool
+from exporter.access.keys import create_key
+from exporter.db.pool import Pool
 from tests.conftest import ExportDatabase, Server, run_sql, start_server, stop_server
 
 

@@ -18,8 +18,16 @@ import asyncpg
 import httpx
 import pytest
 
-from exporter.cursor import Cursor, CursorExpired, CursorInvalid, Snapshot, decode, digest, encode
-from exporter.incremental import HORIZON, CursorAhead, Position, cursor_for, plan_pull
+from exporter.incremental.pulls import HORIZON, CursorAhead, Position, cursor_for, plan_pull
+from exporter.incremental.tokens import (
+    Cursor,
+    CursorExpired,
+    CursorInvalid,
+    Snapshot,
+    decode,
+    digest,
+    encode,
+)
 from tests.conftest import ExportDatabase, Server, new_key, run_sql, start_server, stop_server
 
 
@@ -531,8 +539,8 @@ def test_pruning_forgets_dropped_tracked_tables(database: ExportDatabase, table:
 
 
 def _query_for(dataset_name: str) -> Any:
-    from exporter.catalog import Column, Dataset
-    from exporter.query import parse_query
+    from exporter.pipeline.catalog import Column, Dataset
+    from exporter.pipeline.query import parse_query
 
     column = Column("id", "bigint", "bigint", "int8")
     dataset = Dataset(dataset_name, "public", dataset_name, "table", (column,), ("id",), 0, 42)

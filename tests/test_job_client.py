@@ -13,8 +13,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from exporter import job_client
-from exporter.file_export import Progress
+from exporter.cli import job_client
+from exporter.cli.file_export import Progress
 from tests.conftest import free_port
 
 # More streams ended early than the client's attempts: only failures may use those up.

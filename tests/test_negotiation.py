@@ -1,6 +1,6 @@
 import pytest
 
-from exporter.negotiation import negotiate
+from exporter.http.negotiation import negotiate
 
 OFFERS = ["application/json", "text/csv", "application/x-ndjson"]
 

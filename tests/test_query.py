@@ -5,9 +5,9 @@ import time
 
 import pytest
 
-from exporter.catalog import Column, Dataset
-from exporter.encoders import Rendering
-from exporter.query import (
+from exporter.pipeline.catalog import Column, Dataset
+from exporter.pipeline.encoders import Rendering
+from exporter.pipeline.query import (
     MAX_PARAMETERS,
     MAX_VALUE_LENGTH,
     ExportQuery,
@@ -16,7 +16,7 @@ from exporter.query import (
     QueryError,
     parse_query,
 )
-from exporter.source import build_sql
+from exporter.pipeline.source import build_sql
 
 
 def _column(

@@ -16,9 +16,9 @@ from botocore.awsrequest import AWSRequest  # type: ignore[import-untyped]
 from botocore.credentials import Credentials as BotocoreCredentials  # type: ignore[import-untyped]
 from pydantic import ValidationError
 
-from exporter.file_store import FileGone, StoreError
-from exporter.s3 import PART_SIZE, Credentials, S3Store, canonical_query, sign, uri_encode
 from exporter.settings import Settings
+from exporter.storage.s3 import PART_SIZE, Credentials, S3Store, canonical_query, sign, uri_encode
+from exporter.storage.store import FileGone, StoreError
 from tests.conftest import S3Server, free_port
 
 CREDENTIALS = Credentials("AKIDEXAMPLE", "wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY")

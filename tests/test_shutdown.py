@@ -16,7 +16,7 @@ from types import FrameType
 import httpx
 import pytest
 
-from exporter.shutdown import ShutdownSignal
+from exporter.http.shutdown import ShutdownSignal
 from tests.conftest import BIG_ROWS, ExportDatabase, Server, run_sql, start_server, stop_server
 from tests.job_helpers import Event, parse_events, read_events, slow_view, submit, wait_for
 

@@ -1,11 +1,11 @@
 import asyncio
 
-from exporter.catalog import find_dataset
-from exporter.db import Pool
-from exporter.encoders import ENCODERS
-from exporter.query import parse_query
+from exporter.db.pool import Pool
+from exporter.pipeline.catalog import find_dataset
+from exporter.pipeline.encoders import ENCODERS
+from exporter.pipeline.query import parse_query
+from exporter.pipeline.stream import ExportStream, Outcome
 from exporter.settings import Settings
-from exporter.stream import ExportStream, Outcome
 from tests.conftest import ExportDatabase
 
 

@@ -93,7 +93,7 @@ def server_without_gc(
     port = free_port()
     log_path = tmp_path / "server-nogc.log"
     code = (
-        "import gc, sys; gc.disable(); from exporter.cli import main; "
+        "import gc, sys; gc.disable(); from exporter.cli.main import main; "
         f"main(['serve', '--port', '{port}'])"
     )
     env = {

@@ -486,8 +486,8 @@ def test_nondeterministic_collations_render_like_copy(
 
 
 def test_sql_formula_rule_is_the_python_rule(fidelity: ExportDatabase) -> None:
-    from exporter.encoders.csv import needs_formula_escape
-    from exporter.source import _FORMULA_PATTERN_SQL
+    from exporter.pipeline.encoders.csv import needs_formula_escape
+    from exporter.pipeline.source import _FORMULA_PATTERN_SQL
 
     values = [
         "=1",

@@ -12,7 +12,7 @@ import sqlalchemy as sa
 from alembic import op
 from sqlalchemy.dialects import postgresql
 
-from exporter.models import XID8
+from exporter.schema.models import XID8
 
 revision: str = "0004"
 down_revision: str | None = "0003"

@@ -1,0 +1,1 @@
+"""The `exporter` command: serve, migrate, keys, track, log, export, demo."""

@@ -1,0 +1,1 @@
+"""Database access: connection pools, snapshots, advisory-lock export slots, LISTEN."""

@@ -1,0 +1,245 @@
+"""Connection pools, and the snapshot every export reads from.
+
+The serving process talks to PostgreSQL through asyncpg alone. SQLAlchemy owns the schema
+(models.py, Alembic) but is never imported to serve: it cost 23 MiB of every worker's
+80 MB budget (the benchmark issue), for statements that are a few lines of SQL each.
+"""
+
+import asyncio
+import logging
+import urllib.parse
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import anyio
+import asyncpg
+
+from exporter.db.slots import Slots
+from exporter.settings import Settings
+
+log = logging.getLogger(__name__)
+
+# Connection errors: the server is down, refuses us, or went away mid-statement.
+UNREACHABLE = (
+    OSError,
+    asyncpg.exceptions.PostgresConnectionError,
+    asyncpg.exceptions.CannotConnectNowError,
+    asyncpg.exceptions.ConnectionDoesNotExistError,
+)
+
+
+def quote_ident(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def quote_literal(text: str) -> str:
+    """A string literal that reads the same whatever standard_conforming_strings is (as
+    PostgreSQL's quote_literal writes it): for catalog names only, never client values."""
+    if "\\" in text:
+        return "E'" + text.replace("\\", "\\\\").replace("'", "''") + "'"
+    return "'" + text.replace("'", "''") + "'"
+
+
+class RoleUnavailable(Exception):
+    """The key's PostgreSQL role does not exist, or the service may not take it."""
+
+
+class PoolTimeout(TimeoutError):
+    """No connection of the pool became free within its timeout."""
+
+
+def connect_url(url: str) -> str:
+    """The `postgresql://` URL asyncpg takes, from what users write (SQLAlchemy's
+    `postgresql+asyncpg://` included); ValueError for anything else."""
+    scheme, colon, rest = url.partition("://")
+    backend = scheme.partition("+")[0].lower()
+    if not colon or backend not in ("postgresql", "postgres"):
+        raise ValueError(
+            f"not a PostgreSQL URL (postgresql://user@host:port/database): {display_url(url)}"
+        )
+    try:
+        urllib.parse.urlsplit(url).port  # noqa: B018 - parsing is the check
+    except ValueError as exc:
+        raise ValueError(f"{exc}: {display_url(url)}") from None
+    return f"postgresql://{rest}"
+
+
+def display_url(url: str) -> str:
+    """The URL with its password masked, for messages."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+        if parts.password is None:
+            return url
+        netloc = parts.netloc.rpartition("@")
+        user = parts.username or ""
+        return urllib.parse.urlunsplit(parts._replace(netloc=f"{user}:***@{netloc[2]}"))
+    except ValueError:
+        return "the configured URL"
+
+
+class Pool:
+    """An asyncpg pool that refuses with PoolTimeout once `timeout_s` has passed without a
+    free connection. Connections are made on demand: a server that is down at start-up
+    fails requests, not the start."""
+
+    def __init__(self, pool: Any, timeout_s: float) -> None:
+        self._pool = pool
+        self.timeout_s = timeout_s
+
+    @classmethod
+    async def open(cls, url: str, size: int, timeout_s: float = 10) -> "Pool":
+        pool = await asyncpg.create_pool(
+            connect_url(url),
+            min_size=0,
+            max_size=size,
+            # Connecting (not waiting for a free connection) gives up after this long.
+            timeout=10,
+            server_settings={"application_name": "exporter"},
+        )
+        return cls(pool, timeout_s)
+
+    async def acquire(self) -> Any:
+        try:
+            return await self._pool.acquire(timeout=self.timeout_s)
+        except TimeoutError:
+            raise PoolTimeout(f"no free connection within {self.timeout_s} s") from None
+
+    async def release(self, connection: Any) -> None:
+        # asyncpg resets the connection (rolling back what is open) or, failing that, closes
+        # it; either way under its own shield.
+        await self._pool.release(connection, timeout=5)
+
+    @asynccontextmanager
+    async def connection(self) -> AsyncIterator[Any]:
+        connection = await self.acquire()
+        try:
+            yield connection
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self.release(connection)
+
+    async def close(self, timeout_s: float = 5) -> None:
+        try:
+            await asyncio.wait_for(self._pool.close(), timeout_s)
+        except TimeoutError:
+            self._pool.terminate()
+
+
+# Catalog lookups, key checks and the export log get pools of their own, so that exports
+# streaming on every export connection never keep a request from being authenticated, refused
+# or logged.
+_SIDE_POOL_SIZE = 3
+
+
+@dataclass
+class Databases:
+    exports: Pool  # export snapshots only
+    catalog: Pool  # introspection of the exported database
+    state: Pool  # keys and the export log
+    # Signs cursor tokens (exporter.incremental.tokens); read once. None: the schema predates it.
+    _cursor_secret: bytes | None = None
+
+    @classmethod
+    async def open(cls, settings: Settings) -> "Databases":
+        return cls(
+            exports=await Pool.open(
+                settings.database_url, settings.pool_size, settings.pool_timeout_s
+            ),
+            catalog=await Pool.open(settings.database_url, _SIDE_POOL_SIZE),
+            state=await Pool.open(settings.state_url, _SIDE_POOL_SIZE),
+        )
+
+    async def cursor_secret(self) -> bytes | None:
+        if self._cursor_secret is None:
+            async with self.state.connection() as connection:
+                try:
+                    secret = await connection.fetchval(
+                        "SELECT secret FROM exporter.cursor_secret WHERE id = 1"
+                    )
+                except asyncpg.exceptions.UndefinedTableError:
+                    log.warning("no cursor secret: run `exporter migrate` for incremental pulls")
+                    return None
+            self._cursor_secret = bytes(secret) if secret is not None else None
+        return self._cursor_secret
+
+    async def close(self) -> None:
+        for pool in (self.exports, self.catalog, self.state):
+            await pool.close()
+
+
+@asynccontextmanager
+async def snapshot(
+    pool: Pool,
+    settings: Settings,
+    application_name: str,
+    role: str | None = None,
+    slots: Slots | None = None,
+) -> AsyncIterator[Any]:
+    """Yield an asyncpg connection inside a REPEATABLE READ READ ONLY transaction, holding
+    `slots` (TooManyExports if they are taken) until the transaction ends.
+
+    On the way out, however the export ended (including cancellation because the client left),
+    the transaction is rolled back under a shield with a bound; a connection that cannot be
+    reset in time is terminated, never handed to the next export.
+    """
+    connection = await pool.acquire()
+    try:
+        await connection.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+        if slots is not None:
+            # As the service's role: the key's may not be allowed the lock functions.
+            await slots.claim(connection)
+        if role is not None:
+            # The key's role: PostgreSQL's own GRANTs and row-level security decide what the
+            # export reads. A role is an identifier, never a bound value; it comes from the
+            # key's record, quoted.
+            try:
+                await connection.execute(f"SET LOCAL ROLE {quote_ident(role)}")
+            except asyncpg.exceptions.PostgresError as exc:
+                # The client learns that the key's role cannot be used, not the server's roles.
+                log.warning("cannot export as role %r: %s", role, exc)
+                raise RoleUnavailable("this key's PostgreSQL role cannot be used") from exc
+        await connection.fetchval(
+            "SELECT set_config('statement_timeout', $1, true),"
+            " set_config('idle_in_transaction_session_timeout', $2, true),"
+            " set_config('application_name', $3, true),"
+            # Values leave in PostgreSQL's canonical text forms, whatever the server's or the
+            # role's defaults: ISO dates, shortest exact floats, hex bytea; and the COPY
+            # options' literals are read as written.
+            " set_config('DateStyle', 'ISO', true),"
+            " set_config('IntervalStyle', 'postgres', true),"
+            " set_config('extra_float_digits', '1', true),"
+            " set_config('bytea_output', 'hex', true),"
+            " set_config('standard_conforming_strings', 'on', true),"
+            # PostgreSQL 14+: a query whose client (this process) died stops within a second
+            # instead of running to its first row. Older servers lack the setting.
+            " (SELECT set_config(name, '1s', true) FROM pg_catalog.pg_settings"
+            "  WHERE name = 'client_connection_check_interval')",
+            str(settings.statement_timeout_ms),
+            str(settings.idle_in_transaction_timeout_ms),
+            application_name[:63],
+        )
+        yield connection
+    finally:
+        with anyio.CancelScope(shield=True):
+            await _release(pool, connection, settings.cleanup_timeout_s)
+
+
+async def _release(pool: Pool, connection: Any, timeout_s: float) -> None:
+    reset = False
+    if not connection.is_closed():
+        with anyio.move_on_after(timeout_s):
+            try:
+                # ROLLBACK also closes the cursor; nothing of the export outlives it.
+                await connection.execute("ROLLBACK")
+                reset = True
+            except Exception as exc:  # the connection is being thrown away anyway
+                log.warning("could not reset export connection: %s", exc)
+    if not reset:
+        # The pool replaces a closed connection with a new one on demand.
+        connection.terminate()
+    try:
+        await pool.release(connection)
+    except Exception as exc:  # asyncpg re-raises a failed reset; the connection is gone
+        log.warning("could not return export connection to the pool: %s", exc)

@@ -1,0 +1,1 @@
+"""The HTTP service: the app, routes, export responses, downloads and the middleware."""

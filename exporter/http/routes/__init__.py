@@ -1,0 +1,1 @@
+"""The routes: datasets and their exports, jobs, the export log."""

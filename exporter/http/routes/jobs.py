@@ -1,0 +1,353 @@
+"""POST /exports, GET /exports/{id}, GET /exports/{id}/download, DELETE /exports/{id}:
+background export jobs (exporter/jobs/records.py, exporter/jobs/runner.py)."""
+
+import logging
+import re
+import urllib.parse
+import uuid
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Depends, Request, Response
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, Field
+
+from exporter.access import export_log
+from exporter.access.keys import ApiKey
+from exporter.db.pool import Databases
+from exporter.http.downloads import StoredExport, download_response
+from exporter.http.exports import attachment_name, content_type
+from exporter.http.problems import PROBLEM_MEDIA_TYPE, Problem
+from exporter.http.routes.datasets import DatabasesDep, KeyDep, SettingsDep, _dataset
+from exporter.incremental.pulls import CursorsUnavailable, pull_cursor
+from exporter.jobs import records as job_records
+from exporter.jobs.events import EventHub, event_stream
+from exporter.jobs.records import Job
+from exporter.pipeline.encoders import ENCODERS
+from exporter.pipeline.query import QueryError, parse_query
+from exporter.storage.store import FileStore, StoreError
+
+log = logging.getLogger(__name__)
+
+router = APIRouter()
+_problem: dict[str, Any] = {"content": {PROBLEM_MEDIA_TYPE: {}}}
+# Far above any real export's; a body is parsed whole, so it is bounded.
+MAX_PARAMETERS = 200
+
+
+class JobRequest(BaseModel):
+    dataset: str = Field(max_length=1_000)
+    format: Literal["csv", "ndjson"]
+    params: dict[str, str | list[str]] = Field(
+        default_factory=dict,
+        description="The query parameters of a direct export (select, filters, order, limit, "
+        "since, format options); a list gives a parameter several times.",
+    )
+
+
+class JobInfo(BaseModel):
+    id: str
+    status: str = Field(description="queued, running, done, failed, cancelled or expired")
+    dataset: str
+    format: str
+    rows: int | None = Field(description="Rows written so far, or in all once done.")
+    bytes: int | None = Field(description="Bytes of the export (uncompressed).")
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    expires_at: datetime | None = Field(description="When a done job's file is deleted.")
+    error: str | None
+    cursor: str | None = Field(description="The export's X-Export-Cursor, for since= pulls.")
+    status_url: str
+    events_url: str
+    download_url: str
+
+    @classmethod
+    def of(cls, job: Job) -> "JobInfo":
+        url = f"/exports/{urllib.parse.quote(job.id)}"
+        return cls(
+            id=job.id,
+            status=job.status,
+            dataset=job.dataset,
+            format=job.format,
+            rows=job.rows,
+            bytes=job.bytes,
+            created_at=job.created_at,
+            started_at=job.started_at,
+            finished_at=job.finished_at,
+            expires_at=job.expires_at,
+            error=job.error,
+            cursor=job.cursor,
+            status_url=url,
+            events_url=f"{url}/events",
+            download_url=f"{url}/download",
+        )
+
+
+def _params(body: JobRequest) -> list[tuple[str, str]]:
+    pairs = [
+        (name, value)
+        for name, values in body.params.items()
+        for value in ([values] if isinstance(values, str) else values)
+    ]
+    if len(pairs) > MAX_PARAMETERS:
+        raise Problem(400, "Invalid job", f"at most {MAX_PARAMETERS} parameters")
+    return pairs
+
+
+def _store(request: Request) -> FileStore:
+    # The job runner's: one store (and, for S3, one connection pool) per process.
+    store: FileStore = request.app.state.job_runner.store
+    return store
+
+
+StoreDep = Annotated[FileStore, Depends(_store)]
+
+
+@router.post(
+    "/exports",
+    tags=["jobs"],
+    status_code=202,
+    response_model=JobInfo,
+    responses={
+        400: {"description": "Invalid dataset parameters", **_problem},
+        401: {"description": "Missing or unknown key", **_problem},
+        404: {"description": "No such dataset (or not in the key's scope)", **_problem},
+        413: {"description": "A body over 64 KiB", **_problem},
+        429: {"description": "The key has its maximum of jobs queued or running", **_problem},
+    },
+)
+async def submit_job(
+    body: JobRequest, key: KeyDep, settings: SettingsDep, databases: DatabasesDep
+) -> JSONResponse:
+    """Run an export in the background into a compressed file; poll `status_url`, then fetch
+    `download_url` (resumable)."""
+    dataset = await _dataset(body.dataset, key, settings, databases)
+    params = _params(body)
+    encoder = ENCODERS[body.format]
+    # Everything a direct export would refuse is refused now, not when the job runs.
+    try:
+        query = parse_query(dataset, params, max_limit=settings.max_limit)
+        encoder(query.columns, query.options)
+        pull_cursor(query, encoder.format, key.role, await databases.cursor_secret())
+    except QueryError as exc:
+        raise Problem.from_query_error(exc) from exc
+    except CursorsUnavailable as exc:
+        raise Problem(503, "Service Unavailable", str(exc)) from exc
+    try:
+        job = await job_records.submit(
+            databases.state,
+            uuid.uuid4().hex,
+            key.id,
+            key.name,
+            dataset.name,
+            body.format,
+            params,
+            settings.max_jobs_per_key,
+        )
+    except export_log.ENCODING_ERRORS as exc:
+        # The job's parameters are kept as given, to run it exactly: a state database whose
+        # encoding cannot hold one (an emoji in LATIN1) cannot keep the job.
+        raise Problem(
+            400,
+            "Invalid request body",
+            f"a value the service's state database cannot hold (its encoding): {exc}",
+        ) from exc
+    if job is None:
+        raise Problem(
+            429,
+            "Too Many Requests",
+            f"this key has {settings.max_jobs_per_key} jobs queued or running; try again when"
+            " one has finished",
+            headers={"Retry-After": "30"},
+        )
+    info = JobInfo.of(job)
+    return JSONResponse(
+        info.model_dump(mode="json"), status_code=202, headers={"Location": info.status_url}
+    )
+
+
+async def _job(job_id: str, key: ApiKey, databases: DatabasesDep) -> Job:
+    job = await job_records.get(databases.state, job_id[:100])
+    # Another key's job does not exist, as another key's dataset does not.
+    if job is None or (job.key_id != key.id and not key.admin):
+        raise Problem(404, "Not Found", "no export job with this id")
+    return job
+
+
+@router.api_route(
+    "/exports/{job_id}",
+    methods=["GET", "HEAD"],
+    tags=["jobs"],
+    response_model=JobInfo,
+    responses={404: {"description": "No such job (or another key's)", **_problem}},
+)
+async def job_status(job_id: str, key: KeyDep, databases: DatabasesDep) -> JobInfo:
+    return JobInfo.of(await _job(job_id, key, databases))
+
+
+@router.delete(
+    "/exports/{job_id}",
+    tags=["jobs"],
+    response_model=JobInfo,
+    responses={404: {"description": "No such job (or another key's)", **_problem}},
+)
+async def cancel_job(job_id: str, key: KeyDep, databases: DatabasesDep, store: StoreDep) -> JobInfo:
+    """Cancel a queued or running job, or delete a finished job's file."""
+    job = await _job(job_id, key, databases)
+    cancelled = await job_records.cancel(databases.state, job.id)
+    assert cancelled is not None
+    if cancelled.status == "expired" and cancelled.file_name:
+        try:
+            await store.delete(cancelled.file_name)
+        except StoreError as exc:
+            # Expired all the same: no job needs the file now, and the sweep deletes it.
+            log.warning("could not delete %s from the store: %s", cancelled.file_name, exc)
+    return JobInfo.of(cancelled)
+
+
+@router.api_route(
+    "/exports/{job_id}/download",
+    methods=["GET", "HEAD"],
+    tags=["jobs"],
+    response_class=Response,
+    responses={
+        200: {"description": "The export file"},
+        206: {"description": "A byte range of it"},
+        304: {"description": "Not modified"},
+        404: {"description": "No such job (or another key's)", **_problem},
+        409: {"description": "The job has not finished, or failed", **_problem},
+        410: {"description": "The file has expired or was deleted", **_problem},
+        412: {"description": "A precondition failed"},
+        416: {"description": "Range not satisfiable"},
+    },
+)
+async def download(
+    job_id: str, request: Request, key: KeyDep, databases: DatabasesDep, store: StoreDep
+) -> Response:
+    """The job's file: ETag, Last-Modified, byte ranges (resume with `curl -C -`), gzip as
+    stored when the client accepts it."""
+    job = await _job(job_id, key, databases)
+    if job.status in ("queued", "running"):
+        raise Problem(409, "Conflict", f"the job is {job.status}", headers={"Retry-After": "5"})
+    if job.status != "done" or job.file_name is None:
+        if job.status == "failed":
+            raise Problem(409, "Conflict", f"the job failed: {job.error}")
+        raise Problem(410, "Gone", f"the job is {job.status}; submit it again")
+    assert job.finished_at is not None and job.bytes is not None and job.file_bytes is not None
+    encoder = ENCODERS[job.format]
+    media_type = content_type(encoder)
+    stored = StoredExport(
+        store=store,
+        name=job.file_name,
+        identity_length=job.bytes,
+        encoded_length=job.file_bytes,
+        validator=job.file_name,
+        last_modified=job.finished_at,
+        filename=attachment_name(job.dataset, encoder.extension, job.finished_at),
+        media_type=media_type,
+        seek_points=job.seek_points,
+    )
+    return await download_response(request, stored)
+
+
+async def _recorded_end(
+    databases: Databases, export_id: str, key: ApiKey
+) -> tuple[str, dict[str, Any]] | None:
+    """The end of an export as its job or its export log entry records it; None while it
+    runs (or is queued)."""
+    async with databases.state.connection() as connection:
+        job = await connection.fetchrow(
+            "SELECT status, rows, bytes, error FROM exporter.jobs"
+            " WHERE id = $1 AND ($2 OR key_id = $3)",
+            export_id,
+            key.admin,
+            key.id,
+        )
+        entry = None
+        if job is None:
+            entry = await connection.fetchrow(
+                "SELECT outcome, status, rows, bytes, error FROM exporter.export_log"
+                " WHERE request_id = $1 AND ($2 OR key_name = $3) ORDER BY id DESC LIMIT 1",
+                export_id,
+                key.admin,
+                key.name,
+            )
+    if job is not None:
+        if job["status"] in ("queued", "running"):
+            return None
+        if job["status"] == "done":
+            url = f"/exports/{urllib.parse.quote(export_id)}/download"
+            return "done", {"rows": job["rows"], "bytes": job["bytes"], "download_url": url}
+        detail = job["error"] or job["status"]
+        return "error", {"type": "about:blank", "title": f"Job {job['status']}", "detail": detail}
+    if entry is None or entry["outcome"] == "running":
+        return None
+    if entry["outcome"] == "completed":
+        return "done", {"rows": entry["rows"], "bytes": entry["bytes"]}
+    return "error", {
+        "type": "about:blank",
+        "title": f"Export {entry['outcome']}",
+        "status": entry["status"],
+        "detail": entry["error"] or entry["outcome"],
+    }
+
+
+async def _may_watch(export_id: str, key: ApiKey, databases: Databases) -> bool:
+    """Whether the key started the export (a job, or an export in the export log, or one
+    with events), or is an admin key and it exists."""
+    async with databases.state.connection() as connection:
+        found = await connection.fetchval(
+            "SELECT EXISTS (SELECT FROM exporter.jobs WHERE id = $1 AND ($3 OR key_id = $4))"
+            " OR EXISTS (SELECT FROM exporter.export_log"
+            "   WHERE request_id = $1 AND ($3 OR key_name = $2))"
+            " OR EXISTS (SELECT FROM exporter.export_events"
+            "   WHERE export_id = $1 AND ($3 OR key_name = $2))",
+            export_id,
+            key.name,
+            key.admin,
+            key.id,
+        )
+    return bool(found)
+
+
+@router.get(
+    "/exports/{export_id}/events",
+    tags=["jobs"],
+    response_class=StreamingResponse,
+    responses={
+        200: {
+            "description": "Server-Sent Events: `progress` (rows, bytes, elapsed_s, "
+            "estimated_rows), then `done` (with a job's download_url) or `error` (a problem)",
+            "content": {"text/event-stream": {}},
+        },
+        404: {"description": "No such export (or another key's)", **_problem},
+    },
+)
+async def export_events(
+    export_id: str, request: Request, key: KeyDep, databases: DatabasesDep
+) -> StreamingResponse:
+    """The progress of any export (its request id) or job (its id), live. Reconnecting with
+    `Last-Event-ID` resumes after that event."""
+    export_id = export_id[:200]
+    if not await _may_watch(export_id, key, databases):
+        raise Problem(404, "Not Found", "no export with this id")
+    last = request.headers.get("last-event-id", "").strip()
+    # ASCII digits only: str.isdigit() also takes '²', which int() refuses.
+    after = int(last) if re.fullmatch(r"[0-9]{1,18}", last) else 0
+    hub: EventHub = request.app.state.event_hub
+
+    async def ended() -> tuple[str, dict[str, Any]] | None:
+        return await _recorded_end(databases, export_id, key)
+
+    return StreamingResponse(
+        event_stream(
+            databases.state, hub, export_id, None if key.admin else key.name, after, ended
+        ),
+        media_type="text/event-stream",
+        headers={
+            "Cache-Control": "no-cache",
+            # nginx would otherwise hold events back in its buffer.
+            "X-Accel-Buffering": "no",
+        },
+    )

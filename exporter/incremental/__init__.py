@@ -1,0 +1,1 @@
+"""Incremental pulls: pull tokens, planning a pull, change tracking."""

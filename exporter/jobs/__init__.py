@@ -1,0 +1,1 @@
+"""Background export jobs: records, the runner, progress events, seekable gzip files."""

@@ -1,0 +1,1 @@
+"""The service's own schema: SQLAlchemy models and the migrations runner."""
