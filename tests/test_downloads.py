@@ -37,8 +37,8 @@ from exporter.http.preconditions import (
     parse_range,
 )
 from exporter.jobs.seekable_gzip import SeekableGzipWriter, SeekPoint
+from exporter.storage.local import LocalStore
 from exporter.storage.s3 import Credentials, S3Store
-from exporter.storage.store import LocalStore
 from tests.conftest import S3Server, free_port
 
 CSV = "text/csv; charset=utf-8"

@@ -139,7 +139,7 @@ def test_select_quoted_names_may_hold_commas_quotes_and_dots() -> None:
 def test_bad_select_names_select(select: str, reason: str) -> None:
     problem = error(("id", "eq.1"), ("select", select), ("limit", "3"))
     assert problem.parameter == "select"
-    assert reason in problem.detail
+    assert reason in problem.reason
 
 
 def test_many_duplicate_selects_fail_fast() -> None:
@@ -180,7 +180,7 @@ def test_a_pattern_ending_in_its_escape_character_is_refused(operator: str) -> N
     for pattern in ("\\", "a\\", "*\\", "\\\\\\", "a\\b\\"):
         problem = error(("name", f"{operator}.{pattern}"))
         assert problem.parameter == "name"
-        assert "backslash" in problem.detail
+        assert "backslash" in problem.reason
     for pattern in ("\\\\", "a\\\\", "\\*", "a\\b", "\\\\\\*"):
         assert one_filter("name", f"{operator}.{pattern}").parameter == "name"
 
@@ -217,7 +217,7 @@ def test_in_list() -> None:
 def test_bad_in_list_names_its_column(column: str, expression: str, reason: str) -> None:
     problem = error(("name", "eq.ok"), (column, expression))
     assert problem.parameter == column
-    assert reason in problem.detail
+    assert reason in problem.reason
 
 
 def test_is() -> None:
@@ -241,7 +241,7 @@ def test_is() -> None:
 def test_bad_is(column: str, expression: str, reason: str) -> None:
     problem = error((column, expression))
     assert problem.parameter == column
-    assert reason in problem.detail
+    assert reason in problem.reason
 
 
 @pytest.mark.parametrize(
@@ -265,7 +265,7 @@ def test_bad_is(column: str, expression: str, reason: str) -> None:
 def test_bad_filter_names_its_parameter(name: str, expression: str, reason: str) -> None:
     problem = error(("id", "gt.0"), (name, expression), ("name", "eq.x"))
     assert problem.parameter == name
-    assert reason in problem.detail
+    assert reason in problem.reason
 
 
 @pytest.mark.parametrize(
@@ -305,7 +305,7 @@ def test_values_are_checked_against_the_column_type(
         for expression in (f"eq.{value}", f"not.gte.{value}", f'in.("{value}")'):
             problem = error(("select", "id"), (column, expression))
             assert problem.parameter == column, (value, expression)
-            assert "is not a valid" in problem.detail
+            assert "is not a valid" in problem.reason
 
 
 @pytest.mark.parametrize("expression", ["eq.a\x00b", "like.*\x00*", 'in.(a,"\x00")', "is.\x00"])
@@ -313,7 +313,7 @@ def test_nul_in_a_value_is_refused_for_every_type(expression: str) -> None:
     for column in ("name", "born", "doc", "active"):
         problem = error(("id", "gt.1"), (column, expression))
         assert problem.parameter == column
-        assert "NUL" in problem.detail
+        assert "NUL" in problem.reason
 
 
 def test_types_postgresql_checks_itself_pass_through() -> None:
@@ -330,7 +330,7 @@ def test_long_numeric_values_do_not_backtrack() -> None:
     for param in params:
         problem = error(param)
         assert problem.parameter == param[0]
-        assert "is not a valid" in problem.detail
+        assert "is not a valid" in problem.reason
     assert time.perf_counter() - started < 0.5
 
 
@@ -389,7 +389,7 @@ def test_order(order: str, expected: list[tuple[str, bool, str | None]]) -> None
 def test_bad_order_names_order(order: str, reason: str) -> None:
     problem = error(("id", "gt.0"), ("order", order), ("select", "id"))
     assert problem.parameter == "order"
-    assert reason in problem.detail
+    assert reason in problem.reason
 
 
 # limit
@@ -407,13 +407,13 @@ def test_limit(limit: str) -> None:
 def test_bad_limit_names_limit(limit: str) -> None:
     problem = error(("id", "gt.0"), ("limit", limit))
     assert problem.parameter == "limit"
-    assert "non-negative integer" in problem.detail
+    assert "non-negative integer" in problem.reason
 
 
 def test_limit_may_not_exceed_the_configured_maximum() -> None:
     assert parse(("limit", "100"), max_limit=100).limit == 100
     problem = error(("limit", "101"), max_limit=100)
-    assert (problem.parameter, problem.detail) == ("limit", "limit may be at most 100")
+    assert (problem.parameter, problem.reason) == ("limit", "limit may be at most 100")
 
 
 # the request as a whole
@@ -424,7 +424,7 @@ def test_reserved_parameters_once_only(name: str) -> None:
     value = {"select": "id", "order": "id", "limit": "1"}[name]
     problem = error((name, value), ("id", "gt.1"), (name, value))
     assert problem.parameter == name
-    assert "more than once" in problem.detail
+    assert "more than once" in problem.reason
 
 
 def test_parameter_count_is_capped() -> None:
@@ -439,12 +439,12 @@ def test_parameter_count_is_capped() -> None:
 def test_value_and_name_lengths_are_capped() -> None:
     assert one_filter("name", "eq." + "x" * (MAX_VALUE_LENGTH - 3)).parameter == "name"
     problem = error(("name", "eq." + "x" * (MAX_VALUE_LENGTH - 2)))
-    assert (problem.parameter, problem.detail) == ("name", "value longer than 10000 characters")
+    assert (problem.parameter, problem.reason) == ("name", "value longer than 10000 characters")
     assert error(("select", "id," * 40_000)).parameter == "select"
     long_name = "n" * 100_000
     problem = error((long_name, "eq.1"))
     assert problem.parameter == "n" * 100 + "..."
-    assert problem.detail == "parameter name longer than 1000 characters"
+    assert problem.reason == "parameter name longer than 1000 characters"
 
 
 @pytest.mark.parametrize(
@@ -464,7 +464,7 @@ def test_errors_do_not_echo_long_client_text_whole(params: list[tuple[str, str]]
     # An unknown 9,000-character column was quoted whole, twice in the problem: a 10 KB
     # request made a 20 KB answer.
     problem = error(*params)
-    assert len(problem.detail) < 300, problem.detail[:50]
+    assert len(problem.reason) < 300, problem.reason[:50]
 
 
 def test_filters_are_checked_before_select_and_select_before_limit() -> None:

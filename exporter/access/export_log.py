@@ -13,11 +13,9 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 import anyio
-import asyncpg
 
-from exporter.db.pool import UNREACHABLE, Pool, PoolTimeout, RoleUnavailable
-from exporter.http.problems import Problem
-from exporter.pipeline.query import QueryError
+from exporter.db.failures import ENCODING_ERRORS, database_failure
+from exporter.db.pool import Pool
 
 log = logging.getLogger(__name__)
 
@@ -36,13 +34,6 @@ def _escaped(text: str) -> str:
     """For a state database whose encoding cannot hold a character (an emoji in LATIN1): the
     cleaned text with every non-ASCII character backslash-escaped."""
     return clean(text).encode("ascii", "backslashreplace").decode("ascii")
-
-
-# What PostgreSQL says of a character its database's encoding cannot hold.
-ENCODING_ERRORS = (
-    asyncpg.exceptions.UntranslatableCharacterError,
-    asyncpg.exceptions.CharacterNotInRepertoireError,
-)
 
 
 def bounded_parameters(params: list[tuple[str, str]]) -> dict[str, list[str]]:
@@ -200,15 +191,10 @@ async def _update(
 def refusal_status(exc: BaseException) -> tuple[int, str]:
     """The HTTP status (and a reason for the log) an exception before an export's first byte
     is answered with, as the exception handlers (problems.install) answer it."""
-    if isinstance(exc, Problem):
-        return exc.status, exc.detail or exc.title
-    if isinstance(exc, QueryError):
-        return 400, f"{exc.parameter}: {exc.detail}"
-    if isinstance(exc, RoleUnavailable):
-        return 403, str(exc)
-    if isinstance(exc, (PoolTimeout, *UNREACHABLE)):
-        return 503, "database unavailable"
-    return 500, repr(exc)
+    error = database_failure(exc)
+    if error is None:
+        return 500, repr(exc)
+    return error.status, error.detail or error.title
 
 
 @contextlib.asynccontextmanager

@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import FrameType
 
-from exporter.cli.main import CliError
+from exporter.errors import InvalidRequest
 from exporter.settings import Settings
 
 
@@ -44,7 +44,7 @@ def _check_port(host: str, port: int) -> None:
         with socket.create_server((host, port), family=family):
             pass
     except OSError as exc:
-        raise CliError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+        raise InvalidRequest(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
 
 
 @contextlib.contextmanager
@@ -61,7 +61,7 @@ def _only_demo_on(data_dir: Path) -> Iterator[None]:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise CliError(
+            raise InvalidRequest(
                 f"another `exporter demo` is running on {data_dir}; stop it, or pass a "
                 "different --data-dir"
             ) from None
@@ -116,17 +116,17 @@ def _announce_when_listening(host: str, port: int, message: Callable[[], str]) -
 
 def run_demo(data_dir: Path, host: str, port: int, rows: int) -> int:
     from exporter.cli.embedded import EmbeddedPostgres
-    from exporter.cli.main import serve
+    from exporter.cli.serve import serve
     from exporter.schema.migrate import upgrade
 
     started = time.monotonic()
     data_dir = data_dir.resolve()
     if rows < 0:
-        raise CliError("--rows must be 0 or more")
+        raise InvalidRequest("--rows must be 0 or more")
     if data_dir.exists() and any(data_dir.iterdir()) and not (data_dir / "PG_VERSION").exists():
         # initdb would refuse it anyway, but as root the library first hands the directory
         # over to its `pgserver` user.
-        raise CliError(f"{data_dir} is neither empty nor a demo's data directory")
+        raise InvalidRequest(f"{data_dir} is neither empty nor a demo's data directory")
     _check_port(host, port)
     data_dir.mkdir(parents=True, exist_ok=True)
     with _only_demo_on(data_dir), _signals_unwind():
@@ -135,7 +135,7 @@ def run_demo(data_dir: Path, host: str, port: int, rows: int) -> int:
         try:
             url = postgres.start()
         except Exception as exc:
-            raise CliError(
+            raise InvalidRequest(
                 f"could not start the embedded PostgreSQL in {data_dir}: {exc!r} "
                 f"(its log: {data_dir / 'log'})"
             ) from None

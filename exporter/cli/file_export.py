@@ -11,7 +11,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, BinaryIO, TextIO
 
-from exporter.cli.main import FAILED, CliError, database_error
+from exporter.cli.database import database_error
+from exporter.errors import ExporterError, InvalidRequest
 from exporter.settings import Settings
 
 if TYPE_CHECKING:
@@ -81,12 +82,12 @@ class Output:
             return
         target = Path(name)
         if target.is_dir():
-            raise CliError(f"{name} is a directory")
+            raise InvalidRequest(f"{name} is a directory")
         partial = target.with_name(target.name + ".part")
         try:
             self.file = partial.open("wb")
         except OSError as exc:
-            raise CliError(f"cannot write {partial}: {exc.strerror or exc}") from None
+            raise InvalidRequest(f"cannot write {partial}: {exc.strerror or exc}") from None
         self.target, self.partial = target, partial
 
     def write(self, data: bytes) -> None:
@@ -113,7 +114,7 @@ class Output:
             raise
         except OSError as exc:
             where = self.partial or self.name
-            raise CliError(f"cannot write {where}: {exc.strerror or exc}", FAILED) from None
+            raise ExporterError(f"cannot write {where}: {exc.strerror or exc}") from None
 
     def __enter__(self) -> "Output":
         return self
@@ -147,7 +148,7 @@ async def _estimate_rows(
         return None
 
 
-def _export_params(args: argparse.Namespace) -> list[tuple[str, str]]:
+def export_params(args: argparse.Namespace) -> list[tuple[str, str]]:
     """The CLI's options as the HTTP query's parameters, so both go through parse_query."""
     from exporter.pipeline.query import FORMAT_OPTIONS
 
@@ -158,12 +159,12 @@ def _export_params(args: argparse.Namespace) -> list[tuple[str, str]]:
     for condition in args.where:
         column, equals, expression = condition.partition("=")
         if not equals or not column:
-            raise CliError(f"--where takes col=op.value, got {condition!r}")
+            raise InvalidRequest(f"--where takes col=op.value, got {condition!r}")
         params.append((column, expression))
     for option in args.option:
         name, equals, value = option.partition("=")
         if not equals or name not in FORMAT_OPTIONS:
-            raise CliError(
+            raise InvalidRequest(
                 f"--option takes name=value, name one of {', '.join(sorted(FORMAT_OPTIONS))};"
                 f" got {option!r}"
             )
@@ -178,32 +179,34 @@ async def export_to_file(settings: Settings, args: argparse.Namespace) -> int:
     from exporter.pipeline.query import QueryError, parse_query
     from exporter.pipeline.stream import ExportStream
 
-    params = _export_params(args)
+    params = export_params(args)
     encoder = ENCODERS.get(args.format)
     if encoder is None:
-        raise CliError(f"--format: {args.format!r} is not one of {', '.join(sorted(ENCODERS))}")
+        raise InvalidRequest(
+            f"--format: {args.format!r} is not one of {', '.join(sorted(ENCODERS))}"
+        )
     progress = Progress(sys.stderr)
     pool = await Pool.open(settings.database_url, size=1)
     try:
         dataset = await find_dataset(pool, settings.exposed_schemas, args.dataset)
         if dataset is None:
-            raise CliError(f"no dataset named {args.dataset!r}")
+            raise InvalidRequest(f"no dataset named {args.dataset!r}")
         try:
             query = parse_query(dataset, params, max_limit=settings.max_limit)
         except QueryError as exc:
-            raise CliError(f"{exc.parameter}: {exc.detail}") from None
+            raise InvalidRequest(exc.detail) from None
         if progress.enabled:
             progress.total = await _estimate_rows(pool, query, encoder)
         try:
             stream = ExportStream(query, encoder, pool, settings, "exporter cli")
         except QueryError as exc:  # a format option
-            raise CliError(f"{exc.parameter}: {exc.detail}") from None
+            raise InvalidRequest(exc.detail) from None
         with Output(args.output) as output:
             try:
                 await stream.open()
             except QueryError as exc:
                 # A filter value PostgreSQL itself rejects.
-                raise CliError(f"{exc.parameter}: {exc.detail}") from None
+                raise InvalidRequest(exc.detail) from None
             except Exception as exc:
                 # Everything that can fail before the first byte is the request's fault or
                 # the database's state, as with HTTP's 4xx and 503.
@@ -225,19 +228,19 @@ async def export_to_file(settings: Settings, args: argparse.Namespace) -> int:
                     if aclose is not None:
                         await aclose()
                 output.commit()
-            except CliError:
+            except ExporterError:
                 raise
             except BrokenPipeError:
                 # Like `head` closing the pipe: stop quietly, and keep Python's own flush of
                 # stdout at exit from complaining again.
                 os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-                raise CliError(f"output closed after {stream.rows:,} rows", FAILED) from None
+                raise ExporterError(f"output closed after {stream.rows:,} rows") from None
             except Exception as exc:
                 error = database_error(exc, settings.database_url)
-                detail = error.message if error is not None else repr(exc)
+                detail = error.detail if error is not None else repr(exc)
                 kept = "" if output.target is None else f"; {output.name} was not written"
-                raise CliError(
-                    f"export failed after {stream.rows:,} rows: {detail}{kept}", FAILED
+                raise ExporterError(
+                    f"export failed after {stream.rows:,} rows: {detail}{kept}"
                 ) from None
         progress.update(stream.rows, final=True)
         where = "" if output.target is None else f" to {output.target}"

@@ -18,8 +18,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from exporter.cli.file_export import Output, Progress, _export_params
-from exporter.cli.main import BAD_INPUT, FAILED, CliError
+from exporter.cli.file_export import Output, Progress, export_params
+from exporter.errors import BAD_INPUT, FAILED, ExporterError, InvalidRequest, ServiceUnavailable
 
 # Reconnections of the event stream, and resumptions of the download, before giving up.
 ATTEMPTS = 5
@@ -29,7 +29,7 @@ RECONNECT_S = 2.0
 CHUNK = 64 * 1024
 
 
-class _Unreachable(CliError):
+class _Unreachable(ServiceUnavailable):
     """The service could not be reached, or answered 502/503/504: a restart or an overload,
     worth trying again (a bounded number of times)."""
 
@@ -59,10 +59,10 @@ class _Service:
             return urllib.request.urlopen(request, timeout=60)
         except urllib.error.HTTPError as exc:
             if exc.code in (502, 503, 504):
-                raise _Unreachable(_problem_text(exc), FAILED) from None
-            raise CliError(_problem_text(exc), code) from None
+                raise _Unreachable(_problem_text(exc)) from None
+            raise ExporterError(_problem_text(exc), exit_code=code) from None
         except (urllib.error.URLError, OSError) as exc:
-            raise _Unreachable(f"cannot reach {self.url}: {exc}") from None
+            raise _Unreachable(f"cannot reach {self.url}: {exc}", exit_code=BAD_INPUT) from None
 
 
 def _problem_text(exc: urllib.error.HTTPError) -> str:
@@ -109,7 +109,7 @@ def _follow(service: _Service, events_url: str, progress: Progress) -> dict[str,
                     elif event == "done":
                         return data
                     elif event == "error":
-                        raise CliError(f"the job failed: {data.get('detail')}", FAILED)
+                        raise ExporterError(f"the job failed: {data.get('detail')}")
         except (OSError, ValueError, http.client.HTTPException, _Unreachable):
             # A broken stream (cut inside a chunk, say), or a service restarting: follow it
             # again.
@@ -122,7 +122,7 @@ def _follow(service: _Service, events_url: str, progress: Progress) -> dict[str,
         else:
             time.sleep(min(2**failures, 10))
             failures += 1
-    raise CliError("lost the job's event stream", FAILED)
+    raise ExporterError("lost the job's event stream")
 
 
 def _download(service: _Service, url: str, output: Output, size: int) -> None:
@@ -133,7 +133,7 @@ def _download(service: _Service, url: str, output: Output, size: int) -> None:
         try:
             with service.request("GET", url, headers=headers) as response:
                 if written and response.status != 206:
-                    raise CliError("the service did not resume the download", FAILED)
+                    raise ExporterError("the service did not resume the download")
                 while chunk := response.read(CHUNK):
                     output.write(chunk)
                     written += len(chunk)
@@ -142,19 +142,19 @@ def _download(service: _Service, url: str, output: Output, size: int) -> None:
         except (OSError, http.client.HTTPException, _Unreachable):
             if output.target is None and written:
                 # stdout cannot be rewound: what was written stays written.
-                raise CliError(f"the download broke after {written} bytes", FAILED) from None
+                raise ExporterError(f"the download broke after {written} bytes") from None
         time.sleep(min(2**attempt, 10))
-    raise CliError(f"the download stopped at {written} of {size} bytes", FAILED)
+    raise ExporterError(f"the download stopped at {written} of {size} bytes")
 
 
 def export_as_job(args: argparse.Namespace) -> int:
     url = args.url or os.environ.get("EXPORTER_URL", "http://127.0.0.1:8000")
     key = os.environ.get("EXPORTER_KEY")
     if not key:
-        raise CliError("--job needs the service's key in EXPORTER_KEY")
+        raise InvalidRequest("--job needs the service's key in EXPORTER_KEY")
     service = _Service(url, key)
     params: dict[str, list[str]] = {}
-    for name, value in _export_params(args):
+    for name, value in export_params(args):
         params.setdefault(name, []).append(value)
     body = {"dataset": args.dataset, "format": args.format, "params": params}
     # Refused (a bad dataset, column or value): the export could not start.

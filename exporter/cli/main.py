@@ -7,74 +7,19 @@ import re
 import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
+from exporter.cli.database import database_error
+from exporter.cli.serve import serve
+from exporter.errors import INTERRUPTED, ExporterError, InvalidRequest
 from exporter.settings import Settings
 
 if TYPE_CHECKING:
     from exporter.access.log_query import LogPage
 
-LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s"
-
-# Exit codes: 1 = the operation failed (duplicate key, export broken off midway);
-# 2 = it could not start (bad arguments or configuration, unknown dataset or column, a value
-# PostgreSQL rejects, database unreachable), as argparse uses 2 for usage errors.
-FAILED = 1
-BAD_INPUT = 2
-INTERRUPTED = 130
-
-
-class CliError(Exception):
-    """A failure explained in one line: main() prints it, without a traceback, and exits."""
-
-    def __init__(self, message: str, code: int = BAD_INPUT) -> None:
-        super().__init__(message)
-        self.message = message
-        self.code = code
-
-
-def log_config() -> dict[str, Any]:
-    # uvicorn's own loggers keep their formats; ours carry the request id.
-    return {
-        "version": 1,
-        "disable_existing_loggers": False,
-        "filters": {"request_id": {"()": "exporter.http.middleware.RequestIdFilter"}},
-        "formatters": {"plain": {"format": LOG_FORMAT}},
-        "handlers": {
-            "stderr": {
-                "class": "logging.StreamHandler",
-                "formatter": "plain",
-                "filters": ["request_id"],
-                "stream": "ext://sys.stderr",
-            }
-        },
-        "loggers": {
-            "exporter": {"handlers": ["stderr"], "level": "INFO", "propagate": False},
-            "uvicorn": {"handlers": ["stderr"], "level": "INFO", "propagate": False},
-            "uvicorn.access": {"handlers": ["stderr"], "level": "INFO", "propagate": False},
-        },
-    }
-
-
-def serve(host: str, port: int, workers: int, shutdown_grace_s: int = 30) -> None:
-    import uvicorn
-
-    uvicorn.run(
-        "exporter.http.app:create_app",
-        factory=True,
-        host=host,
-        port=port,
-        workers=workers,
-        log_config=log_config(),
-        # No WebSocket routes: importing a WebSocket implementation would only cost memory.
-        ws="none",
-        # Exports are long; running ones may finish for a while before they are cancelled.
-        timeout_graceful_shutdown=shutdown_grace_s,
-    )
-
 
 def load_settings() -> Settings:
-    """Settings from the environment, or a CliError that names the variable at fault."""
+    """Settings from the environment, or an error that names the variable at fault."""
     from pydantic import ValidationError
 
     from exporter.db.pool import connect_url
@@ -86,7 +31,7 @@ def load_settings() -> Settings:
             f"EXPORTER_{'_'.join(str(part) for part in error['loc']).upper()}: {error['msg']}"
             for error in exc.errors()
         )
-        raise CliError(f"invalid configuration: {problems}") from None
+        raise InvalidRequest(f"invalid configuration: {problems}") from None
     for variable, url in [
         ("EXPORTER_DATABASE_URL", settings.database_url),
         ("EXPORTER_STATE_DATABASE_URL", settings.state_database_url),
@@ -95,45 +40,8 @@ def load_settings() -> Settings:
             if url is not None:
                 connect_url(url)
         except ValueError as exc:
-            raise CliError(f"invalid configuration: {variable}: {exc}") from None
+            raise InvalidRequest(f"invalid configuration: {variable}: {exc}") from None
     return settings
-
-
-# SQLSTATE classes that mean "cannot reach or log in to the database": connection exception,
-# invalid authorization, invalid catalog name (no such database), and the server starting up
-# or shutting down.
-_CONNECTION_SQLSTATES = ("08", "28", "3D", "57P")
-
-
-def database_error(exc: BaseException, url: str) -> CliError | None:
-    """A one-line CliError for a failure to reach or use PostgreSQL, or None if `exc` is
-    something else (a bug, which should keep its traceback)."""
-    import asyncpg
-
-    from exporter.db.pool import PoolTimeout, display_url
-
-    orig = getattr(exc, "orig", None)
-    if isinstance(orig, BaseException):
-        # Migrations run through SQLAlchemy, which wraps its adapter's error, which wraps
-        # asyncpg's.
-        exc = orig.__cause__ or orig
-    sqlstate = str(getattr(exc, "sqlstate", "") or "")
-    if (
-        isinstance(exc, OSError | PoolTimeout | asyncpg.exceptions.PostgresConnectionError)
-        or sqlstate.startswith(_CONNECTION_SQLSTATES)
-        or (isinstance(exc, asyncpg.exceptions.InterfaceError) and "connect" in str(exc))
-    ):
-        lost = isinstance(exc, asyncpg.exceptions.ConnectionDoesNotExistError) or sqlstate in (
-            "57P01",  # admin_shutdown: pg_terminate_backend() or a server shutting down
-            "57P02",
-        )
-        doing = "lost the connection to" if lost else "cannot connect to"
-        return CliError(f"{doing} PostgreSQL at {display_url(url)}: {exc}")
-    if isinstance(exc, asyncpg.exceptions.UndefinedTableError):
-        return CliError(f"PostgreSQL: {exc} (has `exporter migrate` run on this database?)")
-    if isinstance(exc, asyncpg.exceptions.PostgresError):
-        return CliError(f"PostgreSQL rejected the request: {exc}")
-    return None
 
 
 def migrate(settings: Settings) -> None:
@@ -144,7 +52,7 @@ def migrate(settings: Settings) -> None:
     try:
         upgrade(settings.state_url)
     except CommandError as exc:
-        raise CliError(f"migration failed: {exc}", FAILED) from None
+        raise ExporterError(f"migration failed: {exc}") from None
     print("migrated to head", file=sys.stderr)
 
 
@@ -160,16 +68,18 @@ def parse_expiry(text: str, now: datetime) -> datetime:
     if duration:
         seconds = int(duration.group(1)) * _DURATION[duration.group(2)]
         if not 0 < seconds <= _MAX_EXPIRY_S:
-            raise CliError(f"--expires: {text!r} must be more than 0 and at most 10000d")
+            raise InvalidRequest(f"--expires: {text!r} must be more than 0 and at most 10000d")
         return now + timedelta(seconds=seconds)
     try:
         when = datetime.fromisoformat(text)
     except ValueError:
-        raise CliError(f"--expires: {text!r} is neither 30d/12h/90m nor an ISO 8601 time") from None
+        raise InvalidRequest(
+            f"--expires: {text!r} is neither 30d/12h/90m nor an ISO 8601 time"
+        ) from None
     if when.tzinfo is None:
-        raise CliError(f"--expires: {text!r} needs an offset, e.g. 2027-01-31T00:00:00+00:00")
+        raise InvalidRequest(f"--expires: {text!r} needs an offset, e.g. 2027-01-31T00:00:00+00:00")
     if when <= now:
-        raise CliError(f"--expires: {text!r} is in the past")
+        raise InvalidRequest(f"--expires: {text!r} is in the past")
     return when
 
 
@@ -180,12 +90,12 @@ async def _keys(settings: Settings, args: argparse.Namespace) -> int:
     action: str = args.action
     name: str | None = getattr(args, "name", None)
     if name is not None and not name.strip():
-        raise CliError("a key needs a non-empty name")
+        raise InvalidRequest("a key needs a non-empty name")
     if action == "create":
         try:
             patterns = check_patterns(args.datasets or ["*"])
         except ValueError as exc:
-            raise CliError(f"--datasets: {exc}") from None
+            raise InvalidRequest(f"--datasets: {exc}") from None
         now = datetime.now(UTC)
         expires_at = parse_expiry(args.expires, now) if args.expires else None
         if args.role is not None:
@@ -193,9 +103,9 @@ async def _keys(settings: Settings, args: argparse.Namespace) -> int:
             # "none" means RESET ROLE to PostgreSQL, never a role: it would read as the service;
             # "public" is the pseudo-role of every role, which no session can take.
             if not role.strip() or role.lower() in ("none", "public") or "\x00" in role:
-                raise CliError(f"--role: {role!r} cannot name a role")
+                raise InvalidRequest(f"--role: {role!r} cannot name a role")
             if len(role.encode()) > 63:
-                raise CliError("--role: PostgreSQL role names are at most 63 bytes")
+                raise InvalidRequest("--role: PostgreSQL role names are at most 63 bytes")
     pool = await Pool.open(settings.state_url, size=1)
     try:
         if action == "create":
@@ -203,7 +113,7 @@ async def _keys(settings: Settings, args: argparse.Namespace) -> int:
             try:
                 key = await create_key(pool, name, patterns, expires_at, args.role, args.admin)
             except KeyExists as exc:
-                raise CliError(str(exc), FAILED) from None
+                raise ExporterError(str(exc)) from None
             print(f"created key {name!r}; it is shown once, store it now:", file=sys.stderr)
             print(key)
         elif action == "list":
@@ -222,7 +132,7 @@ async def _keys(settings: Settings, args: argparse.Namespace) -> int:
         else:
             assert name is not None
             if not await revoke_key(pool, name):
-                raise CliError(f"no active key named {name!r}", FAILED)
+                raise ExporterError(f"no active key named {name!r}")
             print(f"revoked {name!r}", file=sys.stderr)
         return 0
     finally:
@@ -244,7 +154,7 @@ async def _read_log(settings: Settings, args: argparse.Namespace) -> "LogPage":
         # The parser GET /exports uses: the same checks, the same meaning.
         query = LogQuery.parse([*given, ("limit", args.limit)])
     except QueryError as exc:
-        raise CliError(f"--{exc.parameter.replace('_', '-')}: {exc.detail}") from None
+        raise InvalidRequest(f"--{exc.parameter.replace('_', '-')}: {exc.reason}") from None
     pool = await Pool.open(settings.state_url, size=1)
     try:
         return await fetch_page(pool, query)
@@ -303,7 +213,7 @@ async def _tracking(settings: Settings, args: argparse.Namespace) -> int:
         # Before the connection is taken: the catalog takes one of its own from the pool.
         dataset = await find_dataset(pool, settings.exposed_schemas, args.table)
         if dataset is None:
-            raise CliError(f"no dataset named {args.table!r}", FAILED)
+            raise ExporterError(f"no dataset named {args.table!r}")
         async with pool.connection() as connection:
             try:
                 if args.command == "track":
@@ -317,7 +227,7 @@ async def _tracking(settings: Settings, args: argparse.Namespace) -> int:
                         else f"{dataset.name} was not tracked"
                     )
             except TrackingError as exc:
-                raise CliError(str(exc), FAILED) from None
+                raise ExporterError(str(exc)) from None
     finally:
         await pool.close()
     return 0
@@ -471,7 +381,7 @@ def _run(args: argparse.Namespace) -> int:
         from exporter.cli.file_export import export_to_file
 
         return asyncio.run(export_to_file(settings, args))
-    except CliError:
+    except ExporterError:
         raise
     except Exception as exc:
         error = database_error(exc, url)
@@ -480,13 +390,18 @@ def _run(args: argparse.Namespace) -> int:
         raise error from None
 
 
+def report(error: ExporterError) -> int:
+    """The error as the command shows it: one line on stderr (no traceback); its exit code."""
+    print(f"error: {error.detail or error}", file=sys.stderr)
+    return error.exit_code
+
+
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
         code = _run(args)
-    except CliError as exc:
-        print(f"error: {exc.message}", file=sys.stderr)
-        code = exc.code
+    except ExporterError as exc:
+        code = report(exc)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         code = INTERRUPTED

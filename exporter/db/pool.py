@@ -17,6 +17,7 @@ import anyio
 import asyncpg
 
 from exporter.db.slots import Slots
+from exporter.errors import Forbidden, ServiceUnavailable
 from exporter.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -42,11 +43,12 @@ def quote_literal(text: str) -> str:
     return "'" + text.replace("'", "''") + "'"
 
 
-class RoleUnavailable(Exception):
-    """The key's PostgreSQL role does not exist, or the service may not take it."""
+class RoleUnavailable(Forbidden):
+    """The key's PostgreSQL role does not exist, or the service may not take it. The client
+    learns that its key's role cannot be used, not the server's roles."""
 
 
-class PoolTimeout(TimeoutError):
+class PoolTimeout(ServiceUnavailable, TimeoutError):
     """No connection of the pool became free within its timeout."""
 
 
@@ -84,12 +86,16 @@ class Pool:
     free connection. Connections are made on demand: a server that is down at start-up
     fails requests, not the start."""
 
-    def __init__(self, pool: Any, timeout_s: float) -> None:
+    def __init__(self, pool: Any, timeout_s: float, busy: str) -> None:
         self._pool = pool
         self.timeout_s = timeout_s
+        # What a client is told when every connection stays busy.
+        self.busy = busy
 
     @classmethod
-    async def open(cls, url: str, size: int, timeout_s: float = 10) -> "Pool":
+    async def open(
+        cls, url: str, size: int, timeout_s: float = 10, busy: str = "the service is busy"
+    ) -> "Pool":
         pool = await asyncpg.create_pool(
             connect_url(url),
             min_size=0,
@@ -98,13 +104,17 @@ class Pool:
             timeout=10,
             server_settings={"application_name": "exporter"},
         )
-        return cls(pool, timeout_s)
+        return cls(pool, timeout_s, busy)
 
     async def acquire(self) -> Any:
         try:
             return await self._pool.acquire(timeout=self.timeout_s)
         except TimeoutError:
-            raise PoolTimeout(f"no free connection within {self.timeout_s} s") from None
+            raise PoolTimeout(
+                f"no free connection within {self.timeout_s} s",
+                detail=f"{self.busy}; try again shortly",
+                headers={"Retry-After": "5"},
+            ) from None
 
     async def release(self, connection: Any) -> None:
         # asyncpg resets the connection (rolling back what is open) or, failing that, closes
@@ -145,7 +155,10 @@ class Databases:
     async def open(cls, settings: Settings) -> "Databases":
         return cls(
             exports=await Pool.open(
-                settings.database_url, settings.pool_size, settings.pool_timeout_s
+                settings.database_url,
+                settings.pool_size,
+                settings.pool_timeout_s,
+                busy="every export connection is busy",
             ),
             catalog=await Pool.open(settings.database_url, _SIDE_POOL_SIZE),
             state=await Pool.open(settings.state_url, _SIDE_POOL_SIZE),

@@ -9,6 +9,8 @@ the backend's exit when its connection is lost), never a timer or the garbage co
 from dataclasses import dataclass
 from typing import Any
 
+from exporter.errors import TooManyRequests
+
 # Advisory locks in their two-integer form. Other applications on the same database use
 # advisory locks too; these class ids are out of the way of small integers and hashtext().
 # A key's slots: class KEY_SLOTS + slot number, object = the key's id.
@@ -37,12 +39,21 @@ SELECT
 """
 
 
-class TooManyExports(Exception):
+# Exports last seconds to hours; a client refused for want of a slot retries after this long.
+RETRY_AFTER_S = 10
+
+
+class TooManyExports(TooManyRequests):
     """No slot was free: `scope` is "key" (the key's own limit) or "total" (the service's)."""
 
     def __init__(self, scope: str, limit: int) -> None:
         what = "this key" if scope == "key" else "the service"
-        super().__init__(f"{what} already runs its maximum of {limit} concurrent exports")
+        message = f"{what} already runs its maximum of {limit} concurrent exports"
+        super().__init__(
+            message,
+            detail=f"{message}; try again when one has finished",
+            headers={"Retry-After": str(RETRY_AFTER_S)},
+        )
         self.scope = scope
         self.limit = limit
 

@@ -24,6 +24,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import Message, Receive, Scope, Send
 
+from exporter.errors import Gone, PreconditionFailed, RangeNotSatisfiable, ServiceUnavailable
 from exporter.http.compression import GZIP, IDENTITY, compressible, parse_accept_encoding
 from exporter.http.exports import attachment
 from exporter.http.preconditions import (
@@ -37,7 +38,7 @@ from exporter.http.preconditions import (
     if_range_holds,
     parse_range,
 )
-from exporter.http.problems import Problem, problem_response
+from exporter.http.problems import problem_response
 from exporter.jobs.seekable_gzip import GZIP_WBITS, RAW_WBITS, SeekPoint, seek_from
 from exporter.storage.store import CHUNK, ByteSource, FileGone, FileStore, StoreError
 
@@ -120,9 +121,7 @@ async def download_response(request: Request, stored: StoredExport) -> Response:
         return Response(status_code=304, headers=headers)
     if outcome is Outcome.PRECONDITION_FAILED:
         detail = "If-Match or If-Unmodified-Since does not hold for this export"
-        return problem_response(
-            Problem(412, "Precondition Failed", detail, headers=headers), request
-        )
+        return problem_response(PreconditionFailed(detail, headers=headers), request)
 
     headers["Accept-Ranges"] = "bytes"
     # Of the export's bytes only: not of a 416's problem details.
@@ -146,7 +145,7 @@ async def download_response(request: Request, stored: StoredExport) -> Response:
         if asked is UNSATISFIABLE:
             headers["Content-Range"] = f"bytes */{length}"
             detail = f"the export is {length} bytes long" + (" (gzip)" if gzip else "")
-            problem = Problem(416, "Range Not Satisfiable", detail, headers=headers)
+            problem = RangeNotSatisfiable(detail, headers=headers)
             return problem_response(problem, request)
         if asked is not None:
             span, status = asked, 206
@@ -157,17 +156,14 @@ async def download_response(request: Request, stored: StoredExport) -> Response:
 
 
 def _gone(request: Request) -> Response:
-    return problem_response(Problem(410, "Gone", "the export's file has been deleted"), request)
+    return problem_response(Gone("the export's file has been deleted"), request)
 
 
 def _unavailable(request: Request, exc: StoreError) -> Response:
     # The store's address and answer are for the server's log, not for clients.
     log.warning("job store: %s", exc)
-    problem = Problem(
-        503,
-        "Service Unavailable",
-        "the export's file cannot be read at the moment",
-        headers={"Retry-After": "5"},
+    problem = ServiceUnavailable(
+        "the export's file cannot be read at the moment", headers={"Retry-After": "5"}
     )
     return problem_response(problem, request)
 

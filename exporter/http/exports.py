@@ -9,27 +9,25 @@ from datetime import UTC, datetime
 from typing import Any
 
 import anyio
-import asyncpg
 from fastapi import Request
 from fastapi.responses import Response, StreamingResponse
 from starlette.types import Message, Receive, Scope, Send
 
 from exporter.access import export_log
+from exporter.access.exports import KeyExport
 from exporter.access.keys import ApiKey
-from exporter.db.pool import UNREACHABLE, Databases, PoolTimeout, RoleUnavailable
-from exporter.db.slots import Slots, TooManyExports
+from exporter.db.pool import Databases
+from exporter.errors import ClientClosedRequest, ExporterError
 from exporter.http.compression import Compressor, choose_coding, compressed, compressor_for
 from exporter.http.memory import release_free_memory
 from exporter.http.pace import PaceLimits, SendMeter
-from exporter.http.problems import Problem
-from exporter.incremental.pulls import CursorAhead, CursorsUnavailable, pull_cursor
-from exporter.incremental.tokens import Cursor, CursorExpired
+from exporter.incremental.pulls import pull_cursor
 from exporter.jobs.events import Publisher
 from exporter.pipeline.catalog import Dataset
 from exporter.pipeline.encoders import Encoder
-from exporter.pipeline.query import ExportQuery, QueryError, parse_query
-from exporter.pipeline.source import CopyTimeout
-from exporter.pipeline.stream import Caps, ExportAborted, ExportStream
+from exporter.pipeline.failures import export_failure
+from exporter.pipeline.query import estimated_rows, parse_query
+from exporter.pipeline.stream import ExportAborted, ExportStream
 from exporter.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -37,8 +35,6 @@ log = logging.getLogger(__name__)
 # The answer to a request whose client left before the export's first byte: nobody receives
 # it (uvicorn drops it, unlogged); nginx uses the same code for the same event.
 CLIENT_CLOSED_REQUEST = 499
-# Exports last seconds to hours; a client refused for want of a slot retries after this long.
-TOO_MANY_RETRY_AFTER_S = 10
 
 
 class ActiveExports:
@@ -91,15 +87,12 @@ async def start_export(
     params = request.query_params.multi_items()
     query = parse_query(dataset, params, max_limit=settings.max_limit)
     secret = await databases.cursor_secret()
-    try:
-        since = pull_cursor(query, encoder.format, key.role, secret)
-    except CursorsUnavailable as exc:
-        raise Problem(503, "Service Unavailable", str(exc)) from exc
+    since = pull_cursor(query, encoder.format, key.role, secret)
     media_type = content_type(encoder)
     # Several Accept-Encoding fields make one list (RFC 9110 §5.3).
     accept_encoding = ", ".join(request.headers.getlist("accept-encoding")) or None
     compressor = compressor_for(choose_coding(accept_encoding, media_type))
-    stream = key_export_stream(
+    stream = KeyExport(
         query, encoder, key, databases, settings, f"exporter {logged.request_id}", secret, since
     )
     await export_log.record_start(databases.state, logged)
@@ -110,15 +103,9 @@ async def start_export(
         if outcome == "completed":
             await publisher.done()
         else:
-            await publisher.error(
-                {
-                    "type": "about:blank",
-                    "title": f"Export {outcome}",
-                    "status": CLIENT_CLOSED_REQUEST if outcome == "disconnected" else 500,
-                    "detail": error or outcome,
-                    "aborted_by": ended.aborted_by,
-                }
-            )
+            ending = ClientClosedRequest if outcome == "disconnected" else ExporterError
+            failure = ending(detail=error or outcome, title=f"Export {outcome}")
+            await publisher.error(failure.problem(aborted_by=ended.aborted_by))
         await export_log.record_end(
             databases.state,
             logged,
@@ -157,7 +144,7 @@ async def start_export(
         opened = await _open_unless_client_leaves(stream, request, settings.max_seconds)
     except BaseException as exc:
         stream.error = exc
-        problem = _open_error(exc, query) if isinstance(exc, Exception) else None
+        problem = export_failure(exc, query)
         with anyio.CancelScope(shield=True):
             if isinstance(exc, ExportAborted) and problem is not None:
                 await export_log.record_end(
@@ -204,7 +191,7 @@ async def start_export(
         "Cache-Control": "no-store",
         # Compressed or not, the response depends on the header.
         "Vary": "Accept-Encoding",
-        **_cursor_headers(stream),
+        **stream.pull.headers(),
     }
     return ExportResponse(
         stream,
@@ -225,51 +212,6 @@ def content_type(encoder: type[Encoder]) -> str:
     return encoder.media_type + (
         "; charset=utf-8" if encoder.media_type.startswith("text/") else ""
     )
-
-
-def key_export_stream(
-    query: ExportQuery,
-    encoder: type[Encoder],
-    key: ApiKey,
-    databases: Databases,
-    settings: Settings,
-    label: str,
-    secret: bytes | None,
-    since: Cursor | None,
-) -> ExportStream:
-    """An export on a key's behalf (HTTP or a job): its role, its and the service's export
-    slots, the caps, and cursors."""
-    return ExportStream(
-        query,
-        encoder,
-        databases.exports,
-        settings,
-        label,
-        role=key.role,
-        slots=Slots(key.id, settings.max_exports_per_key, settings.export_slots),
-        caps=Caps(max_rows=settings.max_rows, max_bytes=settings.max_bytes),
-        cursor_secret=secret,
-        since=since,
-    )
-
-
-def estimated_rows(query: ExportQuery) -> int | None:
-    """The planner's count of the table's rows, for progress; None where filters or a cursor
-    make it meaningless (a second query to estimate them would cost more than it tells)."""
-    estimate = query.dataset.estimated_rows
-    if estimate is None or query.filters or query.since is not None:
-        return None
-    return estimate if query.limit is None else min(estimate, query.limit)
-
-
-def _cursor_headers(stream: ExportStream) -> dict[str, str]:
-    headers = {}
-    if stream.next_cursor is not None:
-        headers["X-Export-Cursor"] = stream.next_cursor
-    if stream.pull_mode is not None:
-        headers["X-Export-Cursor-Mode"] = stream.pull_mode
-        headers["X-Export-Possibly-Repeated"] = str(stream.possibly_repeated or 0)
-    return headers
 
 
 async def _open_unless_client_leaves(
@@ -308,86 +250,6 @@ async def _open_unless_client_leaves(
     if failure is not None:
         raise failure
     return opened
-
-
-def _open_error(exc: Exception, query: ExportQuery) -> Problem | None:
-    """A problem for a failure before the first byte that is the request's fault or the
-    database's state; None for anything else (a bug: a 500 with a traceback in the log)."""
-    if isinstance(exc, QueryError):
-        # A filter value PostgreSQL's input function rejects (source.check_filter_values).
-        return Problem.from_query_error(exc)
-    if isinstance(exc, asyncpg.exceptions.UndefinedFunctionError):
-        # No operator for a column's type: `eq` on a json column, say.
-        names = dict.fromkeys(f.parameter for f in query.filters)
-        return Problem(
-            400,
-            "Invalid query parameter",
-            f"PostgreSQL rejected the query: {exc}",
-            invalid_params=[{"name": name, "reason": str(exc)} for name in names],
-        )
-    if isinstance(exc, export_log.ENCODING_ERRORS):
-        # A filter value or a format option (null=) the database's encoding cannot hold
-        # (an emoji in a LATIN1 database): the request's, not the service's.
-        names = dict.fromkeys(
-            [f.parameter for f in query.filters if not _ascii(f.value)]
-            + [name for name, value in query.options if not value.isascii()]
-        )
-        reason = f"a value the database's encoding cannot hold: {exc}"
-        return Problem(
-            400,
-            "Invalid query parameter",
-            reason,
-            invalid_params=[{"name": name, "reason": reason} for name in names],
-        )
-    if isinstance(exc, RoleUnavailable | asyncpg.exceptions.InsufficientPrivilegeError):
-        return Problem(403, "Forbidden", str(exc))
-    if isinstance(exc, asyncpg.exceptions.QueryCanceledError | CopyTimeout):
-        return Problem(
-            503,
-            "Service Unavailable",
-            "the query timed out before its first rows",
-            headers={"Retry-After": "30"},
-        )
-    if isinstance(exc, ExportAborted):
-        # EXPORTER_MAX_SECONDS before the first rows (the slow query's fault, as a timeout).
-        return Problem(503, "Service Unavailable", str(exc))
-    if isinstance(exc, CursorExpired):
-        return Problem(
-            410, "Gone", f"{exc}; run a full export (without since=) and pull from its cursor"
-        )
-    if isinstance(exc, CursorAhead):
-        return Problem(
-            503,
-            "Service Unavailable",
-            f"{exc} (a replica behind the server that issued it?); try again shortly",
-            headers={"Retry-After": "5"},
-        )
-    if isinstance(exc, TooManyExports):
-        return Problem(
-            429,
-            "Too Many Requests",
-            f"{exc}; try again when one has finished",
-            headers={"Retry-After": str(TOO_MANY_RETRY_AFTER_S)},
-        )
-    if isinstance(exc, PoolTimeout):
-        return Problem(
-            503,
-            "Service Unavailable",
-            "every export connection is busy; try again shortly",
-            headers={"Retry-After": "5"},
-        )
-    if isinstance(exc, UNREACHABLE):
-        return Problem(
-            503,
-            "Service Unavailable",
-            "the database is not reachable",
-            headers={"Retry-After": "5"},
-        )
-    if isinstance(exc, asyncpg.exceptions.DataError):
-        # Filter values were checked before the query ran (source.check_filter_values), so
-        # this is the data's own fault: a view dividing by zero, say.
-        return Problem(500, "Dataset could not be read", f"PostgreSQL: {exc}")
-    return None
 
 
 def attachment_name(dataset: str, extension: str, at: datetime | None = None) -> str:
@@ -511,7 +373,3 @@ class ExportResponse(StreamingResponse):
             raise self.stream.error
         if failure is not None:
             raise failure
-
-
-def _ascii(value: str | tuple[str, ...]) -> bool:
-    return all(part.isascii() for part in ((value,) if isinstance(value, str) else value))

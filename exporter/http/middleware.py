@@ -2,13 +2,21 @@
 (Starlette's BaseHTTPMiddleware would put a queue in the middle of every stream)."""
 
 import contextvars
-import json
 import logging
 import re
 import uuid
 
 from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from exporter.errors import (
+    ContentTooLarge,
+    ExporterError,
+    HeaderFieldsTooLarge,
+    InvalidRequest,
+    LengthRequired,
+)
+from exporter.http.problems import send_problem
 
 REQUEST_ID_HEADER = "X-Request-Id"
 _WELL_FORMED_REQUEST_ID = re.compile(rb"[A-Za-z0-9._:-]{1,128}")
@@ -107,25 +115,23 @@ class HeaderLimitsMiddleware:
         headers = scope["headers"]
         if len(headers) > MAX_HEADER_FIELDS:
             await send_problem(
-                send,
-                scope,
-                431,
-                "Request Header Fields Too Large",
-                f"at most {MAX_HEADER_FIELDS} header fields",
+                send, scope, HeaderFieldsTooLarge(f"at most {MAX_HEADER_FIELDS} header fields")
             )
             return
         if sum(len(name) + len(value) for name, value in headers) > MAX_HEADER_BYTES:
             await send_problem(
                 send,
                 scope,
-                431,
-                "Request Header Fields Too Large",
-                f"at most {MAX_HEADER_BYTES} bytes of header names and values",
+                HeaderFieldsTooLarge(
+                    f"at most {MAX_HEADER_BYTES} bytes of header names and values"
+                ),
             )
             return
         if sum(1 for name, _ in headers if name == b"authorization") > 1:
             await send_problem(
-                send, scope, 400, "Bad Request", "more than one Authorization header"
+                send,
+                scope,
+                InvalidRequest("more than one Authorization header", title="Bad Request"),
             )
             return
         if scope["method"] == "POST" and scope["path"] in BODY_ROUTES:
@@ -134,41 +140,16 @@ class HeaderLimitsMiddleware:
             # take no body: routing answers them (405, 404).
             lengths = [value for name, value in headers if name == b"content-length"]
             if len(lengths) != 1 or not lengths[0].isdigit():
-                await send_problem(send, scope, 411, "Length Required", "send one Content-Length")
+                await send_problem(send, scope, LengthRequired("send one Content-Length"))
                 return
             if int(lengths[0]) > MAX_BODY_BYTES:
                 await send_problem(
                     send,
                     scope,
-                    413,
-                    "Content Too Large",
-                    f"a request body is at most {MAX_BODY_BYTES} bytes",
+                    ContentTooLarge(f"a request body is at most {MAX_BODY_BYTES} bytes"),
                 )
                 return
         await self.app(scope, receive, send)
-
-
-async def send_problem(
-    send: Send, scope: Scope, status: int, title: str, detail: str | None = None
-) -> None:
-    """A problem+json response, from middleware (outside FastAPI's exception handlers)."""
-    problem: dict[str, object] = {"type": "about:blank", "title": title, "status": status}
-    if detail:
-        problem["detail"] = detail
-    problem["instance"] = scope.get("path", "")
-    problem["request_id"] = scope.get("state", {}).get("request_id")
-    body = json.dumps(problem).encode()
-    await send(
-        {
-            "type": "http.response.start",
-            "status": status,
-            "headers": [
-                (b"content-type", b"application/problem+json"),
-                (b"content-length", str(len(body)).encode()),
-            ],
-        }
-    )
-    await send({"type": "http.response.body", "body": body})
 
 
 class UnexpectedErrorMiddleware:
@@ -197,4 +178,4 @@ class UnexpectedErrorMiddleware:
             if started:
                 raise
             logging.getLogger("exporter").exception("unhandled error")
-            await send_problem(send, scope, 500, "Internal Server Error")
+            await send_problem(send, scope, ExporterError())

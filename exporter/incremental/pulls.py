@@ -26,10 +26,12 @@ which transactions were running: its changes from xmin to xmax are returned, and
 counted as possibly repeated.
 """
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 from typing import Any
 
+from exporter.errors import ServiceUnavailable
 from exporter.incremental.tokens import (
     MAX_TOKEN_LENGTH,
     Cursor,
@@ -42,6 +44,7 @@ from exporter.incremental.tokens import (
 )
 from exporter.pipeline.catalog import Dataset
 from exporter.pipeline.query import ChangesSince, ExportQuery, QueryError, VersionsSince
+from exporter.pipeline.source import build_repeat_count, build_tracked_repeat_count
 
 log = logging.getLogger(__name__)
 
@@ -66,9 +69,16 @@ class Position:
     relation_digest: bytes
 
 
-class CursorAhead(Exception):
+class CursorAhead(ServiceUnavailable):
     """The database has not reached the cursor's snapshot yet (a replica behind the server
     that issued it): a 503, to be retried."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(
+            message,
+            detail=f"{message} (a replica behind the server that issued it?); try again shortly",
+            headers={"Retry-After": "5"},
+        )
 
 
 @dataclass(frozen=True)
@@ -165,7 +175,7 @@ def _shape_digest(dataset: Dataset, position: Position) -> bytes:
     return digest(position.relation_digest.hex(), *columns)
 
 
-class CursorsUnavailable(Exception):
+class CursorsUnavailable(ServiceUnavailable):
     """The service's schema has no cursor secret (`exporter migrate` not run): a 503."""
 
 
@@ -303,3 +313,58 @@ def has_undecidable(cursor: Cursor) -> bool:
     then, oldest = cursor.snapshot, cursor.oldest_writer
     listed = sum(1 for xid in then.running if xid > oldest)
     return then.xmax - oldest - 1 > listed
+
+
+class IncrementalPull:
+    """An export's part in incremental pulls, played inside its snapshot before it reads
+    (pipeline.stream's Planner): a table's whole export hands out the cursor of its snapshot
+    (`next_cursor`); with `since`, the export reads only what changed after that cursor.
+
+    `limit` is the request's own, before any cap's look-ahead: a limited export leaves rows
+    out, so it hands out no cursor.
+    """
+
+    def __init__(
+        self, secret: bytes | None, since: Cursor | None, role: str | None, limit: int | None
+    ) -> None:
+        self.secret = secret
+        self.since = since
+        self.role = role
+        self.limit = limit
+        self.next_cursor: str | None = None
+        self.mode: str | None = None  # "snapshot" or "tracked", for a pull
+        self.possibly_repeated: int | None = None
+
+    async def plan(self, connection: Any, query: ExportQuery) -> ExportQuery:
+        dataset = query.dataset
+        if self.secret is None or dataset.relkind not in VERSIONED_KINDS:
+            return query
+        position = await read_position(connection, dataset.relid)
+        if self.since is not None:
+            changes, repeated = await plan_pull(connection, query, self.since, position, self.role)
+            query = dataclasses.replace(query, changes=changes)
+            if repeated < 0:
+                sql, args = _repeat_count(query, self.since)
+                repeated = int(await connection.fetchval(sql, *args))
+            self.possibly_repeated = repeated
+            self.mode = "tracked" if isinstance(changes, ChangesSince) else "snapshot"
+        if issues_cursors(dataset, self.limit):
+            self.next_cursor = cursor_for(query, position, self.role, self.secret)
+        return query
+
+    def headers(self) -> dict[str, str]:
+        """What an HTTP export tells of its pull, in response headers."""
+        headers = {}
+        if self.next_cursor is not None:
+            headers["X-Export-Cursor"] = self.next_cursor
+        if self.mode is not None:
+            headers["X-Export-Cursor-Mode"] = self.mode
+            headers["X-Export-Possibly-Repeated"] = str(self.possibly_repeated or 0)
+        return headers
+
+
+def _repeat_count(query: ExportQuery, since: Cursor) -> tuple[str, list[Any]]:
+    if isinstance(query.changes, ChangesSince):
+        return build_tracked_repeat_count(query)
+    then = since.snapshot
+    return build_repeat_count(query, since.oldest_writer, then.xmax, then.running)

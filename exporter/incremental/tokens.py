@@ -23,6 +23,8 @@ import struct
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
+from exporter.errors import Gone
+
 VERSION = 1
 # As every query parameter (query.MAX_VALUE_LENGTH): room for some 2,500 running transactions.
 MAX_TOKEN_LENGTH = 10_000
@@ -35,8 +37,14 @@ class CursorInvalid(ValueError):
     """Malformed, tampered with, or made for another dataset or other filters: a 400."""
 
 
-class CursorExpired(Exception):
+class CursorExpired(Gone):
     """A genuine cursor that can no longer be honoured: a 410, and a full export."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(
+            message,
+            detail=f"{message}; run a full export (without since=) and pull from its cursor",
+        )
 
 
 @dataclass(frozen=True)

@@ -16,17 +16,25 @@ import os
 import socket
 import time
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import BinaryIO
 
 import anyio
 import asyncpg
 
 from exporter.access import export_log
+from exporter.access.exports import KeyExport
 from exporter.access.keys import key_by_id
+from exporter.db.failures import ENCODING_ERRORS
 from exporter.db.listen import Listener
 from exporter.db.pool import UNREACHABLE, Databases, PoolTimeout
 from exporter.db.slots import TooManyExports
-from exporter.http.exports import estimated_rows, key_export_stream
+from exporter.errors import (
+    ClientClosedRequest,
+    ExporterError,
+    InvalidRequest,
+    LimitExceeded,
+    ServiceUnavailable,
+)
 from exporter.incremental.pulls import CursorsUnavailable, pull_cursor
 from exporter.jobs import records as job_records
 from exporter.jobs.events import Publisher
@@ -35,10 +43,12 @@ from exporter.jobs.records import Job
 from exporter.jobs.seekable_gzip import SeekableGzipWriter
 from exporter.pipeline.catalog import find_dataset
 from exporter.pipeline.encoders import ENCODERS
-from exporter.pipeline.query import QueryError, parse_query
+from exporter.pipeline.query import QueryError, estimated_rows, parse_query
 from exporter.pipeline.stream import ExportStream
 from exporter.settings import Settings
-from exporter.storage.store import Spool, StoreError, open_store
+from exporter.storage import open_store
+from exporter.storage.local import Spool
+from exporter.storage.store import StoreError
 
 log = logging.getLogger(__name__)
 
@@ -252,7 +262,7 @@ class JobRunner:
                     aborted_by="max_seconds",
                 )
                 await job_records.end(state, job, "failed", too_long)
-                await publisher.error(_problem("Job stopped by a limit", 422, too_long))
+                await publisher.error(LimitExceeded(too_long).problem())
                 return
         except TooManyExports:
             # Slots are the key's and the service's, as for HTTP exports: wait for one.
@@ -261,11 +271,11 @@ class JobRunner:
             await publisher.stop()
             await asyncio.sleep(self.settings.job_poll_s)
             return
-        except (JobFailed, QueryError, CursorsUnavailable, *export_log.ENCODING_ERRORS) as exc:
+        except (JobFailed, QueryError, CursorsUnavailable, *ENCODING_ERRORS) as exc:
             # (ENCODING_ERRORS: a filter value the exported database's encoding cannot hold.)
             await export_log.record_refusal(state, logged, 400, str(exc))
             await job_records.end(state, job, "failed", str(exc))
-            await publisher.error(_problem("Job failed", 400, str(exc)))
+            await publisher.error(InvalidRequest(str(exc), title="Job failed").problem())
             return
         except anyio.get_cancelled_exc_class():
             with anyio.CancelScope(shield=True):
@@ -279,7 +289,9 @@ class JobRunner:
         except Exception as exc:
             log.warning("job %s could not start: %s", job.id, exc)
             await job_records.end(state, job, "failed", f"could not start: {exc}")
-            await publisher.error(_problem("Job failed", 500, f"could not start: {exc}"))
+            await publisher.error(
+                ExporterError(f"could not start: {exc}", title="Job failed").problem()
+            )
             return
         watch.stream = stream
         publisher.estimated_rows = estimated_rows(stream.query)
@@ -310,15 +322,15 @@ class JobRunner:
                 await self._later(job, publisher, error)
             else:
                 await job_records.end(state, job, "failed", error)
-                await publisher.error(_problem("Job failed", 500, error))
+                await publisher.error(ExporterError(error, title="Job failed").problem())
         except Exception as exc:
             error = str(exc)[:1000]
             await job_records.end(state, job, "failed", error)
             if stream.aborted_by is not None:
                 outcome = "aborted"
-                await publisher.error(_problem("Job stopped by a limit", 422, error))
+                await publisher.error(LimitExceeded(error).problem())
             else:
-                await publisher.error(_problem("Job failed", 500, error))
+                await publisher.error(ExporterError(error, title="Job failed").problem())
         finally:
             with anyio.CancelScope(shield=True):
                 await anyio.to_thread.run_sync(lambda: part.unlink(missing_ok=True))
@@ -336,7 +348,7 @@ class JobRunner:
     async def _record_finish(
         self,
         job: Job,
-        stream: ExportStream,
+        stream: KeyExport,
         written: SeekableGzipWriter,
         name: str,
         publisher: Publisher,
@@ -351,7 +363,7 @@ class JobRunner:
             file_name=name,
             file_bytes=written.size,
             seek_points=written.seek_points,
-            cursor=stream.next_cursor,
+            cursor=stream.pull.next_cursor,
             retention_s=self.settings.job_retention_s,
         )
         if kept:
@@ -360,7 +372,7 @@ class JobRunner:
         await self._delete(name)
         if await job_records.end(state, job, "cancelled", None):
             # Asked to stop after the last heartbeat: cancelled all the same.
-            await publisher.error(_problem("Job cancelled", 499, "cancelled"))
+            await publisher.error(ClientClosedRequest("cancelled", title="Job cancelled").problem())
             return "disconnected", "cancelled"
         return "failed", "the job's claim was lost (it runs again elsewhere)"
 
@@ -370,7 +382,7 @@ class JobRunner:
         state = self.databases.state
         if watch.stopped == "cancelled":
             await job_records.end(state, job, "cancelled", None)
-            await publisher.error(_problem("Job cancelled", 499, "cancelled"))
+            await publisher.error(ClientClosedRequest("cancelled", title="Job cancelled").problem())
             return "disconnected", "cancelled"
         if watch.stopped is None:
             if not watch.finishing:
@@ -387,7 +399,7 @@ class JobRunner:
         if job.attempts >= job_records.MAX_ATTEMPTS:
             error = f"{reason} ({job.attempts} runs)"
             await job_records.end(self.databases.state, job, "failed", error)
-            await publisher.error(_problem("Job failed", 503, error))
+            await publisher.error(ServiceUnavailable(error, title="Job failed").problem())
             return
         await job_records.requeue(self.databases.state, job, counts=True)
         # This process's slot waits a little before it claims again, publishing nothing.
@@ -415,7 +427,7 @@ class JobRunner:
         except StoreError as exc:
             log.warning("could not delete %s from the store (the sweep will): %s", name, exc)
 
-    async def _open(self, job: Job) -> ExportStream:
+    async def _open(self, job: Job) -> KeyExport:
         settings, databases = self.settings, self.databases
         key = await key_by_id(databases.state, job.key_id)
         if key is None:
@@ -432,7 +444,7 @@ class JobRunner:
         secret = await databases.cursor_secret()
         # Without a secret, a since= job would have run as a whole export: it fails instead.
         since = pull_cursor(query, job.format, key.role, secret)
-        stream = key_export_stream(
+        stream = KeyExport(
             query, encoder, key, databases, settings, f"exporter job {job.id}", secret, since
         )
         await stream.open()
@@ -502,10 +514,6 @@ def _file_name(job: Job) -> str:
 
 def _counts(stream: ExportStream | None) -> tuple[int, int]:
     return (stream.rows, stream.bytes) if stream is not None else (0, 0)
-
-
-def _problem(title: str, status: int, detail: str) -> dict[str, Any]:
-    return {"type": "about:blank", "title": title, "status": status, "detail": detail}
 
 
 def _sync(file: BinaryIO) -> None:

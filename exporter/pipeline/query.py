@@ -7,6 +7,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Literal
 
+from exporter.errors import InvalidParameter
 from exporter.pipeline.catalog import Column, Dataset
 
 RESERVED = frozenset({"select", "order", "limit", "since", "deletes"})
@@ -51,13 +52,9 @@ _NUMERIC_MAX_WHOLE_DIGITS = 131072
 _NUMERIC_MAX_SCALE = 16383
 
 
-class QueryError(ValueError):
-    """A mistake in the request, naming the parameter that holds it."""
-
-    def __init__(self, parameter: str, detail: str) -> None:
-        super().__init__(detail)
-        self.parameter = parameter
-        self.detail = detail
+class QueryError(InvalidParameter, ValueError):
+    """A mistake in the request, naming the parameter that holds it (`reason` says what is
+    wrong with it; str() is the reason alone)."""
 
 
 @dataclass(frozen=True)
@@ -407,3 +404,12 @@ def _valid_boolean(value: str) -> bool:
     if not word.isascii() or word in ("o", ""):
         return False
     return any(candidate.startswith(word) for candidate in _BOOLEAN_WORDS)
+
+
+def estimated_rows(query: ExportQuery) -> int | None:
+    """The planner's count of the table's rows, for progress; None where filters or a cursor
+    make it meaningless (a second query to estimate them would cost more than it tells)."""
+    estimate = query.dataset.estimated_rows
+    if estimate is None or query.filters or query.since is not None:
+        return None
+    return estimate if query.limit is None else min(estimate, query.limit)

@@ -9,6 +9,7 @@ from typing import Any
 import asyncpg
 
 from exporter.db.pool import quote_ident, quote_literal
+from exporter.errors import ServiceUnavailable
 from exporter.pipeline.catalog import Column
 from exporter.pipeline.encoders import Rendering, RenderOptions
 from exporter.pipeline.query import (
@@ -441,8 +442,15 @@ class Source:
         return batch
 
 
-class CopyTimeout(TimeoutError):
+class CopyTimeout(ServiceUnavailable, TimeoutError):
     """PostgreSQL took longer than statement_timeout to send the next block of a COPY."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(
+            message,
+            detail="the query timed out before its first rows",
+            headers={"Retry-After": "30"},
+        )
 
 
 class CopySource:

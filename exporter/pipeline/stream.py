@@ -11,29 +11,20 @@ import enum
 import time
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
-from typing import Any
+from typing import Any, Protocol
 
 import anyio
 
 from exporter.db.pool import Pool, snapshot
 from exporter.db.slots import Slots
-from exporter.incremental.pulls import (
-    VERSIONED_KINDS,
-    cursor_for,
-    issues_cursors,
-    plan_pull,
-    read_position,
-)
-from exporter.incremental.tokens import Cursor
+from exporter.errors import ServiceUnavailable
 from exporter.pipeline.encoders import Encoder
-from exporter.pipeline.query import ChangesSince, ExportQuery
+from exporter.pipeline.query import ExportQuery
 from exporter.pipeline.source import (
     CopySource,
     Source,
     build_copy,
-    build_repeat_count,
     build_sql,
-    build_tracked_repeat_count,
     check_filter_values,
 )
 from exporter.settings import Settings
@@ -60,12 +51,20 @@ class Caps:
     max_bytes: int | None = None
 
 
-class ExportAborted(Exception):
-    """A limit ended the export mid-stream: `limit` names it (as the export log does)."""
+class ExportAborted(ServiceUnavailable):
+    """A limit ended the export: `limit` names it (as the export log does). Before the first
+    byte, only EXPORTER_MAX_SECONDS can: the slow query's fault, a 503 as a timeout is."""
 
     def __init__(self, limit: str, detail: str) -> None:
         super().__init__(f"{limit}: {detail}")
         self.limit = limit
+
+
+class Planner(Protocol):
+    """Something an export must learn or decide inside its snapshot before it reads (an
+    incremental pull's position): it may change the query."""
+
+    async def plan(self, connection: Any, query: ExportQuery) -> ExportQuery: ...
 
 
 class ExportStream:
@@ -79,11 +78,8 @@ class ExportStream:
         role: str | None = None,
         slots: Slots | None = None,
         caps: Caps = Caps(),
-        cursor_secret: bytes | None = None,
-        since: Cursor | None = None,
+        planner: Planner | None = None,
     ) -> None:
-        # What the request asked for, before the cap's look-ahead limit below.
-        self.requested_limit = query.limit
         if caps.max_rows is not None and (query.limit is None or query.limit > caps.max_rows):
             # One row past the cap is enough to know the export would pass it; PostgreSQL
             # need not read further.
@@ -98,13 +94,7 @@ class ExportStream:
         self.caps = caps
         # Which limit ended the export, if one did (ExportAborted.limit).
         self.aborted_by: str | None = None
-        # Incremental pulls (exporter.incremental.pulls): with a secret, a table's export hands out
-        # a cursor; with `since`, it reads only what changed after that cursor.
-        self.cursor_secret = cursor_secret
-        self.since = since
-        self.next_cursor: str | None = None
-        self.pull_mode: str | None = None  # "snapshot" or "tracked", for a pull
-        self.possibly_repeated: int | None = None
+        self.planner = planner
         self.rows = 0
         self.bytes = 0
         self.started = time.monotonic()
@@ -122,7 +112,8 @@ class ExportStream:
                 snapshot(self.pool, self.settings, self.label, self.role, self.slots)
             )
             await check_filter_values(connection, self.query)
-            await self._position(connection)
+            if self.planner is not None:
+                self.query = await self.planner.plan(connection, self.query)
             copy_options = self.encoder.copy_options()
             if copy_options is not None and self.settings.use_copy:
                 sql, settings_sql, args = build_copy(
@@ -147,31 +138,6 @@ class ExportStream:
         except BaseException:
             await self.aclose()
             raise
-
-    async def _position(self, connection: Any) -> None:
-        """The cursor this export hands out and, for a pull, what it reads since its cursor."""
-        dataset = self.query.dataset
-        if self.cursor_secret is None or dataset.relkind not in VERSIONED_KINDS:
-            return
-        position = await read_position(connection, dataset.relid)
-        if self.since is not None:
-            changes, repeated = await plan_pull(
-                connection, self.query, self.since, position, self.role
-            )
-            self.query = dataclasses.replace(self.query, changes=changes)
-            if repeated < 0:
-                sql, args = self._repeat_count(self.since)
-                repeated = int(await connection.fetchval(sql, *args))
-            self.possibly_repeated = repeated
-            self.pull_mode = "tracked" if isinstance(changes, ChangesSince) else "snapshot"
-        if issues_cursors(dataset, self.requested_limit):
-            self.next_cursor = cursor_for(self.query, position, self.role, self.cursor_secret)
-
-    def _repeat_count(self, since: Cursor) -> tuple[str, list[Any]]:
-        if isinstance(self.query.changes, ChangesSince):
-            return build_tracked_repeat_count(self.query)
-        then = since.snapshot
-        return build_repeat_count(self.query, since.oldest_writer, then.xmax, then.running)
 
     def chunks(self) -> AsyncIterator[bytes]:
         """The export as UTF-8 chunks of about `chunk_bytes`; closing it closes the stream.

@@ -3,81 +3,40 @@
 import logging
 import urllib.parse
 from collections.abc import Callable, Coroutine
-from typing import Annotated, Any
+from typing import Any
 
 import anyio
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Request
 from fastapi.responses import Response
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi.security import HTTPAuthorizationCredentials
 from pydantic import BaseModel
 
 from exporter.access import export_log
-from exporter.access.keys import ApiKey, authenticate
+from exporter.access.datasets import readable_dataset
 from exporter.db.pool import UNREACHABLE, Databases
+from exporter.errors import (
+    PROBLEM_MEDIA_TYPE,
+    NotAcceptable,
+    ServiceUnavailable,
+)
+from exporter.http.dependencies import (
+    ActiveDep,
+    CredentialsDep,
+    DatabasesDep,
+    KeyDep,
+    SettingsDep,
+    authenticated,
+)
 from exporter.http.exports import ActiveExports, export_request, start_export
 from exporter.http.negotiation import negotiate
-from exporter.http.problems import PROBLEM_MEDIA_TYPE, Problem
 from exporter.incremental.pulls import VERSIONED_KINDS
 from exporter.incremental.tracking import tracked_relids
-from exporter.pipeline.catalog import Dataset, find_dataset, load_datasets
+from exporter.pipeline.catalog import Dataset, load_datasets
 from exporter.pipeline.encoders import ENCODERS, Encoder, encoder_for_media_type
-from exporter.pipeline.query import shown
 from exporter.settings import Settings
 
 log = logging.getLogger(__name__)
 router = APIRouter()
-
-
-def _settings(request: Request) -> Settings:
-    settings: Settings = request.app.state.settings
-    return settings
-
-
-def _databases(request: Request) -> Databases:
-    databases: Databases = request.app.state.databases
-    return databases
-
-
-def _active_exports(request: Request) -> ActiveExports:
-    active: ActiveExports = request.app.state.active_exports
-    return active
-
-
-SettingsDep = Annotated[Settings, Depends(_settings)]
-ActiveDep = Annotated[ActiveExports, Depends(_active_exports)]
-DatabasesDep = Annotated[Databases, Depends(_databases)]
-_bearer = HTTPBearer(auto_error=False, description="An API key from `exporter keys create`.")
-
-
-CredentialsDep = Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
-
-
-async def _api_key(databases: DatabasesDep, credentials: CredentialsDep) -> ApiKey:
-    return await _authenticated(databases, credentials)
-
-
-async def _authenticated(
-    databases: Databases, credentials: HTTPAuthorizationCredentials | None
-) -> ApiKey:
-    if credentials is None:
-        raise Problem(
-            401,
-            "Unauthorized",
-            "send Authorization: Bearer <key>",
-            headers={"WWW-Authenticate": "Bearer"},
-        )
-    key = await authenticate(databases.state, credentials.credentials)
-    if key is None:
-        raise Problem(
-            401,
-            "Unauthorized",
-            "unknown, revoked or expired key",
-            headers={"WWW-Authenticate": 'Bearer error="invalid_token"'},
-        )
-    return key
-
-
-KeyDep = Annotated[ApiKey, Depends(_api_key)]
 
 
 class ColumnInfo(BaseModel):
@@ -127,7 +86,7 @@ async def readyz(databases: DatabasesDep) -> dict[str, str]:
                 async with pool.connection() as connection:
                     await connection.fetchval("SELECT 1")
     except (TimeoutError, *UNREACHABLE) as exc:
-        raise Problem(503, "Service Unavailable", "database unreachable") from exc
+        raise ServiceUnavailable("database unreachable") from exc
     return {"status": "ready"}
 
 
@@ -138,19 +97,6 @@ async def list_datasets(
     datasets = await load_datasets(databases.catalog, settings.exposed_schemas, role=key.role)
     tracked = await tracked_relids(databases.catalog)
     return [DatasetInfo.of(d, tracked) for d in datasets if key.may_read(d.name)]
-
-
-async def _dataset(name: str, key: ApiKey, settings: Settings, databases: Databases) -> Dataset:
-    # Outside the key's scope, exactly as if the dataset did not exist: the same 404, and
-    # decided before the catalog is asked, so that timing says nothing either.
-    dataset = None
-    if key.may_read(name):
-        dataset = await find_dataset(
-            databases.catalog, settings.exposed_schemas, name, role=key.role
-        )
-    if dataset is None:
-        raise Problem(404, "Not Found", f"no dataset named {shown(name)!r}")
-    return dataset
 
 
 _EXPORT_HEADERS = {
@@ -215,9 +161,9 @@ async def _export(
     the key is checked here rather than by a dependency, inside the logging."""
     logged = export_request(request, name, encoder)
     async with export_log.refusals_logged(databases.state, logged):
-        key = await _authenticated(databases, credentials)
+        key = await authenticated(databases, credentials)
         logged.key_name = key.name
-        dataset = await _dataset(name, key, settings, databases)
+        dataset = await readable_dataset(name, key, settings, databases)
         return await start_export(
             request, logged, key, dataset, encoder, settings, databases, active
         )
@@ -290,9 +236,9 @@ async def describe_dataset(
         export.headers.add_vary_header("Accept")
         return export
     # The key first: nothing, not even what is offered, is told to a client without one.
-    key = await _authenticated(databases, credentials)
+    key = await authenticated(databases, credentials)
     if chosen is None:
-        raise Problem(406, "Not Acceptable", "offered: " + ", ".join(_DESCRIBE_OFFERS))
-    dataset = await _dataset(name, key, settings, databases)
+        raise NotAcceptable("offered: " + ", ".join(_DESCRIBE_OFFERS))
+    dataset = await readable_dataset(name, key, settings, databases)
     response.headers["Vary"] = "Accept"
     return DatasetInfo.of(dataset, await tracked_relids(databases.catalog))

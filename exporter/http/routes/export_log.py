@@ -12,8 +12,8 @@ from exporter.access.log_query import (
     LogQueryTimeout,
     fetch_page,
 )
-from exporter.http.problems import PROBLEM_MEDIA_TYPE, Problem
-from exporter.http.routes.datasets import DatabasesDep, KeyDep
+from exporter.errors import PROBLEM_MEDIA_TYPE, Forbidden, ServiceUnavailable
+from exporter.http.dependencies import DatabasesDep, KeyDep
 
 router = APIRouter()
 
@@ -24,7 +24,7 @@ QUERY_TIMEOUT_S = 10
 
 async def _admin(key: KeyDep) -> None:
     if not key.admin:
-        raise Problem(403, "Forbidden", "this key may not read the export log")
+        raise Forbidden("this key may not read the export log")
 
 
 class ExportLogPage(BaseModel):
@@ -74,9 +74,7 @@ async def list_exports(
     try:
         page = await fetch_page(databases.state, query, QUERY_TIMEOUT_S)
     except LogQueryTimeout as exc:
-        raise Problem(
-            503, "Service Unavailable", f"{exc}; narrow it with filters or a smaller limit"
-        ) from exc
+        raise ServiceUnavailable(f"{exc}; narrow it with filters or a smaller limit") from exc
     next_url = None
     if page.next_before is not None:
         next_url = str(request.url.include_query_params(before=page.next_before))

@@ -12,19 +12,28 @@ from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, Field
 
-from exporter.access import export_log
+from exporter.access.datasets import readable_dataset
 from exporter.access.keys import ApiKey
+from exporter.db.failures import ENCODING_ERRORS
 from exporter.db.pool import Databases
+from exporter.errors import (
+    PROBLEM_MEDIA_TYPE,
+    Conflict,
+    Gone,
+    InvalidRequest,
+    NotFound,
+    TooManyRequests,
+    problem,
+)
+from exporter.http.dependencies import DatabasesDep, KeyDep, SettingsDep
 from exporter.http.downloads import StoredExport, download_response
 from exporter.http.exports import attachment_name, content_type
-from exporter.http.problems import PROBLEM_MEDIA_TYPE, Problem
-from exporter.http.routes.datasets import DatabasesDep, KeyDep, SettingsDep, _dataset
-from exporter.incremental.pulls import CursorsUnavailable, pull_cursor
+from exporter.incremental.pulls import pull_cursor
 from exporter.jobs import records as job_records
 from exporter.jobs.events import EventHub, event_stream
 from exporter.jobs.records import Job
 from exporter.pipeline.encoders import ENCODERS
-from exporter.pipeline.query import QueryError, parse_query
+from exporter.pipeline.query import parse_query
 from exporter.storage.store import FileStore, StoreError
 
 log = logging.getLogger(__name__)
@@ -33,6 +42,8 @@ router = APIRouter()
 _problem: dict[str, Any] = {"content": {PROBLEM_MEDIA_TYPE: {}}}
 # Far above any real export's; a body is parsed whole, so it is bounded.
 MAX_PARAMETERS = 200
+# The status of an ended job's error event, as its runner published it when it ended.
+JOB_ENDINGS = {"failed": 500, "cancelled": 499, "expired": 410}
 
 
 class JobRequest(BaseModel):
@@ -91,7 +102,7 @@ def _params(body: JobRequest) -> list[tuple[str, str]]:
         for value in ([values] if isinstance(values, str) else values)
     ]
     if len(pairs) > MAX_PARAMETERS:
-        raise Problem(400, "Invalid job", f"at most {MAX_PARAMETERS} parameters")
+        raise InvalidRequest(f"at most {MAX_PARAMETERS} parameters", title="Invalid job")
     return pairs
 
 
@@ -122,18 +133,13 @@ async def submit_job(
 ) -> JSONResponse:
     """Run an export in the background into a compressed file; poll `status_url`, then fetch
     `download_url` (resumable)."""
-    dataset = await _dataset(body.dataset, key, settings, databases)
+    dataset = await readable_dataset(body.dataset, key, settings, databases)
     params = _params(body)
     encoder = ENCODERS[body.format]
     # Everything a direct export would refuse is refused now, not when the job runs.
-    try:
-        query = parse_query(dataset, params, max_limit=settings.max_limit)
-        encoder(query.columns, query.options)
-        pull_cursor(query, encoder.format, key.role, await databases.cursor_secret())
-    except QueryError as exc:
-        raise Problem.from_query_error(exc) from exc
-    except CursorsUnavailable as exc:
-        raise Problem(503, "Service Unavailable", str(exc)) from exc
+    query = parse_query(dataset, params, max_limit=settings.max_limit)
+    encoder(query.columns, query.options)
+    pull_cursor(query, encoder.format, key.role, await databases.cursor_secret())
     try:
         job = await job_records.submit(
             databases.state,
@@ -145,18 +151,15 @@ async def submit_job(
             params,
             settings.max_jobs_per_key,
         )
-    except export_log.ENCODING_ERRORS as exc:
+    except ENCODING_ERRORS as exc:
         # The job's parameters are kept as given, to run it exactly: a state database whose
         # encoding cannot hold one (an emoji in LATIN1) cannot keep the job.
-        raise Problem(
-            400,
-            "Invalid request body",
+        raise InvalidRequest(
             f"a value the service's state database cannot hold (its encoding): {exc}",
+            title="Invalid request body",
         ) from exc
     if job is None:
-        raise Problem(
-            429,
-            "Too Many Requests",
+        raise TooManyRequests(
             f"this key has {settings.max_jobs_per_key} jobs queued or running; try again when"
             " one has finished",
             headers={"Retry-After": "30"},
@@ -171,7 +174,7 @@ async def _job(job_id: str, key: ApiKey, databases: DatabasesDep) -> Job:
     job = await job_records.get(databases.state, job_id[:100])
     # Another key's job does not exist, as another key's dataset does not.
     if job is None or (job.key_id != key.id and not key.admin):
-        raise Problem(404, "Not Found", "no export job with this id")
+        raise NotFound("no export job with this id")
     return job
 
 
@@ -229,11 +232,11 @@ async def download(
     stored when the client accepts it."""
     job = await _job(job_id, key, databases)
     if job.status in ("queued", "running"):
-        raise Problem(409, "Conflict", f"the job is {job.status}", headers={"Retry-After": "5"})
+        raise Conflict(f"the job is {job.status}", headers={"Retry-After": "5"})
     if job.status != "done" or job.file_name is None:
         if job.status == "failed":
-            raise Problem(409, "Conflict", f"the job failed: {job.error}")
-        raise Problem(410, "Gone", f"the job is {job.status}; submit it again")
+            raise Conflict(f"the job failed: {job.error}")
+        raise Gone(f"the job is {job.status}; submit it again")
     assert job.finished_at is not None and job.bytes is not None and job.file_bytes is not None
     encoder = ENCODERS[job.format]
     media_type = content_type(encoder)
@@ -280,17 +283,14 @@ async def _recorded_end(
             url = f"/exports/{urllib.parse.quote(export_id)}/download"
             return "done", {"rows": job["rows"], "bytes": job["bytes"], "download_url": url}
         detail = job["error"] or job["status"]
-        return "error", {"type": "about:blank", "title": f"Job {job['status']}", "detail": detail}
+        return "error", problem(JOB_ENDINGS[job["status"]], f"Job {job['status']}", detail)
     if entry is None or entry["outcome"] == "running":
         return None
     if entry["outcome"] == "completed":
         return "done", {"rows": entry["rows"], "bytes": entry["bytes"]}
-    return "error", {
-        "type": "about:blank",
-        "title": f"Export {entry['outcome']}",
-        "status": entry["status"],
-        "detail": entry["error"] or entry["outcome"],
-    }
+    return "error", problem(
+        entry["status"], f"Export {entry['outcome']}", entry["error"] or entry["outcome"]
+    )
 
 
 async def _may_watch(export_id: str, key: ApiKey, databases: Databases) -> bool:
@@ -331,7 +331,7 @@ async def export_events(
     `Last-Event-ID` resumes after that event."""
     export_id = export_id[:200]
     if not await _may_watch(export_id, key, databases):
-        raise Problem(404, "Not Found", "no export with this id")
+        raise NotFound("no export with this id")
     last = request.headers.get("last-event-id", "").strip()
     # ASCII digits only: str.isdigit() also takes '²', which int() refuses.
     after = int(last) if re.fullmatch(r"[0-9]{1,18}", last) else 0
