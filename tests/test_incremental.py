@@ -12,12 +12,13 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import asyncpg
 import httpx
 import pytest
 
+from exporter.db.connection import Connection
 from exporter.incremental.pulls import HORIZON, CursorAhead, Position, cursor_for, plan_pull
 from exporter.incremental.tokens import (
     Cursor,
@@ -579,7 +580,7 @@ def test_cursors_the_database_cannot_honour(
     cursor = decode(token, secret)
     with pytest.raises(expected, match=words):
         # Decided before the database is asked.
-        asyncio.run(plan_pull(None, query, cursor, now, None))
+        asyncio.run(plan_pull(cast(Connection, None), query, cursor, now, None))
 
 
 def test_the_catalog_says_how_each_dataset_pulls(

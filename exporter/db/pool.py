@@ -11,11 +11,11 @@ import urllib.parse
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any
 
 import anyio
 import asyncpg
 
+from exporter.db.connection import Connection
 from exporter.db.slots import Slots
 from exporter.errors import Forbidden, ServiceUnavailable
 from exporter.settings import Settings
@@ -86,7 +86,7 @@ class Pool:
     free connection. Connections are made on demand: a server that is down at start-up
     fails requests, not the start."""
 
-    def __init__(self, pool: Any, timeout_s: float, busy: str) -> None:
+    def __init__(self, pool: "asyncpg.Pool[asyncpg.Record]", timeout_s: float, busy: str) -> None:
         self._pool = pool
         self.timeout_s = timeout_s
         # What a client is told when every connection stays busy.
@@ -106,7 +106,7 @@ class Pool:
         )
         return cls(pool, timeout_s, busy)
 
-    async def acquire(self) -> Any:
+    async def acquire(self) -> Connection:
         try:
             return await self._pool.acquire(timeout=self.timeout_s)
         except TimeoutError:
@@ -116,13 +116,13 @@ class Pool:
                 headers={"Retry-After": "5"},
             ) from None
 
-    async def release(self, connection: Any) -> None:
+    async def release(self, connection: Connection) -> None:
         # asyncpg resets the connection (rolling back what is open) or, failing that, closes
         # it; either way under its own shield.
         await self._pool.release(connection, timeout=5)
 
     @asynccontextmanager
-    async def connection(self) -> AsyncIterator[Any]:
+    async def connection(self) -> AsyncIterator[Connection]:
         connection = await self.acquire()
         try:
             yield connection
@@ -189,7 +189,7 @@ async def snapshot(
     application_name: str,
     role: str | None = None,
     slots: Slots | None = None,
-) -> AsyncIterator[Any]:
+) -> AsyncIterator[Connection]:
     """Yield an asyncpg connection inside a REPEATABLE READ READ ONLY transaction, holding
     `slots` (TooManyExports if they are taken) until the transaction ends.
 
@@ -239,7 +239,7 @@ async def snapshot(
             await _release(pool, connection, settings.cleanup_timeout_s)
 
 
-async def _release(pool: Pool, connection: Any, timeout_s: float) -> None:
+async def _release(pool: Pool, connection: Connection, timeout_s: float) -> None:
     reset = False
     if not connection.is_closed():
         with anyio.move_on_after(timeout_s):

@@ -7,8 +7,8 @@ the backend's exit when its connection is lost), never a timer or the garbage co
 """
 
 from dataclasses import dataclass
-from typing import Any
 
+from exporter.db.connection import Connection
 from exporter.errors import TooManyRequests
 
 # Advisory locks in their two-integer form. Other applications on the same database use
@@ -66,7 +66,7 @@ class Slots:
     per_key: int
     total: int
 
-    async def claim(self, connection: Any) -> None:
+    async def claim(self, connection: Connection) -> None:
         """Take both slots for the rest of the connection's transaction, or TooManyExports."""
         row = await connection.fetchrow(
             _CLAIM,
@@ -77,6 +77,7 @@ class Slots:
             self.total,
             _TOTAL_SLOTS,
         )
+        assert row is not None  # a SELECT without FROM: one row
         if not row["key_slot"]:
             raise TooManyExports("key", self.per_key)
         if not row["total_slot"]:

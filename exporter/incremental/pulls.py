@@ -31,6 +31,7 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
+from exporter.db.connection import Connection
 from exporter.errors import ServiceUnavailable
 from exporter.incremental.tokens import (
     MAX_TOKEN_LENGTH,
@@ -88,7 +89,7 @@ class Tracking:
     key_columns: tuple[str, ...]
 
 
-async def read_position(connection: Any, relid: int) -> Position:
+async def read_position(connection: Connection, relid: int) -> Position:
     """The export's position. Its transaction's snapshot was taken by an earlier statement,
     so pg_stat_activity below is read after it: an id that a backend of another database
     runs now ran there at the snapshot too (a backend never changes database). Transaction ids
@@ -113,6 +114,7 @@ async def read_position(connection: Any, relid: int) -> Position:
         "       SELECT inhrelid::bigint FROM below ORDER BY 1) AS below",
         relid,
     )
+    assert row is not None  # a SELECT without FROM: one row
     parsed = Snapshot.parse(row["snapshot"])
     standby = bool(row["standby"])
     snapshot = Snapshot(parsed.xmin, parsed.xmax, parsed.running, complete=not standby)
@@ -216,7 +218,7 @@ def read_cursor(query: ExportQuery, role: str | None, secret: bytes) -> Cursor:
 
 
 async def plan_pull(
-    connection: Any,
+    connection: Connection,
     query: ExportQuery,
     cursor: Cursor,
     now: Position,
@@ -284,13 +286,12 @@ async def plan_pull(
     return VersionsSince(int(max_age)), -1 if has_undecidable(cursor) else 0
 
 
-async def _tracking(connection: Any, dataset: Dataset) -> Tracking | None:
+async def _tracking(connection: Connection, dataset: Dataset) -> Tracking | None:
     # The change tables live in the service's schema of the exported database; a database
     # where the service was never migrated (state kept elsewhere) tracks nothing.
-    row = await connection.fetchrow(
+    if not await connection.fetchval(
         "SELECT to_regclass('exporter.tracked_tables') IS NOT NULL AS migrated"
-    )
-    if not row["migrated"]:
+    ):
         return None
     row = await connection.fetchrow(
         "SELECT since_xid::text, pruned_xid::text, key_columns"
@@ -335,7 +336,7 @@ class IncrementalPull:
         self.mode: str | None = None  # "snapshot" or "tracked", for a pull
         self.possibly_repeated: int | None = None
 
-    async def plan(self, connection: Any, query: ExportQuery) -> ExportQuery:
+    async def plan(self, connection: Connection, query: ExportQuery) -> ExportQuery:
         dataset = query.dataset
         if self.secret is None or dataset.relkind not in VERSIONED_KINDS:
             return query

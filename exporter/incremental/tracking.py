@@ -16,10 +16,10 @@ committed did not see is in the change table.
 import asyncio
 import logging
 from dataclasses import dataclass
-from typing import Any
 
 import asyncpg
 
+from exporter.db.connection import Connection
 from exporter.db.pool import Pool, quote_ident, quote_literal
 from exporter.incremental.pulls import read_position
 from exporter.pipeline.catalog import Dataset
@@ -122,7 +122,7 @@ END
 $track$"""
 
 
-async def track(connection: Any, dataset: Dataset) -> bool:
+async def track(connection: Connection, dataset: Dataset) -> bool:
     """Track the dataset's table; False if it already was."""
     if dataset.relkind == "p":
         # Statement triggers fire for the table a statement names: writes made to a partition
@@ -197,7 +197,7 @@ async def track(connection: Any, dataset: Dataset) -> bool:
     return True
 
 
-async def untrack(connection: Any, dataset: Dataset) -> bool:
+async def untrack(connection: Connection, dataset: Dataset) -> bool:
     """Stop tracking the table and drop its changes; False if it was not tracked."""
     async with connection.transaction():
         if await connection.fetchval("SELECT to_regclass('exporter.changes')") is None:
@@ -216,7 +216,7 @@ async def untrack(connection: Any, dataset: Dataset) -> bool:
     return bool(status != "DELETE 0")
 
 
-async def prune(connection: Any, retention_s: float) -> Pruned | None:
+async def prune(connection: Connection, retention_s: float) -> Pruned | None:
     """Delete the changes of transactions that ended more than retention_s ago; None if
     another process is pruning.
 
@@ -266,7 +266,7 @@ async def prune(connection: Any, retention_s: float) -> Pruned | None:
     return Pruned(deleted, int(cutoff))
 
 
-async def _forget_dropped_tables(connection: Any) -> None:
+async def _forget_dropped_tables(connection: Connection) -> None:
     """A dropped table takes its triggers with it, not its function, its changes or its row
     in tracked_tables."""
     gone = await connection.fetch(

@@ -5,6 +5,7 @@ from dataclasses import dataclass
 
 import asyncpg
 
+from exporter.db.connection import Connection
 from exporter.db.pool import Pool, RoleUnavailable
 from exporter.settings import OWN_SCHEMA
 
@@ -265,7 +266,7 @@ async def load_datasets(
     return datasets
 
 
-async def _check_role(connection: asyncpg.Connection, role: str) -> None:
+async def _check_role(connection: Connection, role: str) -> None:
     """RoleUnavailable unless the role exists and the service may take it (SET ROLE needs
     membership), so that the catalog never shows what an export could not read."""
     try:

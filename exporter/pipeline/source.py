@@ -8,6 +8,7 @@ from typing import Any
 
 import asyncpg
 
+from exporter.db.connection import Connection
 from exporter.db.pool import quote_ident, quote_literal
 from exporter.errors import ServiceUnavailable
 from exporter.pipeline.catalog import Column
@@ -406,7 +407,7 @@ _VALUE_ERRORS = (
 )
 
 
-async def check_filter_values(connection: Any, query: ExportQuery) -> None:
+async def check_filter_values(connection: Connection, query: ExportQuery) -> None:
     """Let PostgreSQL's input functions (and domain checks) judge each filter value on its own,
     so that a rejected value is a 400 naming its parameter, and a data error in the export's
     own query is known to be the data's fault, not the request's."""
@@ -426,7 +427,9 @@ async def check_filter_values(connection: Any, query: ExportQuery) -> None:
 class Source:
     """Reads an export's rows in batches from a cursor inside the caller's snapshot."""
 
-    def __init__(self, connection: Any, sql: str, args: Sequence[Any], batch_rows: int) -> None:
+    def __init__(
+        self, connection: Connection, sql: str, args: Sequence[Any], batch_rows: int
+    ) -> None:
         self.connection = connection
         self.sql = sql
         self.args = args
@@ -470,7 +473,7 @@ class CopySource:
 
     def __init__(
         self,
-        connection: Any,
+        connection: Connection,
         sql: str,
         settings_sql: str | None,
         args: Sequence[Any],

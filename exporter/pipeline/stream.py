@@ -15,6 +15,7 @@ from typing import Any, Protocol
 
 import anyio
 
+from exporter.db.connection import Connection
 from exporter.db.pool import Pool, snapshot
 from exporter.db.slots import Slots
 from exporter.errors import ServiceUnavailable
@@ -64,7 +65,7 @@ class Planner(Protocol):
     """Something an export must learn or decide inside its snapshot before it reads (an
     incremental pull's position): it may change the query."""
 
-    async def plan(self, connection: Any, query: ExportQuery) -> ExportQuery: ...
+    async def plan(self, connection: Connection, query: ExportQuery) -> ExportQuery: ...
 
 
 class ExportStream:

@@ -2,7 +2,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from exporter.pipeline.catalog import Column
-from exporter.pipeline.encoders import Encoder, Rendering, RenderOptions, parse_flag
+from exporter.pipeline.encoders.base import Encoder, Rendering, RenderOptions, parse_flag
 from exporter.pipeline.query import QueryError
 
 # Query values for `delimiter`; a tab may be given as the character, `\t` or `tab`.

@@ -2,7 +2,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from exporter.pipeline.catalog import Column
-from exporter.pipeline.encoders import Encoder, Rendering, RenderOptions
+from exporter.pipeline.encoders.base import Encoder, Rendering, RenderOptions
 from exporter.pipeline.query import QueryError
 
 
