@@ -274,6 +274,16 @@ def create_case_insensitive_collation(url: str, name: str) -> None:
         pytest.skip(f"no ICU collations on this server: {exc}")
 
 
+def xml_unsupported(url: str) -> str | None:
+    """Why the server cannot take XML values (built without libxml, as the embedded one is),
+    or None when it can: asked of the server itself, by parsing a document."""
+    try:
+        run_sql(url, "SELECT '<a/>'::xml")
+    except asyncpg.exceptions.FeatureNotSupportedError as exc:
+        return f"no XML support on this server: {exc.args[0]} ({exc.detail})"
+    return None
+
+
 def new_key(url: str, name: str | None = None, **options: Any) -> str:
     """A key of its own for a test (limits count per key); options as create_key's."""
 
