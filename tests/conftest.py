@@ -3,6 +3,7 @@ container (testcontainers) if Docker answers, else an embedded server. Each run 
 own database and drops it at the end."""
 
 import asyncio
+import contextlib
 import os
 import socket
 import subprocess
@@ -157,14 +158,17 @@ class ExportDatabase:
     key: str
 
 
-@pytest.fixture(scope="session")
-def database(server_url: str) -> Iterator[ExportDatabase]:
+@contextlib.contextmanager
+def export_database(server_url: str, *statements: str) -> Iterator[ExportDatabase]:
+    """A database of its own on the server, with the service's schema, `statements` run in
+    it and a key; dropped at the end."""
     name = f"exporter_test_{uuid.uuid4().hex[:12]}"
     run_sql(server_url, f'CREATE DATABASE "{name}"')
     url = _with_database(server_url, name)
     try:
         upgrade(url)
-        run_sql(url, *FIXTURE_SQL)
+        if statements:
+            run_sql(url, *statements)
 
         async def make_key() -> str:
             pool = await Pool.open(url, size=1)
@@ -176,6 +180,12 @@ def database(server_url: str) -> Iterator[ExportDatabase]:
         yield ExportDatabase(url=url, key=asyncio.run(make_key()))
     finally:
         run_sql(server_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(scope="session")
+def database(server_url: str) -> Iterator[ExportDatabase]:
+    with export_database(server_url, *FIXTURE_SQL) as created:
+        yield created
 
 
 def free_port() -> int:
