@@ -3,6 +3,7 @@ container (testcontainers) if Docker answers, else an embedded server. Each run 
 own database and drops it at the end."""
 
 import asyncio
+import contextlib
 import os
 import socket
 import subprocess
@@ -157,14 +158,17 @@ class ExportDatabase:
     key: str
 
 
-@pytest.fixture(scope="session")
-def database(server_url: str) -> Iterator[ExportDatabase]:
+@contextlib.contextmanager
+def export_database(server_url: str, *statements: str) -> Iterator[ExportDatabase]:
+    """A database of its own on the server, with the service's schema, `statements` run in
+    it and a key; dropped at the end."""
     name = f"exporter_test_{uuid.uuid4().hex[:12]}"
     run_sql(server_url, f'CREATE DATABASE "{name}"')
     url = _with_database(server_url, name)
     try:
         upgrade(url)
-        run_sql(url, *FIXTURE_SQL)
+        if statements:
+            run_sql(url, *statements)
 
         async def make_key() -> str:
             pool = await Pool.open(url, size=1)
@@ -176,6 +180,12 @@ def database(server_url: str) -> Iterator[ExportDatabase]:
         yield ExportDatabase(url=url, key=asyncio.run(make_key()))
     finally:
         run_sql(server_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(scope="session")
+def database(server_url: str) -> Iterator[ExportDatabase]:
+    with export_database(server_url, *FIXTURE_SQL) as created:
+        yield created
 
 
 def free_port() -> int:
@@ -272,6 +282,16 @@ def create_case_insensitive_collation(url: str, name: str) -> None:
         )
     except asyncpg.exceptions.PostgresError as exc:
         pytest.skip(f"no ICU collations on this server: {exc}")
+
+
+def xml_unsupported(url: str) -> str | None:
+    """Why the server cannot take XML values (built without libxml, as the embedded one is),
+    or None when it can: asked of the server itself, by parsing a document."""
+    try:
+        run_sql(url, "SELECT '<a/>'::xml")
+    except asyncpg.exceptions.FeatureNotSupportedError as exc:
+        return f"no XML support on this server: {exc.args[0]} ({exc.detail})"
+    return None
 
 
 def new_key(url: str, name: str | None = None, **options: Any) -> str:

@@ -2,6 +2,7 @@
 event streams."""
 
 import json
+import socket
 import time
 import uuid
 from collections.abc import Iterator
@@ -45,17 +46,22 @@ def slow_view(database: ExportDatabase, seconds: float = 6) -> str:
     return name
 
 
-def export_connection_port(database: ExportDatabase, job_id: str) -> int:
+def job_worker_pid(database: ExportDatabase, job_id: str) -> int:
+    """The pid of the worker process running a job, once the job's export has started: its
+    claim names the process (`<host>:<pid>`, written by the worker itself). Not found through
+    the export's database connection, whose client port only a TCP connection has."""
     deadline = time.monotonic() + 30
     while True:
         rows = run_sql(
             database.url,
-            "SELECT client_port FROM pg_stat_activity"
-            f" WHERE application_name = 'exporter job {job_id}'",
+            f"SELECT worker FROM exporter.jobs WHERE id = '{job_id}' AND status = 'running'"
+            " AND EXISTS (SELECT FROM pg_stat_activity"
+            f" WHERE application_name = 'exporter job {job_id}')",
         )
         if rows:
-            port: int = rows[0][0]
-            return port
+            host, _, pid = rows[0]["worker"].rpartition(":")
+            assert host == socket.gethostname(), rows
+            return int(pid)
         assert time.monotonic() < deadline, "the job's export never started"
         time.sleep(0.05)
 

@@ -11,7 +11,14 @@ import pytest
 from exporter.db.pool import Pool
 from exporter.pipeline.catalog import Dataset, find_dataset, load_datasets
 from exporter.settings import Settings
-from tests.conftest import ExportDatabase, _asyncpg_dsn, run_sql, start_server, stop_server
+from tests.conftest import (
+    ExportDatabase,
+    _asyncpg_dsn,
+    run_sql,
+    start_server,
+    stop_server,
+    xml_unsupported,
+)
 
 
 def _load(url: str, schemas: tuple[str, ...], name: str | None = None) -> list[Dataset]:
@@ -148,6 +155,9 @@ MULTIRANGE_COLUMN = ("c_int4multirange", ("int4multirange", "'{[1,2)}'", "'{[2,3
 def ordering_columns(database: ExportDatabase) -> Iterator[dict[str, tuple[str, str, str, bool]]]:
     """A table in its own schema with a column of each type in ORDERING_COLUMNS, two rows."""
     columns = dict(ORDERING_COLUMNS)
+    if xml_unsupported(database.url):
+        # The xml type is there, but without libxml no value of it can be made.
+        del columns["c_xml"]
     (version,) = run_sql(database.url, "SHOW server_version_num")
     if int(version[0]) >= 140000:
         columns.update([MULTIRANGE_COLUMN])
@@ -204,6 +214,9 @@ def test_orderable_agrees_with_postgresql(
     assert catalog == postgresql
     assert catalog == expected
     assert dataset.default_order == tuple(name for name, ok in expected.items() if ok)
+    if "c_xml" not in ordering_columns:
+        # Every other type agreed; say so rather than pass as if xml had been asked too.
+        pytest.skip(f"c_xml left out: {xml_unsupported(database.url)}")
 
 
 def test_base_type_resolves_every_domain(

@@ -16,7 +16,7 @@ import pytest
 
 from tests.conftest import ExportDatabase, Server, new_key, run_sql, start_server, stop_server
 from tests.job_helpers import (
-    export_connection_port,
+    job_worker_pid,
     read_events,
     slow_view,
     submit,
@@ -148,10 +148,7 @@ def test_events_reach_a_subscriber_of_another_worker(
         with server.client(database.key) as client:
             info = submit(client, {"dataset": view, "format": "csv"})
             wait_for(client, info["id"], "running")
-        port = export_connection_port(database, info["id"])
-        runner = next(
-            c.pid for c in psutil.net_connections("tcp") if c.laddr and c.laddr.port == port
-        )
+        runner = job_worker_pid(database, info["id"])
         host, _, server_port = server.base_url.removeprefix("http://").rpartition(":")
         # Connections land on either worker: keep one that the other worker serves.
         for _ in range(50):

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import psutil
 
-from tests.conftest import ExportDatabase, Server, run_sql, start_server, stop_server
+from tests.conftest import ExportDatabase, export_database, run_sql, start_server, stop_server
 from tests.job_helpers import (
-    export_connection_port,
+    job_worker_pid,
     read_events,
     slow_view,
     submit,
@@ -37,13 +37,8 @@ def test_a_job_whose_worker_dies_finishes_elsewhere(
             direct = client.get(f"/datasets/{view}.csv").content
             info = submit(client, {"dataset": view, "format": "csv"})
             wait_for(client, info["id"], "running")
-            # The worker process whose connection runs the job's export.
-            port = export_connection_port(database, info["id"])
-            worker = next(
-                c.pid
-                for c in psutil.net_connections("tcp")
-                if c.laddr and c.laddr.port == port and c.pid
-            )
+            # The worker process running the job's export.
+            worker = job_worker_pid(database, info["id"])
             # One of this server's worker processes, not the supervisor.
             assert psutil.Process(worker).ppid() == server.process.pid
             os.kill(worker, signal.SIGKILL)
@@ -68,47 +63,44 @@ def test_a_job_whose_worker_dies_finishes_elsewhere(
         run_sql(database.url, f"DROP VIEW {view}")
 
 
-def test_a_lost_listen_connection_comes_back(database: ExportDatabase, tmp_path: Path) -> None:
+def test_a_lost_listen_connection_comes_back(server_url: str, tmp_path: Path) -> None:
     """With a poll of a minute, only NOTIFY can start a job quickly: after PostgreSQL ended the
     LISTEN connections, a job still starts at once."""
-    server = start_server(
-        database.url,
-        tmp_path,
-        job_dir=str(tmp_path / "files"),
-        job_poll_s="60",
-        job_concurrency="1",
-    )
-    try:
-        # This server's two (events, jobs); other servers of the session have their own.
-        wait_until(lambda: len(listeners(database, server)) == 2)
-        ended = listeners(database, server)
-        for pid in ended:
-            run_sql(database.url, f"SELECT pg_terminate_backend({pid})")
-        # Two new connections, not the ended ones still on their way out.
-        wait_until(
-            lambda: len(now := listeners(database, server)) == 2 and not set(now) & set(ended)
+    # A database of its own, so that every LISTEN connection to it is this server's: the
+    # session's other servers listen on theirs, and a backend does not say which process is
+    # its client (its client port, on TCP only, would).
+    with export_database(server_url, "CREATE TABLE people (id integer PRIMARY KEY)") as database:
+        server = start_server(
+            database.url,
+            tmp_path,
+            job_dir=str(tmp_path / "files"),
+            job_poll_s="60",
+            job_concurrency="1",
         )
-        with server.client(database.key) as client:
-            info = submit(client, {"dataset": "people", "format": "csv"})
-            # Within a third of the poll: woken by NOTIFY, through the new connection.
-            wait_for(client, info["id"], "done", timeout_s=20)
-    finally:
-        stop_server(server)
+        try:
+            # The server's two (events, jobs).
+            wait_until(lambda: len(listeners(database)) == 2)
+            ended = listeners(database)
+            for pid in ended:
+                run_sql(database.url, f"SELECT pg_terminate_backend({pid})")
+            # Two new connections, not the ended ones still on their way out.
+            wait_until(lambda: len(now := listeners(database)) == 2 and not set(now) & set(ended))
+            with server.client(database.key) as client:
+                info = submit(client, {"dataset": "people", "format": "csv"})
+                # Within a third of the poll: woken by NOTIFY, through the new connection.
+                wait_for(client, info["id"], "done", timeout_s=20)
+        finally:
+            stop_server(server)
 
 
-def listeners(database: ExportDatabase, server: Server) -> list[int]:
-    """The backends of the server's LISTEN connections."""
+def listeners(database: ExportDatabase) -> list[int]:
+    """The backends of the LISTEN connections to the database."""
     rows = run_sql(
         database.url,
-        "SELECT pid, client_port FROM pg_stat_activity"
+        "SELECT pid FROM pg_stat_activity"
         " WHERE application_name = 'exporter listen' AND datname = current_database()",
     )
-    ours = {
-        c.laddr.port
-        for c in psutil.net_connections("tcp")
-        if c.pid == server.process.pid and c.laddr
-    }
-    return [pid for pid, port in rows if port in ours]
+    return [pid for (pid,) in rows]
 
 
 def done_file(database: ExportDatabase, job_id: str) -> str:

@@ -35,9 +35,9 @@ def running_server(database: ExportDatabase, tmp_path: Path, **settings: str) ->
 
 
 @contextlib.contextmanager
-def held_export(server: Server, key: str, request_id: str) -> Iterator[None]:
+def held_export(server: Server, key: str, request_id: str) -> Iterator[int]:
     """An export of the million-row table that has started and is not read any further: it
-    holds its slot (and its snapshot) until the client leaves."""
+    holds its slot (and its snapshot) until the client leaves. Yields the client's port."""
     with server.client(key) as client:
         headers = {"X-Request-Id": request_id}
         with client.stream("GET", "/datasets/big.csv", headers=headers) as response:
@@ -45,7 +45,8 @@ def held_export(server: Server, key: str, request_id: str) -> Iterator[None]:
             # Kept: a dropped iterator closes the response.
             raw = response.iter_raw()
             next(raw)
-            yield
+            _, port = response.extensions["network_stream"].get_extra_info("client_addr")
+            yield port
 
 
 def refused(response: httpx.Response, scope_words: str) -> None:
@@ -120,18 +121,16 @@ def test_slots_are_released_when_exports_complete_or_fail(
         assert export_status(server, key).status_code == 200
 
 
-def _worker_of(database: ExportDatabase, server: Server, request_id: str) -> int:
-    """The pid of the worker process running an export: the one holding the export's
-    PostgreSQL connection."""
-    (row,) = run_sql(
-        database.url,
-        "SELECT client_port FROM pg_stat_activity"
-        f" WHERE application_name = 'exporter {request_id}'",
-    )
+def _worker_of(server: Server, client_port: int) -> int:
+    """The pid of the worker process running an export: the one serving the HTTP connection
+    from `client_port` (a direct export runs in the worker that accepted its request). Not
+    found through the export's database connection, whose client port only TCP has."""
+    server_port = int(server.base_url.rpartition(":")[2])
     for worker in psutil.Process(server.process.pid).children(recursive=True):
-        if any(c.laddr.port == row["client_port"] for c in worker.net_connections("tcp")):
-            return int(worker.pid)
-    raise AssertionError(f"no worker holds the connection of {request_id}")
+        for c in worker.net_connections("tcp"):
+            if c.laddr.port == server_port and c.raddr and c.raddr.port == client_port:
+                return int(worker.pid)
+    raise AssertionError(f"no worker serves the connection from port {client_port}")
 
 
 def test_the_per_key_limit_holds_across_worker_processes(
@@ -143,14 +142,13 @@ def test_the_per_key_limit_holds_across_worker_processes(
     server = start_server(database.url, tmp_path, workers=2)
     try:
         with contextlib.ExitStack() as holds:
-            holds.enter_context(held_export(server, key, "w-0"))
-            first_worker = _worker_of(database, server, "w-0")
+            first_worker = _worker_of(server, holds.enter_context(held_export(server, key, "w-0")))
             # Which worker accepts a connection is the kernel's choice: try until the second
             # held export runs in the other worker.
             for attempt in range(1, 40):
                 with contextlib.ExitStack() as trial:
-                    trial.enter_context(held_export(server, key, f"w-{attempt}"))
-                    if _worker_of(database, server, f"w-{attempt}") != first_worker:
+                    port = trial.enter_context(held_export(server, key, f"w-{attempt}"))
+                    if _worker_of(server, port) != first_worker:
                         holds.enter_context(trial.pop_all())
                         break
                 admitted_within(server, key, seconds=3)
