@@ -23,9 +23,14 @@ BAD_INPUT = 2
 INTERRUPTED = 130
 
 
-def problem(status: int, title: str, detail: str | None = None, **members: Any) -> dict[str, Any]:
-    """An RFC 9457 problem document; `members` are extensions (None ones are left out)."""
-    body: dict[str, Any] = {"type": ABOUT_BLANK, "title": title, "status": status}
+def problem(
+    status: int | None, title: str, detail: str | None = None, **members: Any
+) -> dict[str, Any]:
+    """An RFC 9457 problem document (without `status` if None); `members` are extensions
+    (None ones are left out)."""
+    body: dict[str, Any] = {"type": ABOUT_BLANK, "title": title}
+    if status is not None:
+        body["status"] = status
     if detail:
         body["detail"] = detail
     body.update((name, value) for name, value in members.items() if value is not None)

@@ -7,6 +7,7 @@ import re
 import select
 import shlex
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -121,6 +122,19 @@ def test_migrate_creates_the_schema_and_is_idempotent(fresh_database: str) -> No
 def test_migrate_reports_an_unreachable_database() -> None:
     result = cli(f"postgresql://postgres@127.0.0.1:{free_port()}/nowhere", "migrate")
     assert_clean_error(result, 2, "cannot connect to PostgreSQL")
+
+
+def test_a_database_that_accepts_and_never_answers_is_one_it_cannot_connect_to() -> None:
+    # asyncpg's acquire timeout covers connecting: the pool gives up (PoolTimeout), and the
+    # command says it cannot connect, as for a refused connection.
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        port = listener.getsockname()[1]
+        result = cli(f"postgresql://postgres@127.0.0.1:{port}/nowhere", "keys", "list")
+    assert_clean_error(
+        result, 2, f"cannot connect to PostgreSQL at postgresql://postgres@127.0.0.1:{port}"
+    )
 
 
 def test_keys_made_before_scopes_reach_everything(fresh_database: str) -> None:

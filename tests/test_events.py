@@ -104,6 +104,25 @@ def test_a_direct_exports_events(events_server: Server, database: ExportDatabase
     assert events[-1].event == "done" and events[-1].data["rows"] == 1_000_000
 
 
+def test_a_direct_export_its_client_left_ends_with_an_error_event(
+    events_server: Server, database: ExportDatabase
+) -> None:
+    export_id = f"left-{uuid.uuid4().hex[:8]}"
+    with events_server.client(database.key) as client:
+        with client.stream(
+            "GET", "/datasets/big.csv", headers={"X-Request-Id": export_id}
+        ) as export:
+            next(export.iter_raw())
+        # The client has gone, its export with it.
+        _, events = read_events(client, f"/exports/{export_id}/events")
+    assert events[-1].event == "error", events[-1]
+    problem = events[-1].data
+    assert set(problem) == {"type", "title", "status", "detail", "aborted_by"}, problem
+    assert (problem["title"], problem["status"]) == ("Export disconnected", 499)
+    # No limit ended it: said as null, not left out.
+    assert problem["aborted_by"] is None
+
+
 def test_only_the_exports_key_may_watch(events_server: Server, database: ExportDatabase) -> None:
     with events_server.client(database.key) as client:
         info = submit(client, {"dataset": "people", "format": "csv"})

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import anyio
 
 from exporter.db.failures import ENCODING_ERRORS, database_failure
-from exporter.db.pool import Pool
+from exporter.db.pool import UNREACHABLE, Pool, PoolTimeout
 
 log = logging.getLogger(__name__)
 
@@ -191,6 +191,9 @@ async def _update(
 def refusal_status(exc: BaseException) -> tuple[int, str]:
     """The HTTP status (and a reason for the log) an exception before an export's first byte
     is answered with, as the exception handlers (problems.install) answer it."""
+    if isinstance(exc, PoolTimeout | UNREACHABLE):
+        # Whichever pool or connection failed, the log says the same.
+        return 503, "database unavailable"
     error = database_failure(exc)
     if error is None:
         return 500, repr(exc)

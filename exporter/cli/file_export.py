@@ -68,6 +68,10 @@ class Progress:
             self.dirty = False
 
 
+class OutputFailed(ExporterError):
+    """The export's output could not be written (a full disk, a closed pipe's neighbour)."""
+
+
 class Output:
     """Where an export goes: stdout for `-`, else FILE.part, renamed to FILE only by commit(),
     so that a failed export never leaves a file that looks complete."""
@@ -114,7 +118,7 @@ class Output:
             raise
         except OSError as exc:
             where = self.partial or self.name
-            raise ExporterError(f"cannot write {where}: {exc.strerror or exc}") from None
+            raise OutputFailed(f"cannot write {where}: {exc.strerror or exc}") from None
 
     def __enter__(self) -> "Output":
         return self
@@ -228,7 +232,7 @@ async def export_to_file(settings: Settings, args: argparse.Namespace) -> int:
                     if aclose is not None:
                         await aclose()
                 output.commit()
-            except ExporterError:
+            except OutputFailed:
                 raise
             except BrokenPipeError:
                 # Like `head` closing the pipe: stop quietly, and keep Python's own flush of

@@ -381,9 +381,8 @@ def _run(args: argparse.Namespace) -> int:
         from exporter.cli.file_export import export_to_file
 
         return asyncio.run(export_to_file(settings, args))
-    except ExporterError:
-        raise
     except Exception as exc:
+        # Ours included: a PoolTimeout (connecting hung) is still "cannot connect".
         error = database_error(exc, url)
         if error is None:
             raise

@@ -105,7 +105,8 @@ async def start_export(
         else:
             ending = ClientClosedRequest if outcome == "disconnected" else ExporterError
             failure = ending(detail=error or outcome, title=f"Export {outcome}")
-            await publisher.error(failure.problem(aborted_by=ended.aborted_by))
+            # aborted_by is in every such event, null when no limit ended the export.
+            await publisher.error({**failure.problem(), "aborted_by": ended.aborted_by})
         await export_log.record_end(
             databases.state,
             logged,

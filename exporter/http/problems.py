@@ -17,16 +17,14 @@ from exporter.errors import PROBLEM_MEDIA_TYPE, ExporterError, InvalidRequest
 log = logging.getLogger(__name__)
 
 
-def problem_body(error: ExporterError, scope: Scope) -> dict[str, object]:
-    return error.problem(
-        instance=scope.get("path", ""),
-        request_id=scope.get("state", {}).get("request_id"),
-    )
+def problem_body(error: ExporterError, scope: Scope, instance: str) -> dict[str, object]:
+    return error.problem(instance=instance, request_id=scope.get("state", {}).get("request_id"))
 
 
 def problem_response(error: ExporterError, request: Request) -> JSONResponse:
     return JSONResponse(
-        problem_body(error, request.scope),
+        # The path as Starlette's URL writes it (`?`, `#` and `\` encoded).
+        problem_body(error, request.scope, request.url.path),
         status_code=error.status,
         headers=error.headers,
         media_type=PROBLEM_MEDIA_TYPE,
@@ -35,7 +33,7 @@ def problem_response(error: ExporterError, request: Request) -> JSONResponse:
 
 async def send_problem(send: Send, scope: Scope, error: ExporterError) -> None:
     """A problem+json response, from middleware (outside FastAPI's exception handlers)."""
-    body = json.dumps(problem_body(error, scope)).encode()
+    body = json.dumps(problem_body(error, scope, scope.get("path", ""))).encode()
     await send(
         {
             "type": "http.response.start",

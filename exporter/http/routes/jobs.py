@@ -42,8 +42,6 @@ router = APIRouter()
 _problem: dict[str, Any] = {"content": {PROBLEM_MEDIA_TYPE: {}}}
 # Far above any real export's; a body is parsed whole, so it is bounded.
 MAX_PARAMETERS = 200
-# The status of an ended job's error event, as its runner published it when it ended.
-JOB_ENDINGS = {"failed": 500, "cancelled": 499, "expired": 410}
 
 
 class JobRequest(BaseModel):
@@ -283,7 +281,8 @@ async def _recorded_end(
             url = f"/exports/{urllib.parse.quote(export_id)}/download"
             return "done", {"rows": job["rows"], "bytes": job["bytes"], "download_url": url}
         detail = job["error"] or job["status"]
-        return "error", problem(JOB_ENDINGS[job["status"]], f"Job {job['status']}", detail)
+        # No status: the job's record keeps none (its live event said which).
+        return "error", problem(None, f"Job {job['status']}", detail)
     if entry is None or entry["outcome"] == "running":
         return None
     if entry["outcome"] == "completed":
