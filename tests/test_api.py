@@ -10,16 +10,8 @@ import asyncpg
 import httpx
 import pytest
 
-from tests.conftest import (
-    ExportDatabase,
-    Server,
-    _asyncpg_dsn,
-    free_port,
-    logged_export,
-    run_sql,
-    start_server,
-    stop_server,
-)
+from tests.support.database import ExportDatabase, asyncpg_dsn, logged_export, run_sql
+from tests.support.server import Server, free_port, start_server, stop_server
 
 
 def test_datasets_lists_tables_and_views_with_columns(client: httpx.Client) -> None:
@@ -295,7 +287,7 @@ def test_csv_loads_back_with_copy_into_an_identical_table(
     exported = client.get("/datasets/people.csv").content
 
     async def load_back() -> list[Any]:
-        conn = await asyncpg.connect(_asyncpg_dsn(database.url))
+        conn = await asyncpg.connect(asyncpg_dsn(database.url))
         try:
             await conn.execute("CREATE TEMP TABLE people_again (LIKE public.people)")
             await conn.copy_to_table(

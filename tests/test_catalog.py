@@ -11,14 +11,8 @@ import pytest
 from exporter.db.pool import Pool
 from exporter.pipeline.catalog import Dataset, find_dataset, load_datasets
 from exporter.settings import Settings
-from tests.conftest import (
-    ExportDatabase,
-    _asyncpg_dsn,
-    run_sql,
-    start_server,
-    stop_server,
-    xml_unsupported,
-)
+from tests.support.database import ExportDatabase, asyncpg_dsn, run_sql, xml_unsupported
+from tests.support.server import start_server, stop_server
 
 
 def _load(url: str, schemas: tuple[str, ...], name: str | None = None) -> list[Dataset]:
@@ -188,7 +182,7 @@ def ordering_columns(database: ExportDatabase) -> Iterator[dict[str, tuple[str, 
 
 def _postgresql_orders(url: str, columns: list[str]) -> dict[str, bool]:
     async def run() -> dict[str, bool]:
-        conn = await asyncpg.connect(_asyncpg_dsn(url))
+        conn = await asyncpg.connect(asyncpg_dsn(url))
         try:
             verdicts = {}
             for name in columns:

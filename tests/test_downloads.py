@@ -39,7 +39,8 @@ from exporter.http.preconditions import (
 from exporter.jobs.seekable_gzip import SeekableGzipWriter, SeekPoint
 from exporter.storage.local import LocalStore
 from exporter.storage.s3 import Credentials, S3Store
-from tests.conftest import S3Server, free_port
+from tests.support.s3 import S3Server
+from tests.support.server import free_port
 
 CSV = "text/csv; charset=utf-8"
 NDJSON = "application/x-ndjson"

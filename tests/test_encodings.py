@@ -9,15 +9,8 @@ from pathlib import Path
 import pytest
 
 from exporter.schema.migrate import upgrade
-from tests.conftest import (
-    ExportDatabase,
-    Server,
-    _with_database,
-    new_key,
-    run_sql,
-    start_server,
-    stop_server,
-)
+from tests.support.database import ExportDatabase, new_key, run_sql, with_database
+from tests.support.server import Server, start_server, stop_server
 
 EMOJI = "\U0001f600"
 
@@ -29,7 +22,7 @@ def latin1_url(database: ExportDatabase) -> Iterator[str]:
         database.url,
         f"CREATE DATABASE {name} ENCODING 'LATIN1' LC_COLLATE 'C' LC_CTYPE 'C' TEMPLATE template0",
     )
-    url = _with_database(database.url, name)
+    url = with_database(database.url, name)
     try:
         run_sql(
             url,

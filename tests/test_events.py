@@ -14,14 +14,10 @@ import httpx
 import psutil
 import pytest
 
-from tests.conftest import ExportDatabase, Server, new_key, run_sql, start_server, stop_server
-from tests.job_helpers import (
-    job_worker_pid,
-    read_events,
-    slow_view,
-    submit,
-    wait_for,
-)
+from tests.support.database import ExportDatabase, new_key, run_sql
+from tests.support.events import read_events
+from tests.support.jobs import job_worker_pid, slow_view, submit, wait_for
+from tests.support.server import Server, start_server, stop_server
 
 
 @pytest.fixture(scope="module")

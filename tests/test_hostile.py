@@ -35,7 +35,8 @@ from hypothesis import strategies as st
 
 from exporter.access.keys import create_key
 from exporter.db.pool import Pool
-from tests.conftest import ExportDatabase, Server, run_sql, start_server, stop_server
+from tests.support.database import ExportDatabase, run_sql
+from tests.support.server import Server, start_server, stop_server
 
 
 def hostile(examples: int) -> settings:

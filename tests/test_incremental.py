@@ -29,7 +29,8 @@ from exporter.incremental.tokens import (
     digest,
     encode,
 )
-from tests.conftest import ExportDatabase, Server, new_key, run_sql, start_server, stop_server
+from tests.support.database import ExportDatabase, new_key, run_sql
+from tests.support.server import Server, start_server, stop_server
 
 
 def _dsn(url: str) -> str:

@@ -2,7 +2,7 @@
 full export and then `since=` pulls never misses a committed row version (late commits,
 savepoints and PL/pgSQL exception blocks included), never shows one that was rolled back, and
 repeats versions only as far as X-Export-Possibly-Repeated admits (tracked mode: never).
-The workload is tests/incremental_workload.py; bench/soak_incremental.py runs it for minutes."""
+The workload is tests/support/workload.py; bench/soak_incremental.py runs it for minutes."""
 
 import asyncio
 import os
@@ -13,8 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ExportDatabase, new_key, run_sql, start_server, stop_server
-from tests.incremental_workload import Mode, Outcome, Workload, run_workload
+from tests.support.database import ExportDatabase, new_key, run_sql
+from tests.support.server import start_server, stop_server
+from tests.support.workload import Mode, Outcome, Workload, run_workload
 
 WRITE_SECONDS = 5.0
 SHOWN = 40  # problems shown in a failure message, of however many

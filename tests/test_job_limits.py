@@ -7,8 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ExportDatabase, logged_export, run_sql, start_server, stop_server
-from tests.job_helpers import read_events, slow_view, submit, wait_for
+from tests.support.database import ExportDatabase, logged_export, run_sql
+from tests.support.events import read_events
+from tests.support.jobs import slow_view, submit, wait_for
+from tests.support.server import start_server, stop_server
 
 
 @pytest.mark.parametrize(

@@ -4,8 +4,9 @@ another key's jobs. Apart from tests/test_jobs.py, whose server would claim the 
 import time
 from pathlib import Path
 
-from tests.conftest import ExportDatabase, new_key, run_sql, start_server, stop_server
-from tests.job_helpers import slow_view, submit, wait_for
+from tests.support.database import ExportDatabase, new_key, run_sql
+from tests.support.jobs import slow_view, submit, wait_for
+from tests.support.server import start_server, stop_server
 
 
 def test_a_key_at_its_limit_does_not_hold_up_another(

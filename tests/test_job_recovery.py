@@ -9,14 +9,10 @@ from pathlib import Path
 
 import psutil
 
-from tests.conftest import ExportDatabase, export_database, run_sql, start_server, stop_server
-from tests.job_helpers import (
-    job_worker_pid,
-    read_events,
-    slow_view,
-    submit,
-    wait_for,
-)
+from tests.support.database import ExportDatabase, export_database, run_sql
+from tests.support.events import read_events
+from tests.support.jobs import job_worker_pid, slow_view, submit, wait_for
+from tests.support.server import start_server, stop_server
 
 
 def test_a_job_whose_worker_dies_finishes_elsewhere(

@@ -14,12 +14,9 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import ExportDatabase, Server, new_key, run_sql, start_server, stop_server
-from tests.job_helpers import (
-    slow_view,
-    submit,
-    wait_for,
-)
+from tests.support.database import ExportDatabase, new_key, run_sql
+from tests.support.jobs import slow_view, submit, wait_for
+from tests.support.server import Server, start_server, stop_server
 
 JOB_FILES = Path(f"/tmp/exporter-test-jobs-{uuid.uuid4().hex[:8]}")
 

@@ -10,15 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import (
-    ExportDatabase,
-    S3Server,
-    Server,
-    free_port,
-    start_server,
-    stop_server,
-)
-from tests.job_helpers import submit, wait_for
+from tests.support.database import ExportDatabase
+from tests.support.jobs import submit, wait_for
+from tests.support.s3 import S3Server
+from tests.support.server import Server, free_port, start_server, stop_server
 
 
 @pytest.fixture

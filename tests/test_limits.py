@@ -14,15 +14,8 @@ import httpx
 import psutil
 import pytest
 
-from tests.conftest import (
-    ExportDatabase,
-    Server,
-    logged_export,
-    new_key,
-    run_sql,
-    start_server,
-    stop_server,
-)
+from tests.support.database import ExportDatabase, logged_export, new_key, run_sql
+from tests.support.server import Server, start_server, stop_server
 
 
 @contextlib.contextmanager

@@ -17,8 +17,10 @@ import httpx
 import pytest
 
 from exporter.http.shutdown import ShutdownSignal
-from tests.conftest import BIG_ROWS, ExportDatabase, Server, run_sql, start_server, stop_server
-from tests.job_helpers import Event, parse_events, read_events, slow_view, submit, wait_for
+from tests.support.database import BIG_ROWS, ExportDatabase, run_sql
+from tests.support.events import Event, parse_events, read_events
+from tests.support.jobs import slow_view, submit, wait_for
+from tests.support.server import Server, start_server, stop_server
 
 # Far longer than any wait below: what ends early does so because it drains, not because the
 # grace period ran out.

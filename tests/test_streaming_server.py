@@ -13,29 +13,9 @@ import httpx
 import psutil
 import pytest
 
-from tests.conftest import (
-    BIG_ROWS,
-    ExportDatabase,
-    Server,
-    free_port,
-    logged_export,
-    run_sql,
-    start_server,
-    stop_server,
-)
-
-
-def backend_of(database: ExportDatabase, request_id: str) -> list[dict[str, object]]:
-    rows = run_sql(
-        database.url,
-        "SELECT pid, state, backend_xid IS NOT NULL OR backend_xmin IS NOT NULL AS in_snapshot "
-        f"FROM pg_stat_activity WHERE application_name = 'exporter {request_id}'",
-    )
-    return [dict(row) for row in rows]
-
-
-def export_outcome(database: ExportDatabase, request_id: str, timeout_s: float = 5) -> str:
-    return str(logged_export(database.url, request_id, timeout_s)["outcome"])
+from tests.support.database import BIG_ROWS, ExportDatabase, backend_of, export_outcome, run_sql
+from tests.support.memory import peak_rss_bytes
+from tests.support.server import Server, free_port, start_server, stop_server
 
 
 def test_rows_leave_as_they_are_read(server: Server, database: ExportDatabase) -> None:
@@ -56,13 +36,6 @@ def test_rows_leave_as_they_are_read(server: Server, database: ExportDatabase) -
     assert export_outcome(database, "first-bytes") == "completed"
 
 
-def _peak_rss_bytes(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    raise AssertionError("no VmHWM")
-
-
 @pytest.mark.parametrize("use_copy", ["true", "false"])
 def test_memory_stays_flat(database: ExportDatabase, tmp_path: Path, use_copy: str) -> None:
     server = start_server(database.url, tmp_path, use_copy=use_copy)
@@ -74,7 +47,7 @@ def test_memory_stays_flat(database: ExportDatabase, tmp_path: Path, use_copy: s
                     with client.stream("GET", f"/datasets/{dataset}.{fmt}") as response:
                         lines = sum(chunk.count(b"\n") for chunk in response.iter_raw())
                     assert lines == rows + (1 if fmt == "csv" else 0)
-                peaks[dataset] = _peak_rss_bytes(server.process.pid)
+                peaks[dataset] = peak_rss_bytes(server.process.pid)
         growth = peaks["big"] - peaks["small_copy"]
         # Ten times the rows (about 60 MB more of CSV and NDJSON) may not cost memory, and the
         # server stays within the benchmark issue's budget of 80 MB (10^6 bytes) per process.
