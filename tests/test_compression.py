@@ -30,7 +30,7 @@ from tests.support.database import (
     run_sql,
 )
 from tests.support.memory import mapped_files, peak_rss_bytes
-from tests.support.server import Server, start_server, stop_server
+from tests.support.server import Server, running_server
 
 CSV = "text/csv; charset=utf-8"
 
@@ -323,8 +323,7 @@ def test_curl_sees_a_failed_gzip_export_as_incomplete(
 
 
 def test_memory_stays_flat_when_compressing(database: ExportDatabase, tmp_path: Path) -> None:
-    server = start_server(database.url, tmp_path)
-    try:
+    with running_server(database.url, tmp_path) as server:
         peaks = {}
         with server.client(database.key) as client:
             client.get("/datasets/people.csv", headers={"Accept-Encoding": "gzip"})
@@ -348,8 +347,6 @@ def test_memory_stays_flat_when_compressing(database: ExportDatabase, tmp_path: 
         # As uncompressed (test_memory_stays_flat): one compressor per export, nothing buffered.
         assert growth < 5_000_000, f"peak RSS grew by {growth / 2**20:.1f} MiB"
         assert peaks["big"] < 80_000_000, f"peak RSS {peaks['big'] / 2**20:.1f} MiB"
-    finally:
-        stop_server(server)
 
 
 def test_openapi_documents_the_content_encoding(client: httpx.Client) -> None:

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.database import ExportDatabase, new_key, run_sql
-from tests.support.server import start_server, stop_server
+from tests.support.server import running_server
 from tests.support.workload import Mode, Outcome, Workload, run_workload
 
 WRITE_SECONDS = 5.0
@@ -75,8 +75,7 @@ def test_pulls_keep_an_exact_copy_while_writers_run(
 
     key = new_key(database.url)
     # Two worker processes: a pull need not reach the process that issued its cursor.
-    server = start_server(database.url, tmp_path, workers=2)
-    try:
+    with running_server(database.url, tmp_path, workers=2) as server:
         outcome = asyncio.run(
             run_workload(
                 database.url,
@@ -88,8 +87,6 @@ def test_pulls_keep_an_exact_copy_while_writers_run(
                 track=track if mode == "track-midway" else None,
             )
         )
-    finally:
-        stop_server(server)
     print(outcome.summary())
     assert not outcome.problems and not outcome.differences, explain(outcome, server.log())
 

@@ -19,7 +19,7 @@ from tests.support.database import (
     create_case_insensitive_collation,
     run_sql,
 )
-from tests.support.server import Server, start_server, stop_server
+from tests.support.server import Server, running_server
 
 COLUMNS_SQL = """
     id integer PRIMARY KEY,
@@ -93,11 +93,10 @@ def path_server(
     request: pytest.FixtureRequest,
 ) -> Iterator[Server]:
     use_copy = "true" if request.param == "copy" else "false"
-    server = start_server(fidelity.url, tmp_path_factory.mktemp("types"), use_copy=use_copy)
-    try:
+    with running_server(
+        fidelity.url, tmp_path_factory.mktemp("types"), use_copy=use_copy
+    ) as server:
         yield server
-    finally:
-        stop_server(server)
 
 
 def export(server: Server, database: ExportDatabase, fmt: str, **params: str) -> bytes:

@@ -33,10 +33,6 @@ class Server:
     process: subprocess.Popen[bytes]
     log_path: Path
 
-    @property
-    def port(self) -> int:
-        return int(self.base_url.rsplit(":", 1)[1])
-
     def client(self, key: str | None, **kwargs: Any) -> httpx.Client:
         # httpx asks for gzip and zstd by default; tests read the export as it is written
         # (iter_raw included) unless they ask for a coding themselves (test_compression).
