@@ -18,7 +18,7 @@ from typing import Any
 
 from bench.server import create_key, migrate, revoke_key, run_exporter, start_server, stop_server
 from bench.table import default_database
-from tests.incremental_workload import Mode, Outcome, Workload, run_statements, run_workload
+from tests.support.workload import Mode, Outcome, Workload, run_statements, run_workload
 
 SHOWN = 20
 # Its own database by default: the benchmark's may be in use by a server of another version.

@@ -10,16 +10,8 @@ import asyncpg
 import httpx
 import pytest
 
-from tests.conftest import (
-    ExportDatabase,
-    Server,
-    _asyncpg_dsn,
-    free_port,
-    logged_export,
-    run_sql,
-    start_server,
-    stop_server,
-)
+from tests.support.database import ExportDatabase, asyncpg_dsn, logged_export, run_sql
+from tests.support.server import Server, free_port, running_server
 
 
 def test_datasets_lists_tables_and_views_with_columns(client: httpx.Client) -> None:
@@ -105,8 +97,7 @@ def test_unreachable_database_is_a_503_not_a_500(database: ExportDatabase, tmp_p
     nowhere = f"postgresql://postgres@127.0.0.1:{free_port()}/nowhere"
     headers = {"Authorization": f"Bearer {database.key}"}
     for state_url in (nowhere, database.url):  # keys unreachable; then only the exported data
-        server = start_server(nowhere, tmp_path, state_database_url=state_url)
-        try:
+        with running_server(nowhere, tmp_path, state_database_url=state_url) as server:
             with httpx.Client(base_url=server.base_url, headers=headers, timeout=30) as client:
                 assert client.get("/healthz").status_code == 200
                 assert client.get("/readyz").status_code == 503
@@ -116,8 +107,6 @@ def test_unreachable_database_is_a_503_not_a_500(database: ExportDatabase, tmp_p
                     assert response.headers["content-type"] == "application/problem+json"
                     assert response.headers["retry-after"] == "5"
                     assert response.json()["detail"] == "the database is not reachable"
-        finally:
-            stop_server(server)
 
 
 def test_accept_negotiates_the_export(client: httpx.Client) -> None:
@@ -210,8 +199,7 @@ def test_a_dataset_that_fails_to_read_is_not_blamed_on_the_request(
 def test_busy_export_pool_is_a_quick_503_and_the_rest_still_answers(
     database: ExportDatabase, tmp_path: Path
 ) -> None:
-    server = start_server(database.url, tmp_path, pool_size="1", pool_timeout_s="0.5")
-    try:
+    with running_server(database.url, tmp_path, pool_size="1", pool_timeout_s="0.5") as server:
         with server.client(database.key) as holder, server.client(database.key) as other:
             with holder.stream("GET", "/datasets/big.csv") as streaming:
                 raw = streaming.iter_raw()
@@ -222,8 +210,6 @@ def test_busy_export_pool_is_a_quick_503_and_the_rest_still_answers(
                 assert refused.headers["content-type"] == "application/problem+json"
                 assert other.get("/datasets").status_code == 200
                 assert other.get("/readyz").status_code == 200
-    finally:
-        stop_server(server)
 
 
 def test_json_values_with_line_breaks_stay_on_one_ndjson_line(
@@ -253,8 +239,7 @@ def test_json_values_with_line_breaks_stay_on_one_ndjson_line(
 def test_cursor_and_copy_exports_agree(
     client: httpx.Client, database: ExportDatabase, tmp_path: Path
 ) -> None:
-    cursor_server = start_server(database.url, tmp_path, use_copy="false")
-    try:
+    with running_server(database.url, tmp_path, use_copy="false") as cursor_server:
         with cursor_server.client(database.key) as through_cursor:
             for path in (
                 "/datasets/people.ndjson",
@@ -264,8 +249,6 @@ def test_cursor_and_copy_exports_agree(
                 assert through_cursor.get(path).content == client.get(path).content, path
             # Through a cursor, CSV cannot yet tell NULL from the empty string; COPY can.
             assert b'\n3,"",' in client.get("/datasets/people.csv").content
-    finally:
-        stop_server(cursor_server)
 
 
 def test_a_line_break_that_would_split_an_ndjson_line_fails_the_export(
@@ -277,15 +260,14 @@ def test_a_line_break_that_would_split_an_ndjson_line_fails_the_export(
         "CREATE TABLE public.wrapping (id integer PRIMARY KEY, w public.wrapped)",
         "INSERT INTO public.wrapping VALUES (1, ROW(E'{\"a\":\\n1}'::json))",
     )
-    cursor_server = start_server(database.url, tmp_path, use_copy="false")
     try:
-        with cursor_server.client(database.key) as through_cursor:
-            for http in (client, through_cursor):
-                with http.stream("GET", "/datasets/wrapping.ndjson?limit=5000") as response:
-                    with pytest.raises(httpx.RemoteProtocolError):
-                        response.read()
+        with running_server(database.url, tmp_path, use_copy="false") as cursor_server:
+            with cursor_server.client(database.key) as through_cursor:
+                for http in (client, through_cursor):
+                    with http.stream("GET", "/datasets/wrapping.ndjson?limit=5000") as response:
+                        with pytest.raises(httpx.RemoteProtocolError):
+                            response.read()
     finally:
-        stop_server(cursor_server)
         run_sql(database.url, "DROP TABLE public.wrapping", "DROP TYPE public.wrapped")
 
 
@@ -295,7 +277,7 @@ def test_csv_loads_back_with_copy_into_an_identical_table(
     exported = client.get("/datasets/people.csv").content
 
     async def load_back() -> list[Any]:
-        conn = await asyncpg.connect(_asyncpg_dsn(database.url))
+        conn = await asyncpg.connect(asyncpg_dsn(database.url))
         try:
             await conn.execute("CREATE TEMP TABLE people_again (LIKE public.people)")
             await conn.copy_to_table(
@@ -322,17 +304,16 @@ def test_a_table_altered_between_exports_exports_again(
     # stays valid when a column's type changes.
     run_sql(database.url, "CREATE TABLE altered (id integer PRIMARY KEY, v integer)")
     run_sql(database.url, "INSERT INTO altered VALUES (1, 10)")
-    server = start_server(database.url, tmp_path, pool_size="1", use_copy=use_copy)
     try:
-        with server.client(database.key) as client:
-            first = client.get("/datasets/altered.ndjson", params={"select": "v"})
-            assert first.text == '{"v":10}\n'
-            run_sql(database.url, "ALTER TABLE altered ALTER COLUMN v TYPE text")
-            second = client.get("/datasets/altered.ndjson", params={"select": "v"})
-            assert second.status_code == 200, second.text
-            assert second.text == '{"v":"10"}\n'
+        with running_server(database.url, tmp_path, pool_size="1", use_copy=use_copy) as server:
+            with server.client(database.key) as client:
+                first = client.get("/datasets/altered.ndjson", params={"select": "v"})
+                assert first.text == '{"v":10}\n'
+                run_sql(database.url, "ALTER TABLE altered ALTER COLUMN v TYPE text")
+                second = client.get("/datasets/altered.ndjson", params={"select": "v"})
+                assert second.status_code == 200, second.text
+                assert second.text == '{"v":"10"}\n'
     finally:
-        stop_server(server)
         run_sql(database.url, "DROP TABLE altered")
 
 

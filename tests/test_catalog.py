@@ -11,14 +11,8 @@ import pytest
 from exporter.db.pool import Pool
 from exporter.pipeline.catalog import Dataset, find_dataset, load_datasets
 from exporter.settings import Settings
-from tests.conftest import (
-    ExportDatabase,
-    _asyncpg_dsn,
-    run_sql,
-    start_server,
-    stop_server,
-    xml_unsupported,
-)
+from tests.support.database import ExportDatabase, asyncpg_dsn, run_sql, xml_unsupported
+from tests.support.server import running_server
 
 
 def _load(url: str, schemas: tuple[str, ...], name: str | None = None) -> list[Dataset]:
@@ -67,8 +61,7 @@ def test_own_schema_is_never_exposed(database: ExportDatabase) -> None:
 def test_exposed_schemas_setting_through_the_server(
     database: ExportDatabase, tmp_path: Path
 ) -> None:
-    server = start_server(database.url, tmp_path, schemas="public,sales,exporter")
-    try:
+    with running_server(database.url, tmp_path, schemas="public,sales,exporter") as server:
         with server.client(database.key) as client:
             names = {d["name"] for d in client.get("/datasets").json()}
             assert "sales.orders" in names and "public.people" in names
@@ -82,8 +75,6 @@ def test_exposed_schemas_setting_through_the_server(
             ]
             assert client.get("/datasets/exporter.api_keys.csv").status_code == 404
             assert client.get("/datasets/exporter.api_keys").status_code == 404
-    finally:
-        stop_server(server)
 
 
 def test_a_name_with_nul_names_nothing(database: ExportDatabase, client: httpx.Client) -> None:
@@ -188,7 +179,7 @@ def ordering_columns(database: ExportDatabase) -> Iterator[dict[str, tuple[str, 
 
 def _postgresql_orders(url: str, columns: list[str]) -> dict[str, bool]:
     async def run() -> dict[str, bool]:
-        conn = await asyncpg.connect(_asyncpg_dsn(url))
+        conn = await asyncpg.connect(asyncpg_dsn(url))
         try:
             verdicts = {}
             for name in columns:

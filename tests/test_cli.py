@@ -24,8 +24,8 @@ from alembic.script import ScriptDirectory
 
 from exporter.pipeline.query import FORMAT_OPTIONS
 from exporter.schema.migrate import alembic_config, upgrade
-from tests.conftest import ExportDatabase, Server, _with_database, free_port, run_sql
-from tests.test_export_log import insert_log
+from tests.support.database import ExportDatabase, insert_log, run_sql, with_database
+from tests.support.server import Server, free_port
 
 RESERVED = ("select", "order", "limit")
 
@@ -96,7 +96,7 @@ def fresh_database(server_url: str) -> Iterator[str]:
     name = f"exporter_cli_{uuid.uuid4().hex[:12]}"
     run_sql(server_url, f'CREATE DATABASE "{name}"')
     try:
-        yield _with_database(server_url, name)
+        yield with_database(server_url, name)
     finally:
         run_sql(server_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 

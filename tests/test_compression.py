@@ -21,16 +21,16 @@ from exporter.http.compression import (
     compressible,
     parse_accept_encoding,
 )
-from tests.conftest import (
+from tests.support.database import (
     BIG_ROWS,
     ExportDatabase,
-    Server,
+    backend_of,
+    export_outcome,
     logged_export,
     run_sql,
-    start_server,
-    stop_server,
 )
-from tests.test_streaming_server import _peak_rss_bytes, backend_of, export_outcome
+from tests.support.memory import mapped_files, peak_rss_bytes
+from tests.support.server import Server, running_server
 
 CSV = "text/csv; charset=utf-8"
 
@@ -322,18 +322,13 @@ def test_curl_sees_a_failed_gzip_export_as_incomplete(
     assert export_outcome(database, request_id) == "failed"
 
 
-def _mapped_files(pid: int) -> str:
-    return Path(f"/proc/{pid}/maps").read_text()
-
-
 def test_memory_stays_flat_when_compressing(database: ExportDatabase, tmp_path: Path) -> None:
-    server = start_server(database.url, tmp_path)
-    try:
+    with running_server(database.url, tmp_path) as server:
         peaks = {}
         with server.client(database.key) as client:
             client.get("/datasets/people.csv", headers={"Accept-Encoding": "gzip"})
             # zstandard is imported only when a client first asks for zstd.
-            assert "zstandard" not in _mapped_files(server.process.pid)
+            assert "zstandard" not in mapped_files(server.process.pid)
             for dataset, rows in (("small_copy", 100_000), ("big", BIG_ROWS)):
                 for fmt in ("csv", "ndjson"):
                     for coding in (GZIP, ZSTD):
@@ -346,14 +341,12 @@ def test_memory_stays_flat_when_compressing(database: ExportDatabase, tmp_path: 
                             )
                         assert decoder.ended
                         assert lines == rows + (1 if fmt == "csv" else 0)
-                peaks[dataset] = _peak_rss_bytes(server.process.pid)
-            assert "zstandard" in _mapped_files(server.process.pid)
+                peaks[dataset] = peak_rss_bytes(server.process.pid)
+            assert "zstandard" in mapped_files(server.process.pid)
         growth = peaks["big"] - peaks["small_copy"]
         # As uncompressed (test_memory_stays_flat): one compressor per export, nothing buffered.
         assert growth < 5_000_000, f"peak RSS grew by {growth / 2**20:.1f} MiB"
         assert peaks["big"] < 80_000_000, f"peak RSS {peaks['big'] / 2**20:.1f} MiB"
-    finally:
-        stop_server(server)
 
 
 def test_openapi_documents_the_content_encoding(client: httpx.Client) -> None:

@@ -29,17 +29,13 @@ from starlette.routing import Route
 from exporter.http.downloads import CACHE_CONTROL, StoredExport, download_response
 from exporter.http.middleware import SecurityHeadersMiddleware
 from exporter.http.preconditions import (
-    UNSATISFIABLE,
-    ByteRange,
-    EntityTag,
     format_http_date,
-    parse_entity_tags,
-    parse_range,
 )
 from exporter.jobs.seekable_gzip import SeekableGzipWriter, SeekPoint
 from exporter.storage.local import LocalStore
 from exporter.storage.s3 import Credentials, S3Store
-from tests.conftest import S3Server, free_port
+from tests.support.s3 import S3Server
+from tests.support.server import free_port
 
 CSV = "text/csv; charset=utf-8"
 NDJSON = "application/x-ndjson"
@@ -671,29 +667,3 @@ def test_curl_killed_mid_download_then_resumed(served: Served, tmp_path: Path) -
     result = curl("-f", "-C", "-", "-o", str(partial), served.url("big"))
     assert result.returncode == 0, result.stderr
     assert partial.read_bytes() == source
-
-
-# The parsers on their own, for what a socket cannot say more clearly.
-
-
-def test_parse_range_edges() -> None:
-    assert parse_range("bytes=0-", 0) is None
-    assert parse_range("bytes=-0", 10) is UNSATISFIABLE
-    assert parse_range("bytes=10-", 10) is UNSATISFIABLE
-    assert parse_range("bytes=9-", 10) == ByteRange(9, 10)
-    assert parse_range("bytes=" + "9" * 5000 + "-", 10) is UNSATISFIABLE
-    assert parse_range("bytes=-" + "9" * 5000, 10) == ByteRange(0, 10)
-    assert parse_range("bytes=0-" + "9" * 5000, 10) == ByteRange(0, 10)
-    assert parse_range("bytes=٣-٤", 10) is None  # Unicode digits are not DIGIT
-
-
-def test_parse_entity_tags() -> None:
-    assert parse_entity_tags("*") is None
-    assert parse_entity_tags(' "a" ,W/"b",, "c,d" ') == [
-        EntityTag("a"),
-        EntityTag("b", weak=True),
-        EntityTag("c,d"),
-    ]
-    assert parse_entity_tags('"a" "b"') == []
-    assert parse_entity_tags('"a", b') == []
-    assert parse_entity_tags("") == []

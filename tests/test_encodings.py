@@ -9,15 +9,8 @@ from pathlib import Path
 import pytest
 
 from exporter.schema.migrate import upgrade
-from tests.conftest import (
-    ExportDatabase,
-    Server,
-    _with_database,
-    new_key,
-    run_sql,
-    start_server,
-    stop_server,
-)
+from tests.support.database import ExportDatabase, new_key, run_sql, with_database
+from tests.support.server import Server, running_server
 
 EMOJI = "\U0001f600"
 
@@ -29,7 +22,7 @@ def latin1_url(database: ExportDatabase) -> Iterator[str]:
         database.url,
         f"CREATE DATABASE {name} ENCODING 'LATIN1' LC_COLLATE 'C' LC_CTYPE 'C' TEMPLATE template0",
     )
-    url = _with_database(database.url, name)
+    url = with_database(database.url, name)
     try:
         run_sql(
             url,
@@ -47,13 +40,10 @@ def latin1_exports(
     database: ExportDatabase, latin1_url: str, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Server]:
     """Exports from the LATIN1 database; keys and the log in the (UTF-8) test database."""
-    server = start_server(
+    with running_server(
         latin1_url, tmp_path_factory.mktemp("latin1"), state_database_url=database.url
-    )
-    try:
+    ) as server:
         yield server
-    finally:
-        stop_server(server)
 
 
 @pytest.mark.parametrize(
@@ -87,8 +77,7 @@ def test_what_the_database_can_hold_is_exported(
 
 def test_a_latin1_state_database_logs_the_request_escaped(latin1_url: str, tmp_path: Path) -> None:
     key = new_key(latin1_url)
-    server = start_server(latin1_url, tmp_path)
-    try:
+    with running_server(latin1_url, tmp_path) as server:
         with server.client(key) as client:
             response = client.get(
                 "/datasets/people.csv", params={"null": EMOJI}, headers={"X-Request-Id": "emoji"}
@@ -101,8 +90,6 @@ def test_a_latin1_state_database_logs_the_request_escaped(latin1_url: str, tmp_p
                 json={"dataset": "people", "format": "csv", "params": {"name": f"eq.{EMOJI}"}},
             )
             assert submitted.status_code == 400, submitted.text
-    finally:
-        stop_server(server)
     ((parameters, status),) = run_sql(
         latin1_url,
         "SELECT parameters::text, status FROM exporter.export_log WHERE request_id = 'emoji'",

@@ -14,14 +14,10 @@ import httpx
 import psutil
 import pytest
 
-from tests.conftest import ExportDatabase, Server, new_key, run_sql, start_server, stop_server
-from tests.job_helpers import (
-    job_worker_pid,
-    read_events,
-    slow_view,
-    submit,
-    wait_for,
-)
+from tests.support.database import ExportDatabase, new_key, run_sql
+from tests.support.events import read_events
+from tests.support.jobs import job_worker_pid, slow_view, submit, wait_for
+from tests.support.server import Server, running_server
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +25,7 @@ def events_server(
     database: ExportDatabase, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Server]:
     directory = tmp_path_factory.mktemp("events")
-    server = start_server(
+    with running_server(
         database.url,
         directory,
         job_dir=str(directory / "files"),
@@ -38,11 +34,8 @@ def events_server(
         job_concurrency="1",
         # Often enough for a few progress events in a job that takes half a second.
         progress_interval_s="0.05",
-    )
-    try:
+    ) as server:
         yield server
-    finally:
-        stop_server(server)
 
 
 def test_a_jobs_events_count_up_to_done(events_server: Server, database: ExportDatabase) -> None:
@@ -155,45 +148,44 @@ def test_events_reach_a_subscriber_of_another_worker(
     database: ExportDatabase, tmp_path: Path
 ) -> None:
     view = slow_view(database, seconds=8)
-    server = start_server(
-        database.url,
-        tmp_path,
-        workers=2,
-        job_dir=str(tmp_path / "files"),
-        job_poll_s="0.5",
-        job_concurrency="1",
-    )
     try:
-        with server.client(database.key) as client:
-            info = submit(client, {"dataset": view, "format": "csv"})
-            wait_for(client, info["id"], "running")
-        runner = job_worker_pid(database, info["id"])
-        host, _, server_port = server.base_url.removeprefix("http://").rpartition(":")
-        # Connections land on either worker: keep one that the other worker serves.
-        for _ in range(50):
-            sock = socket.create_connection((host, int(server_port)))
-            sock.sendall(
-                f"GET {info['events_url']} HTTP/1.1\r\nHost: {host}\r\n"
-                f"Authorization: Bearer {database.key}\r\n"
-                "Accept: text/event-stream\r\n\r\n".encode()
-            )
-            time.sleep(0.05)
-            if _serving_pid(server, sock.getsockname()[1]) != runner:
-                break
-            sock.close()
-        else:
-            pytest.fail("every connection landed on the job's worker")
-        with sock, sock.makefile("rb") as stream:
-            body = b""
-            deadline = time.monotonic() + 60
-            while b"event: done" not in body:
-                assert time.monotonic() < deadline, body[-500:]
-                line = stream.readline()
-                assert line, body[-500:]
-                body += line
-        assert body.count(b"event: progress") >= 2, body[-500:]
+        with running_server(
+            database.url,
+            tmp_path,
+            workers=2,
+            job_dir=str(tmp_path / "files"),
+            job_poll_s="0.5",
+            job_concurrency="1",
+        ) as server:
+            with server.client(database.key) as client:
+                info = submit(client, {"dataset": view, "format": "csv"})
+                wait_for(client, info["id"], "running")
+            runner = job_worker_pid(database, info["id"])
+            host, _, server_port = server.base_url.removeprefix("http://").rpartition(":")
+            # Connections land on either worker: keep one that the other worker serves.
+            for _ in range(50):
+                sock = socket.create_connection((host, int(server_port)))
+                sock.sendall(
+                    f"GET {info['events_url']} HTTP/1.1\r\nHost: {host}\r\n"
+                    f"Authorization: Bearer {database.key}\r\n"
+                    "Accept: text/event-stream\r\n\r\n".encode()
+                )
+                time.sleep(0.05)
+                if _serving_pid(server, sock.getsockname()[1]) != runner:
+                    break
+                sock.close()
+            else:
+                pytest.fail("every connection landed on the job's worker")
+            with sock, sock.makefile("rb") as stream:
+                body = b""
+                deadline = time.monotonic() + 60
+                while b"event: done" not in body:
+                    assert time.monotonic() < deadline, body[-500:]
+                    line = stream.readline()
+                    assert line, body[-500:]
+                    body += line
+            assert body.count(b"event: progress") >= 2, body[-500:]
     finally:
-        stop_server(server)
         run_sql(database.url, f"DROP VIEW {view}")
 
 
@@ -229,18 +221,20 @@ def read_events_without_ids(client: httpx.Client, path: str) -> tuple[httpx.Resp
 def test_a_cancelled_jobs_stream_ends(database: ExportDatabase, tmp_path: Path) -> None:
     view = slow_view(database, seconds=4)
     # Queued, or already claimed by events_server: cancelled either way, and its stream ends.
-    server = start_server(database.url, tmp_path)
     try:
-        with server.client(new_key(database.url)) as client:
-            info = submit(client, {"dataset": view, "format": "csv"})
-            assert client.delete(info["status_url"]).json()["status"] in ("cancelled", "running")
-            _, events = read_events_without_ids(client, info["events_url"])
-            assert events[-1][0] == "error" and "cancelled" in events[-1][1]["title"]
-            # An odd Last-Event-ID is ignored, not a 500.
-            odd = client.get(
-                info["events_url"], headers=[(b"Last-Event-ID", "\u00b2".encode("latin-1"))]
-            )
-            assert odd.status_code == 200
+        with running_server(database.url, tmp_path) as server:
+            with server.client(new_key(database.url)) as client:
+                info = submit(client, {"dataset": view, "format": "csv"})
+                assert client.delete(info["status_url"]).json()["status"] in (
+                    "cancelled",
+                    "running",
+                )
+                _, events = read_events_without_ids(client, info["events_url"])
+                assert events[-1][0] == "error" and "cancelled" in events[-1][1]["title"]
+                # An odd Last-Event-ID is ignored, not a 500.
+                odd = client.get(
+                    info["events_url"], headers=[(b"Last-Event-ID", "\u00b2".encode("latin-1"))]
+                )
+                assert odd.status_code == 200
     finally:
-        stop_server(server)
         run_sql(database.url, f"DROP VIEW {view}")

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ExportDatabase, Server, run_sql
+from tests.support.database import ExportDatabase, run_sql
+from tests.support.server import Server
 
 SOFFICE = shutil.which("soffice")
 

@@ -3,7 +3,6 @@ entries written here directly (deterministic), and a real export's entry."""
 
 import asyncio
 import hashlib
-import json
 import time
 import uuid
 from collections.abc import Iterator
@@ -17,7 +16,8 @@ import pytest
 from exporter.access.keys import create_key, revoke_key
 from exporter.access.log_query import LogQuery, LogQueryTimeout, fetch_page
 from exporter.db.pool import Pool
-from tests.conftest import ExportDatabase, Server, _asyncpg_dsn
+from tests.support.database import ExportDatabase, asyncpg_dsn, insert_log
+from tests.support.server import Server
 
 ITEM_FIELDS = {
     "id",
@@ -37,47 +37,6 @@ ITEM_FIELDS = {
     "aborted_by",
     "error",
 }
-
-
-def insert_log(url: str, *entries: dict[str, Any]) -> list[int]:
-    """Export log entries, written in order (unset columns get plain defaults); their ids."""
-
-    async def run() -> list[int]:
-        connection = await asyncpg.connect(_asyncpg_dsn(url))
-        try:
-            ids = []
-            for given in entries:
-                entry = {
-                    "request_id": uuid.uuid4().hex,
-                    "key_name": None,
-                    "dataset": "people",
-                    "format": "csv",
-                    "parameters": {},
-                    "client_addr": "127.0.0.1",
-                    "started_at": datetime.now(UTC),
-                    "ended_at": None,
-                    "rows": None,
-                    "bytes": None,
-                    "outcome": "completed",
-                    "error": None,
-                    "status": 200,
-                    "aborted_by": None,
-                    **given,
-                }
-                entry["parameters"] = json.dumps(entry["parameters"])
-                ids.append(
-                    await connection.fetchval(
-                        f"INSERT INTO exporter.export_log ({', '.join(entry)})"
-                        f" VALUES ({', '.join(f'${i + 1}' for i in range(len(entry)))})"
-                        " RETURNING id",
-                        *entry.values(),
-                    )
-                )
-            return ids
-        finally:
-            await connection.close()
-
-    return asyncio.run(run())
 
 
 def make_key(url: str, name: str, admin: bool = False) -> str:
@@ -398,7 +357,7 @@ def test_largest_values_are_accepted(admin: httpx.Client) -> None:
 
 def test_a_slow_query_times_out_and_frees_its_connection(database: ExportDatabase) -> None:
     async def run() -> None:
-        blocker = await asyncpg.connect(_asyncpg_dsn(database.url))
+        blocker = await asyncpg.connect(asyncpg_dsn(database.url))
         pool = await Pool.open(database.url, size=1)
         try:
             locked = blocker.transaction()

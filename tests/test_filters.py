@@ -16,13 +16,13 @@ import pytest
 
 from exporter.pipeline.catalog import Column, Dataset
 from exporter.pipeline.query import QueryError, parse_query
-from tests.conftest import (
+from tests.support.database import (
     ExportDatabase,
-    Server,
-    _asyncpg_dsn,
+    asyncpg_dsn,
     create_case_insensitive_collation,
     run_sql,
 )
+from tests.support.server import Server
 
 Params = Sequence[tuple[str, str]]
 PROBLEM = "application/problem+json"
@@ -409,7 +409,7 @@ def test_like_escape_rule_agrees_with_postgresql(database: ExportDatabase) -> No
         return "".join(out)
 
     async def verdicts() -> list[bool]:
-        conn = await asyncpg.connect(_asyncpg_dsn(database.url))
+        conn = await asyncpg.connect(asyncpg_dsn(database.url))
         try:
             accepted = []
             for pattern in patterns:
@@ -780,7 +780,7 @@ STRICTER_THAN_POSTGRESQL = {"+nan", "0x10", "1_0", "0x1p3"}
 
 def test_value_checks_agree_with_postgresql(database: ExportDatabase) -> None:
     async def accepted_by_postgresql() -> dict[tuple[str, str], bool]:
-        conn = await asyncpg.connect(_asyncpg_dsn(database.url))
+        conn = await asyncpg.connect(asyncpg_dsn(database.url))
         try:
             verdicts = {}
             for base, (type_sql, values) in TYPE_CASES.items():

@@ -35,7 +35,8 @@ from hypothesis import strategies as st
 
 from exporter.access.keys import create_key
 from exporter.db.pool import Pool
-from tests.conftest import ExportDatabase, Server, run_sql, start_server, stop_server
+from tests.support.database import ExportDatabase, run_sql
+from tests.support.server import Server, running_server
 
 
 def hostile(examples: int) -> settings:
@@ -681,16 +682,13 @@ def qualified_server(
     """A second server, configured as carelessly as possible: the own schema listed among the
     exposed ones (it must stay hidden), names qualified by schema; and rows read through a
     server-side cursor instead of COPY, so that both read paths meet the generated requests."""
-    running = start_server(
+    with running_server(
         database.url,
         tmp_path_factory.mktemp("hostile"),
         schemas="public,sales,exporter",
         use_copy="false",
-    )
-    try:
+    ) as running:
         yield running
-    finally:
-        stop_server(running)
 
 
 def listed(server: Server, key: str) -> frozenset[str]:

@@ -3,7 +3,6 @@ cursor is refused. The invariant under concurrent writers is tests/test_incremen
 """
 
 import asyncio
-import base64
 import dataclasses
 import json
 import subprocess
@@ -21,15 +20,13 @@ import pytest
 from exporter.db.connection import Connection
 from exporter.incremental.pulls import HORIZON, CursorAhead, Position, cursor_for, plan_pull
 from exporter.incremental.tokens import (
-    Cursor,
     CursorExpired,
-    CursorInvalid,
     Snapshot,
     decode,
     digest,
-    encode,
 )
-from tests.conftest import ExportDatabase, Server, new_key, run_sql, start_server, stop_server
+from tests.support.database import ExportDatabase, new_key, run_sql
+from tests.support.server import Server, running_server
 
 
 def _dsn(url: str) -> str:
@@ -85,40 +82,6 @@ def refused(response: httpx.Response, status: int, words: str) -> None:
     assert response.status_code == status, response.text
     assert response.headers["content-type"] == "application/problem+json"
     assert words in response.json()["detail"], response.json()
-
-
-# --- the cursor itself -------------------------------------------------------------------------
-
-
-def test_a_cursor_round_trips_and_any_change_is_refused() -> None:
-    secret = b"s" * 32
-    snapshot = Snapshot(2**40, 2**40 + 900, (2**40, 2**40 + 7))
-    cursor = Cursor(
-        2**63 + 5, 3, 2**32 - 1, digest("t"), digest(), digest("shape"), snapshot, 2**40 + 7
-    )
-    token = encode(cursor, secret)
-    assert decode(token, secret) == cursor
-    raw = bytearray(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
-    for i in range(len(raw)):
-        altered = bytearray(raw)
-        altered[i] ^= 1
-        text = base64.urlsafe_b64encode(bytes(altered)).rstrip(b"=").decode()
-        with pytest.raises(CursorInvalid):
-            decode(text, secret)
-    with pytest.raises(CursorInvalid):
-        decode(token, b"another secret")
-    for garbage in ("", "x", "!!!!", token[:-3], token + "AAAA", "A" * 20_000):
-        with pytest.raises(CursorInvalid):
-            decode(garbage, secret)
-
-
-def test_snapshot_text_and_what_it_saw() -> None:
-    snapshot = Snapshot.parse("100:110:100,104")
-    assert str(snapshot) == "100:110:100,104"
-    assert snapshot.oldest_running == 100
-    assert snapshot.saw_committed(99) and snapshot.saw_committed(103)
-    assert not snapshot.saw_committed(104) and not snapshot.saw_committed(110)
-    assert Snapshot.parse("7:7:").oldest_running == 7
 
 
 # --- which exports hand out cursors ------------------------------------------------------------
@@ -322,8 +285,7 @@ def test_tracked_pulls_read_the_same_through_the_cursor_path(
     database: ExportDatabase, table: str, tmp_path: Path
 ) -> None:
     tracked(database, table)
-    server = start_server(database.url, tmp_path, use_copy="false")
-    try:
+    with running_server(database.url, tmp_path, use_copy="false") as server:
         with server.client(database.key) as client:
             _, cursor = full(client, table)
             run_sql(
@@ -336,8 +298,6 @@ def test_tracked_pulls_read_the_same_through_the_cursor_path(
             assert changed == [{"id": 2, "v": "y"}, {"_deleted": {"id": 1}}]
             csv_pull = client.get(f"/datasets/{table}.csv", params={"since": cursor})
             assert csv_pull.text.splitlines() == ["id,v", "2,y"]
-    finally:
-        stop_server(server)
 
 
 def test_a_cursor_from_before_tracking_pulls_in_snapshot_mode_but_not_deletes(
@@ -507,8 +467,9 @@ def test_serve_prunes_changes_past_the_retention(
     database: ExportDatabase, table: str, tmp_path: Path
 ) -> None:
     tracked(database, table)
-    server = start_server(database.url, tmp_path, change_retention_s="0", prune_interval_s="0.2")
-    try:
+    with running_server(
+        database.url, tmp_path, change_retention_s="0", prune_interval_s="0.2"
+    ) as server:
         with server.client(database.key) as client:
             _, cursor = full(client, table)
             run_sql(database.url, f"UPDATE {table} SET v = 'z' WHERE id = 5")
@@ -521,8 +482,6 @@ def test_serve_prunes_changes_past_the_retention(
                     break
                 time.sleep(0.2)
             refused(response, 410, "retention")
-    finally:
-        stop_server(server)
 
 
 def test_pruning_forgets_dropped_tracked_tables(database: ExportDatabase, table: str) -> None:
@@ -591,18 +550,6 @@ def test_the_catalog_says_how_each_dataset_pulls(
     assert client.get(f"/datasets/{table}").json()["incremental"] == "tracked"
     listed = {d["name"]: d["incremental"] for d in client.get("/datasets").json()}
     assert listed[table] == "tracked" and listed["adults"] is None
-
-
-def test_a_standby_cursor_round_trips_without_its_running_transactions() -> None:
-    secret = b"s" * 32
-    # On a standby, pg_current_snapshot() lists none of the primary's running transactions.
-    snapshot = Snapshot(500, 510, (), complete=False)
-    cursor = Cursor(1, 1, 2, digest("t"), digest(), digest(), snapshot, 500)
-    decoded = decode(encode(cursor, secret), secret)
-    assert decoded == cursor
-    assert decoded.snapshot.oldest_running == 500
-    # Whether 505 was seen is not known: only what is below xmin certainly was.
-    assert decoded.snapshot.saw_committed(499) and not decoded.snapshot.saw_committed(505)
 
 
 def test_a_changed_shape_makes_cursors_gone(

@@ -2,7 +2,7 @@
 full export and then `since=` pulls never misses a committed row version (late commits,
 savepoints and PL/pgSQL exception blocks included), never shows one that was rolled back, and
 repeats versions only as far as X-Export-Possibly-Repeated admits (tracked mode: never).
-The workload is tests/incremental_workload.py; bench/soak_incremental.py runs it for minutes."""
+The workload is tests/support/workload.py; bench/soak_incremental.py runs it for minutes."""
 
 import asyncio
 import os
@@ -13,8 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ExportDatabase, new_key, run_sql, start_server, stop_server
-from tests.incremental_workload import Mode, Outcome, Workload, run_workload
+from tests.support.database import ExportDatabase, new_key, run_sql
+from tests.support.server import running_server
+from tests.support.workload import Mode, Outcome, Workload, run_workload
 
 WRITE_SECONDS = 5.0
 SHOWN = 40  # problems shown in a failure message, of however many
@@ -74,8 +75,7 @@ def test_pulls_keep_an_exact_copy_while_writers_run(
 
     key = new_key(database.url)
     # Two worker processes: a pull need not reach the process that issued its cursor.
-    server = start_server(database.url, tmp_path, workers=2)
-    try:
+    with running_server(database.url, tmp_path, workers=2) as server:
         outcome = asyncio.run(
             run_workload(
                 database.url,
@@ -87,8 +87,6 @@ def test_pulls_keep_an_exact_copy_while_writers_run(
                 track=track if mode == "track-midway" else None,
             )
         )
-    finally:
-        stop_server(server)
     print(outcome.summary())
     assert not outcome.problems and not outcome.differences, explain(outcome, server.log())
 

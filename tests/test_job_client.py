@@ -15,7 +15,7 @@ import pytest
 
 from exporter.cli import job_client
 from exporter.cli.file_export import Progress
-from tests.conftest import free_port
+from tests.support.server import free_port
 
 # More streams ended early than the client's attempts: only failures may use those up.
 STREAMS = job_client.ATTEMPTS + 2

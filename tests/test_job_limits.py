@@ -7,8 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ExportDatabase, logged_export, run_sql, start_server, stop_server
-from tests.job_helpers import read_events, slow_view, submit, wait_for
+from tests.support.database import ExportDatabase, logged_export, run_sql
+from tests.support.events import read_events
+from tests.support.jobs import slow_view, submit, wait_for
+from tests.support.server import running_server
 
 
 @pytest.mark.parametrize(
@@ -21,15 +23,14 @@ from tests.job_helpers import read_events, slow_view, submit, wait_for
 def test_a_job_past_a_size_cap_fails(
     database: ExportDatabase, tmp_path: Path, cap: str, value: str, error: str
 ) -> None:
-    server = start_server(
+    with running_server(
         database.url,
         tmp_path,
         1,
         job_dir=str(tmp_path / "files"),
         job_concurrency="1",
         **{cap: value},
-    )
-    try:
+    ) as server:
         with server.client(database.key) as client:
             info = submit(client, {"dataset": "big", "format": "csv"})
             failed, _ = wait_for(client, info["id"], "done", "failed")
@@ -41,29 +42,26 @@ def test_a_job_past_a_size_cap_fails(
         logged = logged_export(database.url, info["id"])
         assert (logged["outcome"], logged["aborted_by"]) == ("aborted", cap)
         assert list((tmp_path / "files").iterdir()) == []
-    finally:
-        stop_server(server)
 
 
 def test_a_job_past_max_seconds_fails(database: ExportDatabase, tmp_path: Path) -> None:
     view = slow_view(database, seconds=20)
-    server = start_server(
-        database.url,
-        tmp_path,
-        1,
-        job_dir=str(tmp_path / "files"),
-        job_concurrency="1",
-        max_seconds="1.5",
-    )
     try:
-        with server.client(database.key) as client:
-            info = submit(client, {"dataset": view, "format": "csv"})
-            started = time.monotonic()
-            failed, _ = wait_for(client, info["id"], "done", "failed")
-            assert time.monotonic() - started < 10
-            assert failed["error"] == "max_seconds: the export ran longer than 1.5 s"
-        logged = logged_export(database.url, info["id"])
-        assert (logged["outcome"], logged["aborted_by"]) == ("aborted", "max_seconds")
+        with running_server(
+            database.url,
+            tmp_path,
+            1,
+            job_dir=str(tmp_path / "files"),
+            job_concurrency="1",
+            max_seconds="1.5",
+        ) as server:
+            with server.client(database.key) as client:
+                info = submit(client, {"dataset": view, "format": "csv"})
+                started = time.monotonic()
+                failed, _ = wait_for(client, info["id"], "done", "failed")
+                assert time.monotonic() - started < 10
+                assert failed["error"] == "max_seconds: the export ran longer than 1.5 s"
+            logged = logged_export(database.url, info["id"])
+            assert (logged["outcome"], logged["aborted_by"]) == ("aborted", "max_seconds")
     finally:
-        stop_server(server)
         run_sql(database.url, f"DROP VIEW {view}")

@@ -4,51 +4,48 @@ another key's jobs. Apart from tests/test_jobs.py, whose server would claim the 
 import time
 from pathlib import Path
 
-from tests.conftest import ExportDatabase, new_key, run_sql, start_server, stop_server
-from tests.job_helpers import slow_view, submit, wait_for
+from tests.support.database import ExportDatabase, new_key, run_sql
+from tests.support.jobs import slow_view, submit, wait_for
+from tests.support.server import running_server
 
 
 def test_a_key_at_its_limit_does_not_hold_up_another(
     database: ExportDatabase, tmp_path: Path
 ) -> None:
     view = slow_view(database, seconds=6)
-    server = start_server(
-        database.url,
-        tmp_path,
-        job_dir=str(tmp_path / "files"),
-        job_poll_s="0.3",
-        job_concurrency="2",
-        max_exports_per_key="1",
-    )
     try:
-        with (
-            server.client(new_key(database.url)) as busy,
-            server.client(new_key(database.url)) as other,
-        ):
-            first = submit(busy, {"dataset": view, "format": "csv"})
-            wait_for(busy, first["id"], "running")
-            second = submit(busy, {"dataset": view, "format": "csv"})
-            quick = submit(other, {"dataset": "people", "format": "csv"})
-            wait_for(other, quick["id"], "done", timeout_s=5)
-            # The busy key's second job waits for its first, unclaimed.
-            assert busy.get(second["status_url"]).json()["status"] == "queued"
-            assert busy.get(first["status_url"]).json()["status"] == "running"
+        with running_server(
+            database.url,
+            tmp_path,
+            job_dir=str(tmp_path / "files"),
+            job_poll_s="0.3",
+            job_concurrency="2",
+            max_exports_per_key="1",
+        ) as server:
+            with (
+                server.client(new_key(database.url)) as busy,
+                server.client(new_key(database.url)) as other,
+            ):
+                first = submit(busy, {"dataset": view, "format": "csv"})
+                wait_for(busy, first["id"], "running")
+                second = submit(busy, {"dataset": view, "format": "csv"})
+                quick = submit(other, {"dataset": "people", "format": "csv"})
+                wait_for(other, quick["id"], "done", timeout_s=5)
+                # The busy key's second job waits for its first, unclaimed.
+                assert busy.get(second["status_url"]).json()["status"] == "queued"
+                assert busy.get(first["status_url"]).json()["status"] == "running"
     finally:
-        stop_server(server)
         run_sql(database.url, f"DROP VIEW {view}")
 
 
 def test_a_process_that_stops_hands_its_job_back(database: ExportDatabase, tmp_path: Path) -> None:
     view = slow_view(database, seconds=6)
-    server = start_server(
+    with running_server(
         database.url, tmp_path, job_dir=str(tmp_path / "files"), job_concurrency="1"
-    )
-    try:
+    ) as server:
         with server.client(database.key) as client:
             info = submit(client, {"dataset": view, "format": "csv"})
             wait_for(client, info["id"], "running")
-    finally:
-        stop_server(server)
     try:
         # Back in the queue at once, the interrupted run not counted as an attempt.
         (status, attempts, worker) = run_sql(
@@ -69,7 +66,8 @@ def test_a_job_waiting_for_its_keys_slot_publishes_nothing(
 ) -> None:
     """The key's only export slot is held by its direct export (a client that does not read):
     its job is claimed and handed back each poll, silently, and runs once the slot is free."""
-    server = start_server(
+    key = new_key(database.url)
+    with running_server(
         database.url,
         tmp_path,
         job_dir=str(tmp_path / "files"),
@@ -77,9 +75,7 @@ def test_a_job_waiting_for_its_keys_slot_publishes_nothing(
         # that long in its slot, and must publish nothing meanwhile.
         job_concurrency="1",
         max_exports_per_key="1",
-    )
-    key = new_key(database.url)
-    try:
+    ) as server:
         with server.client(key) as client:
             with client.stream("GET", "/datasets/big.csv") as direct:
                 assert direct.status_code == 200
@@ -98,5 +94,3 @@ def test_a_job_waiting_for_its_keys_slot_publishes_nothing(
                 database.url, f"SELECT attempts FROM exporter.jobs WHERE id = '{info['id']}'"
             )[0]
             assert attempts == 1  # the runs handed back for want of a slot are not counted
-    finally:
-        stop_server(server)

@@ -14,12 +14,9 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import ExportDatabase, Server, new_key, run_sql, start_server, stop_server
-from tests.job_helpers import (
-    slow_view,
-    submit,
-    wait_for,
-)
+from tests.support.database import ExportDatabase, new_key, run_sql
+from tests.support.jobs import slow_view, submit, wait_for
+from tests.support.server import Server, running_server
 
 JOB_FILES = Path(f"/tmp/exporter-test-jobs-{uuid.uuid4().hex[:8]}")
 
@@ -30,18 +27,17 @@ def job_server(
 ) -> Iterator[Server]:
     directory = tmp_path_factory.mktemp("jobs")
     # A short lease: a cancellation is noticed within a third of it.
-    server = start_server(
-        database.url,
-        directory,
-        job_dir=str(JOB_FILES),
-        job_poll_s="0.5",
-        job_concurrency="1",
-        job_lease_s="1.5",
-    )
     try:
-        yield server
+        with running_server(
+            database.url,
+            directory,
+            job_dir=str(JOB_FILES),
+            job_poll_s="0.5",
+            job_concurrency="1",
+            job_lease_s="1.5",
+        ) as server:
+            yield server
     finally:
-        stop_server(server)
         shutil.rmtree(JOB_FILES, ignore_errors=True)
 
 
@@ -256,22 +252,21 @@ def test_a_keys_jobs_are_bounded_and_bodies_too(
 ) -> None:
     view = slow_view(database, seconds=4)
     # This server runs no jobs (job_server does) and allows one per key.
-    server = start_server(database.url, tmp_path, max_jobs_per_key="1")
     try:
-        with server.client(new_key(database.url)) as client:
-            submit(client, {"dataset": view, "format": "csv"})
-            second = client.post("/exports", json={"dataset": view, "format": "csv"})
-            assert second.status_code == 429 and second.headers["retry-after"]
-            huge = client.post(
-                "/exports",
-                content=json.dumps({"dataset": view, "format": "csv", "x": "y" * 100_000}),
-                headers={"Content-Type": "application/json"},
-            )
-            assert huge.status_code == 413, huge.text
-            chunked = client.post(
-                "/exports", content=iter([b'{"dataset": "people", "format": "csv"}'])
-            )
-            assert chunked.status_code == 411, chunked.text
+        with running_server(database.url, tmp_path, max_jobs_per_key="1") as server:
+            with server.client(new_key(database.url)) as client:
+                submit(client, {"dataset": view, "format": "csv"})
+                second = client.post("/exports", json={"dataset": view, "format": "csv"})
+                assert second.status_code == 429 and second.headers["retry-after"]
+                huge = client.post(
+                    "/exports",
+                    content=json.dumps({"dataset": view, "format": "csv", "x": "y" * 100_000}),
+                    headers={"Content-Type": "application/json"},
+                )
+                assert huge.status_code == 413, huge.text
+                chunked = client.post(
+                    "/exports", content=iter([b'{"dataset": "people", "format": "csv"}'])
+                )
+                assert chunked.status_code == 411, chunked.text
     finally:
-        stop_server(server)
         run_sql(database.url, f"DROP VIEW {view}")

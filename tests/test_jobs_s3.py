@@ -3,6 +3,7 @@ through real servers: the file goes to the bucket, downloads (ranges and resumpt
 read it from there, DELETE removes it, and a store that fails is a clear error, never a 500 or
 a job that looks done."""
 
+import contextlib
 import subprocess
 import time
 from collections.abc import Iterator
@@ -10,15 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import (
-    ExportDatabase,
-    S3Server,
-    Server,
-    free_port,
-    start_server,
-    stop_server,
-)
-from tests.job_helpers import submit, wait_for
+from tests.support.database import ExportDatabase
+from tests.support.jobs import submit, wait_for
+from tests.support.s3 import S3Server
+from tests.support.server import Server, free_port, running_server
 
 
 @pytest.fixture
@@ -40,8 +36,9 @@ def assert_spool_empties(spool: Path, timeout_s: float = 5) -> None:
 
 def s3_job_server(
     database: ExportDatabase, directory: Path, s3_server: S3Server, bucket: str, **settings: str
-) -> Server:
-    return start_server(
+) -> contextlib.AbstractContextManager[Server]:
+    """A server that runs jobs and stores their files in `bucket`, for the `with` block."""
+    return running_server(
         database.url,
         directory,
         1,
@@ -75,8 +72,7 @@ def test_a_job_file_goes_to_the_bucket_and_downloads_from_it(
     tmp_path: Path,
 ) -> None:
     bucket, objects = bucket_objects
-    server = s3_job_server(database, tmp_path, s3_environment, bucket)
-    try:
+    with s3_job_server(database, tmp_path, s3_environment, bucket) as server:
         with server.client(database.key) as client:
             direct = client.get("/datasets/big.csv").content
             info = submit(client, {"dataset": "big", "format": "csv"})
@@ -105,8 +101,7 @@ def test_a_job_file_goes_to_the_bucket_and_downloads_from_it(
             # Another process whose store cannot be reached: 503 and Retry-After, not a 500.
             settings = s3_environment.settings(bucket)
             settings["job_s3_endpoint"] = f"http://127.0.0.1:{free_port()}"
-            unreachable = start_server(database.url, tmp_path, 1, **settings)
-            try:
+            with running_server(database.url, tmp_path, 1, **settings) as unreachable:
                 with unreachable.client(database.key) as other:
                     response = other.get(done["download_url"])
                     assert response.status_code == 503, response.text
@@ -115,22 +110,17 @@ def test_a_job_file_goes_to_the_bucket_and_downloads_from_it(
                     # Deleting is recorded all the same; the file is left to a sweep.
                     deleted = other.delete(f"/exports/{info['id']}")
                     assert (deleted.status_code, deleted.json()["status"]) == (200, "expired")
-            finally:
-                stop_server(unreachable)
             assert objects.keys() == {f"exporter-jobs/{info['id']}-1.gz"}
 
             assert client.delete(f"/exports/{info['id']}").json()["status"] == "expired"
             assert objects.keys() == set()
             assert client.get(done["download_url"]).status_code == 410
-    finally:
-        stop_server(server)
 
 
 def test_a_store_that_refuses_fails_the_job(
     database: ExportDatabase, s3_environment: S3Server, tmp_path: Path
 ) -> None:
-    server = s3_job_server(database, tmp_path, s3_environment, "no-such-bucket-here")
-    try:
+    with s3_job_server(database, tmp_path, s3_environment, "no-such-bucket-here") as server:
         with server.client(database.key) as client:
             info = submit(client, {"dataset": "small_copy", "format": "ndjson"})
             failed, _ = wait_for(client, info["id"], "done", "failed")
@@ -140,8 +130,6 @@ def test_a_store_that_refuses_fails_the_job(
             assert download.status_code == 409
         assert "NoSuchBucket" in server.log()  # the reason, for the operator
         assert_spool_empties(tmp_path / "spool")
-    finally:
-        stop_server(server)
 
 
 def test_a_bucket_without_credentials_is_refused_at_start(
@@ -150,20 +138,20 @@ def test_a_bucket_without_credentials_is_refused_at_start(
     monkeypatch.delenv("AWS_ACCESS_KEY_ID", raising=False)
     monkeypatch.delenv("AWS_SECRET_ACCESS_KEY", raising=False)
     with pytest.raises(RuntimeError, match="AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"):
-        start_server(database.url, tmp_path, 1, **s3_server.settings("some-bucket"))
+        with running_server(database.url, tmp_path, 1, **s3_server.settings("some-bucket")):
+            pass
 
 
 def test_a_store_that_cannot_be_reached_fails_the_job_after_three_runs(
     database: ExportDatabase, s3_environment: S3Server, tmp_path: Path
 ) -> None:
-    server = s3_job_server(
+    with s3_job_server(
         database,
         tmp_path,
         s3_environment,
         "some-bucket",
         job_s3_endpoint=f"http://127.0.0.1:{free_port()}",
-    )
-    try:
+    ) as server:
         with server.client(database.key) as client:
             info = submit(client, {"dataset": "small_copy", "format": "ndjson"})
             # Each run tries the upload three times, with pauses; then the job runs again.
@@ -171,5 +159,3 @@ def test_a_store_that_cannot_be_reached_fails_the_job_after_three_runs(
             assert failed["status"] == "failed"
             assert failed["error"] == "the job's file could not be stored (3 runs)"
         assert_spool_empties(tmp_path / "spool")
-    finally:
-        stop_server(server)

@@ -14,24 +14,8 @@ import httpx
 import psutil
 import pytest
 
-from tests.conftest import (
-    ExportDatabase,
-    Server,
-    logged_export,
-    new_key,
-    run_sql,
-    start_server,
-    stop_server,
-)
-
-
-@contextlib.contextmanager
-def running_server(database: ExportDatabase, tmp_path: Path, **settings: str) -> Iterator[Server]:
-    server = start_server(database.url, tmp_path, 1, **settings)
-    try:
-        yield server
-    finally:
-        stop_server(server)
+from tests.support.database import ExportDatabase, logged_export, new_key, run_sql
+from tests.support.server import Server, running_server
 
 
 @contextlib.contextmanager
@@ -78,7 +62,7 @@ def test_a_keys_third_export_waits_for_one_of_its_two(
     database: ExportDatabase, tmp_path: Path
 ) -> None:
     key, other = new_key(database.url), new_key(database.url)
-    with running_server(database, tmp_path) as server:
+    with running_server(database.url, tmp_path) as server:
         request_id = f"third-{uuid.uuid4().hex[:8]}"
         with held_export(server, key, "hold-1"), held_export(server, key, "hold-2"):
             refused(export_status(server, key, request_id), "this key")
@@ -100,7 +84,7 @@ def test_a_keys_third_export_waits_for_one_of_its_two(
 
 def test_the_service_wide_limit(database: ExportDatabase, tmp_path: Path) -> None:
     first, second = new_key(database.url), new_key(database.url)
-    with running_server(database, tmp_path, max_exports="1") as server:
+    with running_server(database.url, tmp_path, max_exports="1") as server:
         with held_export(server, first, "total-hold"):
             refused(export_status(server, second), "the service")
         admitted_within(server, second, seconds=3)
@@ -110,7 +94,7 @@ def test_slots_are_released_when_exports_complete_or_fail(
     database: ExportDatabase, tmp_path: Path
 ) -> None:
     key = new_key(database.url)
-    with running_server(database, tmp_path, max_exports_per_key="1") as server:
+    with running_server(database.url, tmp_path, max_exports_per_key="1") as server:
         # Completed exports, one after another, never find their own slot still taken.
         for _ in range(5):
             assert export_status(server, key).status_code == 200
@@ -139,8 +123,7 @@ def test_the_per_key_limit_holds_across_worker_processes(
     """Two exports of a key, each in a different worker process: a counter in a process would
     see one export and admit a third; the slots in PostgreSQL refuse it, in either worker."""
     key = new_key(database.url)
-    server = start_server(database.url, tmp_path, workers=2)
-    try:
+    with running_server(database.url, tmp_path, workers=2) as server:
         with contextlib.ExitStack() as holds:
             first_worker = _worker_of(server, holds.enter_context(held_export(server, key, "w-0")))
             # Which worker accepts a connection is the kernel's choice: try until the second
@@ -156,15 +139,13 @@ def test_the_per_key_limit_holds_across_worker_processes(
                 pytest.fail("every export ran in the same worker process")
             for _ in range(6):  # each on a new connection: both workers answer some
                 refused(export_status(server, key), "this key")
-    finally:
-        stop_server(server)
 
 
 def test_the_per_key_limit_holds_across_replicas(database: ExportDatabase, tmp_path: Path) -> None:
     key = new_key(database.url)
     with (
-        running_server(database, tmp_path) as replica_a,
-        running_server(database, tmp_path) as replica_b,
+        running_server(database.url, tmp_path) as replica_a,
+        running_server(database.url, tmp_path) as replica_b,
     ):
         with held_export(replica_a, key, "r-a"), held_export(replica_b, key, "r-b"):
             refused(export_status(replica_a, key), "this key")
@@ -191,7 +172,7 @@ def test_max_rows_aborts_an_export_that_would_pass_it(
     database: ExportDatabase, tmp_path: Path, use_copy: str
 ) -> None:
     key = new_key(database.url)
-    with running_server(database, tmp_path, max_rows="1000", use_copy=use_copy) as server:
+    with running_server(database.url, tmp_path, max_rows="1000", use_copy=use_copy) as server:
         for fmt, header_lines in (("csv", 1), ("ndjson", 0)):
             request_id = f"max-rows-{fmt}-{use_copy}"
             body = read_until_cut(server, key, f"/datasets/big.{fmt}", request_id)
@@ -214,11 +195,11 @@ def test_max_rows_counts_rows_not_line_breaks(
 ) -> None:
     # people has 5 rows; the last holds a line break inside a field: 6 lines of data.
     key = new_key(database.url)
-    with running_server(database, tmp_path, max_rows="5", use_copy=use_copy) as server:
+    with running_server(database.url, tmp_path, max_rows="5", use_copy=use_copy) as server:
         with server.client(key) as client:
             response = client.get("/datasets/people.csv")
             assert response.status_code == 200 and b"multi\nline" in response.content
-    with running_server(database, tmp_path, max_rows="2", use_copy=use_copy) as server:
+    with running_server(database.url, tmp_path, max_rows="2", use_copy=use_copy) as server:
         # Newest first, the two-line row leads: the cut falls after the second row, not the
         # second line.
         for crlf in ("false", "true"):
@@ -232,7 +213,7 @@ def test_max_rows_counts_rows_not_line_breaks(
 
 def test_max_bytes_aborts_before_sending_more(database: ExportDatabase, tmp_path: Path) -> None:
     key = new_key(database.url)
-    with running_server(database, tmp_path, max_bytes="100000") as server:
+    with running_server(database.url, tmp_path, max_bytes="100000") as server:
         body = read_until_cut(server, key, "/datasets/big.ndjson", "max-bytes")
         assert len(body) <= 100_000
         for line in body.splitlines()[:-1]:
@@ -245,7 +226,7 @@ def test_max_bytes_aborts_before_sending_more(database: ExportDatabase, tmp_path
 
 def test_max_seconds_aborts_a_long_export(database: ExportDatabase, tmp_path: Path) -> None:
     key = new_key(database.url)
-    with running_server(database, tmp_path, max_seconds="1") as server:
+    with running_server(database.url, tmp_path, max_seconds="1") as server:
         with server.client(key) as client:
             headers = {"X-Request-Id": "max-seconds"}
             with client.stream("GET", "/datasets/big.csv", headers=headers) as response:
@@ -272,7 +253,7 @@ def test_max_seconds_holds_before_the_first_rows(database: ExportDatabase, tmp_p
     run_sql(database.url, f"CREATE VIEW public.{view} AS SELECT pg_sleep(30) IS NULL AS slept")
     key = new_key(database.url)
     try:
-        with running_server(database, tmp_path, max_seconds="1") as server:
+        with running_server(database.url, tmp_path, max_seconds="1") as server:
             with server.client(key) as client:
                 started = time.monotonic()
                 response = client.get(f"/datasets/{view}.csv", headers={"X-Request-Id": "late"})
@@ -296,7 +277,7 @@ def test_max_seconds_holds_before_the_first_rows(database: ExportDatabase, tmp_p
 def test_a_slow_client_is_cut_off(database: ExportDatabase, tmp_path: Path) -> None:
     key = new_key(database.url)
     settings = {"min_bytes_per_second": "1000000", "min_rate_window_s": "2"}
-    with running_server(database, tmp_path, **settings) as server:
+    with running_server(database.url, tmp_path, 1, **settings) as server:
         started = time.monotonic()
         with server.client(key) as client:
             headers = {"X-Request-Id": "slow-client"}
@@ -325,7 +306,7 @@ def test_a_slow_database_is_not_the_clients_fault(database: ExportDatabase, tmp_
     key = new_key(database.url)
     settings = {"min_bytes_per_second": "1000000", "min_rate_window_s": "1"}
     try:
-        with running_server(database, tmp_path, **settings) as server:
+        with running_server(database.url, tmp_path, 1, **settings) as server:
             with server.client(key) as client:
                 response = client.get(
                     "/datasets/trickle.ndjson", headers={"X-Request-Id": "trickle"}

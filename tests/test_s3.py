@@ -19,7 +19,8 @@ from pydantic import ValidationError
 from exporter.settings import Settings
 from exporter.storage.s3 import PART_SIZE, Credentials, S3Store, canonical_query, sign, uri_encode
 from exporter.storage.store import FileGone, StoreError
-from tests.conftest import S3Server, free_port
+from tests.support.s3 import S3Server
+from tests.support.server import free_port
 
 CREDENTIALS = Credentials("AKIDEXAMPLE", "wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY")
 JOB_FILE = "0123456789abcdef0123456789abcdef-1.gz"

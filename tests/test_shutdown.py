@@ -9,7 +9,7 @@ import signal
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from types import FrameType
 
@@ -17,8 +17,10 @@ import httpx
 import pytest
 
 from exporter.http.shutdown import ShutdownSignal
-from tests.conftest import BIG_ROWS, ExportDatabase, Server, run_sql, start_server, stop_server
-from tests.job_helpers import Event, parse_events, read_events, slow_view, submit, wait_for
+from tests.support.database import BIG_ROWS, ExportDatabase, run_sql
+from tests.support.events import Event, parse_events, read_events
+from tests.support.jobs import slow_view, submit, wait_for
+from tests.support.server import Server, running_server
 
 # Far longer than any wait below: what ends early does so because it drains, not because the
 # grace period ran out.
@@ -132,42 +134,46 @@ def pid_of(worker: str | None) -> int | None:
 
 def test_a_stopping_process_claims_no_new_job(database: ExportDatabase, tmp_path: Path) -> None:
     files = str(tmp_path / "files")
-    stopping = start_server(
-        database.url,
-        tmp_path,
-        job_dir=files,
-        job_concurrency="1",
-        job_poll_s="0.3",
-        shutdown_grace_s=GRACE_S,
-    )
-    # Takes the submission; claims nothing.
-    front = start_server(database.url, tmp_path, job_dir=files)
-    servers = [stopping, front]
     info = None
     try:
-        with held_download(stopping, database.key) as download:
-            stop_accepting(stopping)
-            with front.client(database.key) as client:
-                info = submit(client, {"dataset": "people", "format": "csv"})
-                # Its NOTIFY, and several polls, reach a process that would claim it.
-                time.sleep(1.5)
-                assert job_row(database, info["id"]) == ("queued", 0, None)
-                assert stopping.process.poll() is None, "the download no longer holds it"
-                # Another process gets it.
-                servers.append(
-                    start_server(
-                        database.url, tmp_path, job_dir=files, job_concurrency="1", job_poll_s="0.3"
-                    )
+        with ExitStack() as servers:
+            stopping = servers.enter_context(
+                running_server(
+                    database.url,
+                    tmp_path,
+                    job_dir=files,
+                    job_concurrency="1",
+                    job_poll_s="0.3",
+                    shutdown_grace_s=GRACE_S,
                 )
-                wait_for(client, info["id"], "done", timeout_s=10)
-                _, attempts, worker = job_row(database, info["id"])
-                assert (attempts, pid_of(worker)) == (1, servers[-1].process.pid)
-            # The direct export was not cut: it goes on to its end.
-            assert read_all(download) == BIG_ROWS + 1
-        stopping.process.wait(timeout=10)
+            )
+            # Takes the submission; claims nothing.
+            front = servers.enter_context(running_server(database.url, tmp_path, job_dir=files))
+            with held_download(stopping, database.key) as download:
+                stop_accepting(stopping)
+                with front.client(database.key) as client:
+                    info = submit(client, {"dataset": "people", "format": "csv"})
+                    # Its NOTIFY, and several polls, reach a process that would claim it.
+                    time.sleep(1.5)
+                    assert job_row(database, info["id"]) == ("queued", 0, None)
+                    assert stopping.process.poll() is None, "the download no longer holds it"
+                    # Another process gets it.
+                    claimer = servers.enter_context(
+                        running_server(
+                            database.url,
+                            tmp_path,
+                            job_dir=files,
+                            job_concurrency="1",
+                            job_poll_s="0.3",
+                        )
+                    )
+                    wait_for(client, info["id"], "done", timeout_s=10)
+                    _, attempts, worker = job_row(database, info["id"])
+                    assert (attempts, pid_of(worker)) == (1, claimer.process.pid)
+                # The direct export was not cut: it goes on to its end.
+                assert read_all(download) == BIG_ROWS + 1
+            stopping.process.wait(timeout=10)
     finally:
-        for server in servers:
-            stop_server(server)
         if info is not None:
             run_sql(database.url, f"DELETE FROM exporter.jobs WHERE id = '{info['id']}'")
 
@@ -177,38 +183,43 @@ def test_a_stopping_process_hands_its_running_job_back_at_once(
 ) -> None:
     view = slow_view(database, seconds=4)
     files = str(tmp_path / "files")
-    stopping = start_server(
-        database.url, tmp_path, job_dir=files, job_concurrency="1", shutdown_grace_s=GRACE_S
-    )
-    servers = [stopping]
     info = None
     try:
-        with stopping.client(database.key) as client:
-            info = submit(client, {"dataset": view, "format": "csv"})
-            wait_for(client, info["id"], "running")
-        assert pid_of(job_row(database, info["id"])[2]) == stopping.process.pid
-        other = start_server(
-            database.url, tmp_path, job_dir=files, job_concurrency="1", job_poll_s="0.3"
-        )
-        servers.append(other)
-        with held_download(stopping, database.key) as download:
-            stop_accepting(stopping)
-            # Handed back at once, not when the grace period ends: the other process has it.
-            deadline = time.monotonic() + 3
-            while pid_of(job_row(database, info["id"])[2]) != other.process.pid:
-                assert time.monotonic() < deadline, job_row(database, info["id"])
-                time.sleep(0.05)
-            assert stopping.process.poll() is None, "the download no longer holds it"
-            with other.client(database.key) as client:
-                done, _ = wait_for(client, info["id"], "done", timeout_s=20)
-            assert done["rows"] == 300
-            # The interrupted run was not counted.
-            assert job_row(database, info["id"])[:2] == ("done", 1)
-            assert read_all(download) == BIG_ROWS + 1
-        stopping.process.wait(timeout=10)
+        with ExitStack() as servers:
+            stopping = servers.enter_context(
+                running_server(
+                    database.url,
+                    tmp_path,
+                    job_dir=files,
+                    job_concurrency="1",
+                    shutdown_grace_s=GRACE_S,
+                )
+            )
+            with stopping.client(database.key) as client:
+                info = submit(client, {"dataset": view, "format": "csv"})
+                wait_for(client, info["id"], "running")
+            assert pid_of(job_row(database, info["id"])[2]) == stopping.process.pid
+            other = servers.enter_context(
+                running_server(
+                    database.url, tmp_path, job_dir=files, job_concurrency="1", job_poll_s="0.3"
+                )
+            )
+            with held_download(stopping, database.key) as download:
+                stop_accepting(stopping)
+                # Handed back at once, not when the grace period ends: the other process has it.
+                deadline = time.monotonic() + 3
+                while pid_of(job_row(database, info["id"])[2]) != other.process.pid:
+                    assert time.monotonic() < deadline, job_row(database, info["id"])
+                    time.sleep(0.05)
+                assert stopping.process.poll() is None, "the download no longer holds it"
+                with other.client(database.key) as client:
+                    done, _ = wait_for(client, info["id"], "done", timeout_s=20)
+                assert done["rows"] == 300
+                # The interrupted run was not counted.
+                assert job_row(database, info["id"])[:2] == ("done", 1)
+                assert read_all(download) == BIG_ROWS + 1
+            stopping.process.wait(timeout=10)
     finally:
-        for server in servers:
-            stop_server(server)
         if info is not None:
             run_sql(database.url, f"DELETE FROM exporter.jobs WHERE id = '{info['id']}'")
         run_sql(database.url, f"DROP VIEW {view}")
@@ -222,37 +233,41 @@ def test_an_event_stream_ends_at_once_and_resumes_elsewhere(
 ) -> None:
     view = slow_view(database, seconds=5)
     files = str(tmp_path / "files")
-    runner = start_server(
-        database.url, tmp_path, job_dir=files, job_concurrency="1", progress_interval_s="0.05"
-    )
-    watched = start_server(
-        database.url, tmp_path, workers=workers, job_dir=files, shutdown_grace_s=GRACE_S
-    )
     info = None
     try:
-        with watched.client(database.key) as client:
-            info = submit(client, {"dataset": view, "format": "csv"})
-            events: list[Event] = []
-            with client.stream("GET", info["events_url"]) as response:
-                stream = parse_events(response.iter_lines())
-                events += [next(stream), next(stream)]
-                watched.process.send_signal(sig)
-                signalled = time.monotonic()
-                # To its clean end (httpx raises on one cut off): the export still runs.
-                events += stream
-                ended_after = time.monotonic() - signalled
-        assert ended_after < 2, ended_after
-        assert [e.event for e in events] == ["progress"] * len(events)
-        # Nothing held it any more.
-        watched.process.wait(timeout=5)
-        with runner.client(database.key) as client:
-            _, rest = read_events(client, info["events_url"], last_event_id=events[-1].id)
-            _, replay = read_events(client, info["events_url"])
-        assert rest[-1].event == "done" and rest[-1].data["rows"] == 300
-        assert [(e.id, e.data) for e in events + rest] == [(e.id, e.data) for e in replay]
+        with (
+            running_server(
+                database.url,
+                tmp_path,
+                job_dir=files,
+                job_concurrency="1",
+                progress_interval_s="0.05",
+            ) as runner,
+            running_server(
+                database.url, tmp_path, workers=workers, job_dir=files, shutdown_grace_s=GRACE_S
+            ) as watched,
+        ):
+            with watched.client(database.key) as client:
+                info = submit(client, {"dataset": view, "format": "csv"})
+                events: list[Event] = []
+                with client.stream("GET", info["events_url"]) as response:
+                    stream = parse_events(response.iter_lines())
+                    events += [next(stream), next(stream)]
+                    watched.process.send_signal(sig)
+                    signalled = time.monotonic()
+                    # To its clean end (httpx raises on one cut off): the export still runs.
+                    events += stream
+                    ended_after = time.monotonic() - signalled
+            assert ended_after < 2, ended_after
+            assert [e.event for e in events] == ["progress"] * len(events)
+            # Nothing held it any more.
+            watched.process.wait(timeout=5)
+            with runner.client(database.key) as client:
+                _, rest = read_events(client, info["events_url"], last_event_id=events[-1].id)
+                _, replay = read_events(client, info["events_url"])
+            assert rest[-1].event == "done" and rest[-1].data["rows"] == 300
+            assert [(e.id, e.data) for e in events + rest] == [(e.id, e.data) for e in replay]
     finally:
-        stop_server(watched)
-        stop_server(runner)
         if info is not None:
             run_sql(database.url, f"DELETE FROM exporter.jobs WHERE id = '{info['id']}'")
         run_sql(database.url, f"DROP VIEW {view}")

@@ -6,7 +6,7 @@ from exporter.pipeline.encoders import ENCODERS
 from exporter.pipeline.query import parse_query
 from exporter.pipeline.stream import ExportStream, Outcome
 from exporter.settings import Settings
-from tests.conftest import ExportDatabase
+from tests.support.database import ExportDatabase
 
 
 def _chunks(url: str, fmt: str, limit: int) -> tuple[list[bytes], ExportStream]:

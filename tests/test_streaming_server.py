@@ -2,8 +2,6 @@
 ASGI transport buffer whole bodies and could show none of this."""
 
 import socket
-import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -13,29 +11,9 @@ import httpx
 import psutil
 import pytest
 
-from tests.conftest import (
-    BIG_ROWS,
-    ExportDatabase,
-    Server,
-    free_port,
-    logged_export,
-    run_sql,
-    start_server,
-    stop_server,
-)
-
-
-def backend_of(database: ExportDatabase, request_id: str) -> list[dict[str, object]]:
-    rows = run_sql(
-        database.url,
-        "SELECT pid, state, backend_xid IS NOT NULL OR backend_xmin IS NOT NULL AS in_snapshot "
-        f"FROM pg_stat_activity WHERE application_name = 'exporter {request_id}'",
-    )
-    return [dict(row) for row in rows]
-
-
-def export_outcome(database: ExportDatabase, request_id: str, timeout_s: float = 5) -> str:
-    return str(logged_export(database.url, request_id, timeout_s)["outcome"])
+from tests.support.database import BIG_ROWS, ExportDatabase, backend_of, export_outcome, run_sql
+from tests.support.memory import peak_rss_bytes
+from tests.support.server import Server, running_server, running_server_without_gc
 
 
 def test_rows_leave_as_they_are_read(server: Server, database: ExportDatabase) -> None:
@@ -56,17 +34,9 @@ def test_rows_leave_as_they_are_read(server: Server, database: ExportDatabase) -
     assert export_outcome(database, "first-bytes") == "completed"
 
 
-def _peak_rss_bytes(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    raise AssertionError("no VmHWM")
-
-
 @pytest.mark.parametrize("use_copy", ["true", "false"])
 def test_memory_stays_flat(database: ExportDatabase, tmp_path: Path, use_copy: str) -> None:
-    server = start_server(database.url, tmp_path, use_copy=use_copy)
-    try:
+    with running_server(database.url, tmp_path, use_copy=use_copy) as server:
         peaks = {}
         with server.client(database.key) as client:
             for dataset, rows in (("small_copy", 100_000), ("big", BIG_ROWS)):
@@ -74,14 +44,12 @@ def test_memory_stays_flat(database: ExportDatabase, tmp_path: Path, use_copy: s
                     with client.stream("GET", f"/datasets/{dataset}.{fmt}") as response:
                         lines = sum(chunk.count(b"\n") for chunk in response.iter_raw())
                     assert lines == rows + (1 if fmt == "csv" else 0)
-                peaks[dataset] = _peak_rss_bytes(server.process.pid)
+                peaks[dataset] = peak_rss_bytes(server.process.pid)
         growth = peaks["big"] - peaks["small_copy"]
         # Ten times the rows (about 60 MB more of CSV and NDJSON) may not cost memory, and the
         # server stays within the benchmark issue's budget of 80 MB (10^6 bytes) per process.
         assert growth < 5_000_000, f"peak RSS grew by {growth / 2**20:.1f} MiB"
         assert peaks["big"] < 80_000_000, f"peak RSS {peaks['big'] / 2**20:.1f} MiB"
-    finally:
-        stop_server(server)
 
 
 @pytest.fixture(params=["copy", "cursor"])
@@ -90,34 +58,10 @@ def server_without_gc(
 ) -> Iterator[Server]:
     """A server whose cyclic garbage collector is off: cleanup must not wait for it. Exports
     run as COPY, or through a cursor."""
-    port = free_port()
-    log_path = tmp_path / "server-nogc.log"
-    code = (
-        "import gc, sys; gc.disable(); from exporter.cli.main import main; "
-        f"main(['serve', '--port', '{port}'])"
-    )
-    env = {
-        **__import__("os").environ,
-        "EXPORTER_DATABASE_URL": database.url,
-        "EXPORTER_USE_COPY": str(request.param == "copy"),
-    }
-    with log_path.open("wb") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-c", code], env=env, stdout=log, stderr=subprocess.STDOUT
-        )
-    server = Server(f"http://127.0.0.1:{port}", process, log_path)
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            httpx.get(f"{server.base_url}/healthz", timeout=1)
-            break
-        except httpx.TransportError:
-            if time.monotonic() > deadline or process.poll() is not None:
-                stop_server(server)
-                raise RuntimeError(server.log()) from None
-            time.sleep(0.1)
-    yield server
-    stop_server(server)
+    with running_server_without_gc(
+        database.url, tmp_path, use_copy=str(request.param == "copy")
+    ) as server:
+        yield server
 
 
 @pytest.mark.parametrize("fmt", ["csv", "ndjson"])
@@ -188,28 +132,29 @@ def test_statement_timeout_after_first_byte_aborts_the_response(
         "$$ BEGIN IF id > 5000 THEN PERFORM pg_sleep(1); END IF; RETURN 'x'; END $$",
         "CREATE VIEW public.slow AS SELECT id, public.slow_value(id) AS s FROM public.big",
     )
-    server = start_server(
-        database.url,
-        tmp_path,
-        statement_timeout_ms="500",
-        batch_rows="50",
-        chunk_bytes="1024",
-        use_copy=use_copy,
-    )
     try:
-        with server.client(database.key) as client:
-            headers = {"X-Request-Id": f"timed-out-{use_copy}"}
-            params = {"order": "id", "limit": "6000"}
-            with client.stream("GET", "/datasets/slow.csv", params=params, headers=headers) as r:
-                assert r.status_code == 200
-                raw = r.iter_raw()
-                assert next(raw).startswith(b"id,s\n1,x\n")
-                with pytest.raises(httpx.RemoteProtocolError):
-                    for _ in raw:
-                        pass
-        assert export_outcome(database, f"timed-out-{use_copy}") == "failed"
+        with running_server(
+            database.url,
+            tmp_path,
+            statement_timeout_ms="500",
+            batch_rows="50",
+            chunk_bytes="1024",
+            use_copy=use_copy,
+        ) as server:
+            with server.client(database.key) as client:
+                headers = {"X-Request-Id": f"timed-out-{use_copy}"}
+                params = {"order": "id", "limit": "6000"}
+                with client.stream(
+                    "GET", "/datasets/slow.csv", params=params, headers=headers
+                ) as r:
+                    assert r.status_code == 200
+                    raw = r.iter_raw()
+                    assert next(raw).startswith(b"id,s\n1,x\n")
+                    with pytest.raises(httpx.RemoteProtocolError):
+                        for _ in raw:
+                            pass
+            assert export_outcome(database, f"timed-out-{use_copy}") == "failed"
     finally:
-        stop_server(server)
         run_sql(database.url, "DROP VIEW public.slow", "DROP FUNCTION public.slow_value")
 
 
@@ -251,8 +196,7 @@ def test_client_leaving_before_the_first_byte_frees_the_connection(
 def test_a_killed_server_does_not_leave_its_query_running(
     database: ExportDatabase, slow_first_view: str, tmp_path: Path
 ) -> None:
-    server = start_server(database.url, tmp_path)
-    try:
+    with running_server(database.url, tmp_path) as server:
         port = int(server.base_url.rsplit(":", 1)[1])
         # The client stays connected: only the server's death may end the query.
         with socket.create_connection(("127.0.0.1", port)) as connection:
@@ -271,15 +215,12 @@ def test_a_killed_server_does_not_leave_its_query_running(
             server.process.wait()
         # client_connection_check_interval: PostgreSQL notices the dead client by itself.
         _gone_within(database, "orphan", 3)
-    finally:
-        stop_server(server)
 
 
 def test_shutdown_cancels_running_exports_and_logs_them(
     database: ExportDatabase, tmp_path: Path
 ) -> None:
-    server = start_server(database.url, tmp_path, shutdown_grace_s="1")
-    try:
+    with running_server(database.url, tmp_path, shutdown_grace_s="1") as server:
         client = server.client(database.key)
         request = client.build_request(
             "GET", "/datasets/big.csv", headers={"X-Request-Id": "at-shutdown"}
@@ -294,8 +235,6 @@ def test_shutdown_cancels_running_exports_and_logs_them(
             for _ in raw:
                 pass
         client.close()
-    finally:
-        stop_server(server)
     assert backend_of(database, "at-shutdown") == []
     assert export_outcome(database, "at-shutdown", timeout_s=1) == "disconnected"
 
@@ -304,10 +243,9 @@ def test_shutdown_cancels_running_exports_and_logs_them(
 def test_a_stalled_client_does_not_hold_the_snapshot(
     database: ExportDatabase, tmp_path: Path, use_copy: str
 ) -> None:
-    server = start_server(
+    with running_server(
         database.url, tmp_path, idle_in_transaction_timeout_ms="1000", use_copy=use_copy
-    )
-    try:
+    ) as server:
         for fmt in ("csv", "ndjson"):
             request_id = f"stalled-{fmt}-{use_copy}"
             with server.client(database.key) as client:
@@ -325,5 +263,3 @@ def test_a_stalled_client_does_not_hold_the_snapshot(
                         for _ in raw:
                             pass
             assert export_outcome(database, request_id) == "failed"
-    finally:
-        stop_server(server)

@@ -13,15 +13,13 @@ from typing import Any
 import asyncpg
 import pytest
 
-from tests.conftest import (
+from tests.support.database import (
     ExportDatabase,
-    Server,
-    _asyncpg_dsn,
+    asyncpg_dsn,
     create_case_insensitive_collation,
     run_sql,
-    start_server,
-    stop_server,
 )
+from tests.support.server import Server, running_server
 
 COLUMNS_SQL = """
     id integer PRIMARY KEY,
@@ -95,11 +93,10 @@ def path_server(
     request: pytest.FixtureRequest,
 ) -> Iterator[Server]:
     use_copy = "true" if request.param == "copy" else "false"
-    server = start_server(fidelity.url, tmp_path_factory.mktemp("types"), use_copy=use_copy)
-    try:
+    with running_server(
+        fidelity.url, tmp_path_factory.mktemp("types"), use_copy=use_copy
+    ) as server:
         yield server
-    finally:
-        stop_server(server)
 
 
 def export(server: Server, database: ExportDatabase, fmt: str, **params: str) -> bytes:
@@ -111,7 +108,7 @@ def export(server: Server, database: ExportDatabase, fmt: str, **params: str) ->
 
 def copy_out(url: str, sql: str, **options: Any) -> bytes:
     async def run() -> bytes:
-        connection = await asyncpg.connect(_asyncpg_dsn(url))
+        connection = await asyncpg.connect(asyncpg_dsn(url))
         try:
             chunks: list[bytes] = []
 
@@ -128,7 +125,7 @@ def copy_out(url: str, sql: str, **options: Any) -> bytes:
 
 def copy_in(url: str, table: str, data: bytes, **options: Any) -> None:
     async def run() -> None:
-        connection = await asyncpg.connect(_asyncpg_dsn(url))
+        connection = await asyncpg.connect(asyncpg_dsn(url))
         try:
             await connection.copy_to_table(table, source=io.BytesIO(data), **options)
         finally:
@@ -406,7 +403,7 @@ def test_numbers_as_strings(fidelity: ExportDatabase, path_server: Server) -> No
 
 def _populate_back(url: str, lines: list[str]) -> None:
     async def run() -> None:
-        connection = await asyncpg.connect(_asyncpg_dsn(url))
+        connection = await asyncpg.connect(asyncpg_dsn(url))
         try:
             await connection.executemany(
                 "INSERT INTO fidelity_back"
@@ -487,7 +484,7 @@ def test_nondeterministic_collations_render_like_copy(
 
 def test_sql_formula_rule_is_the_python_rule(fidelity: ExportDatabase) -> None:
     from exporter.pipeline.encoders.csv import needs_formula_escape
-    from exporter.pipeline.source import _FORMULA_PATTERN_SQL
+    from exporter.pipeline.source import FORMULA_PATTERN_SQL
 
     values = [
         "=1",
@@ -515,12 +512,12 @@ def test_sql_formula_rule_is_the_python_rule(fidelity: ExportDatabase) -> None:
     ]
 
     async def check() -> list[bool]:
-        connection = await asyncpg.connect(_asyncpg_dsn(fidelity.url))
+        connection = await asyncpg.connect(asyncpg_dsn(fidelity.url))
         try:
             return [
                 bool(
                     await connection.fetchval(
-                        f'SELECT $1::text COLLATE "C" ~ {_FORMULA_PATTERN_SQL}', value
+                        f'SELECT $1::text COLLATE "C" ~ {FORMULA_PATTERN_SQL}', value
                     )
                 )
                 for value in values

@@ -52,7 +52,7 @@ _NUMERIC_TYPES = frozenset({"int2", "int4", "int8", "numeric", "float4", "float8
 _WIDE_NUMBER_TYPES = frozenset({"int8", "numeric"})
 # The Excel profile's rule (encoders.csv.needs_formula_escape) in PostgreSQL's regex dialect:
 # ASCII whitespace, then a character that starts a formula or splits a cell.
-_FORMULA_PATTERN_SQL = r"'^[ \t\r\n\v\f]*[-=+@\t\r\n]'"
+FORMULA_PATTERN_SQL = r"'^[ \t\r\n\v\f]*[-=+@\t\r\n]'"
 # SQL literals (standard_conforming_strings is on in every snapshot).
 _DELIMITER_SQL = {",": "','", ";": "';'", "|": "'|'", "\t": r"E'\t'"}
 _QUOTE_SQL = "'\"'"
@@ -127,7 +127,7 @@ def _formula_escaped(value: str, column: Column) -> str:
     """The Excel profile's escape: a leading ' where a spreadsheet would see a formula."""
     if column.base_type in _NUMERIC_TYPES:
         return value
-    return f"CASE WHEN {value} ~ {_FORMULA_PATTERN_SQL} THEN '''' || {value} ELSE {value} END"
+    return f"CASE WHEN {value} ~ {FORMULA_PATTERN_SQL} THEN '''' || {value} ELSE {value} END"
 
 
 class _Parameters:

@@ -168,7 +168,7 @@ class CsvEncoder(Encoder):
 
 
 # A spreadsheet reads a cell as a formula (or splits it) when it starts with one of these,
-# also after leading whitespace (OWASP's list for CSV injection). source._FORMULA_PATTERN_SQL is
+# also after leading whitespace (OWASP's list for CSV injection). source.FORMULA_PATTERN_SQL is
 # the same rule for PostgreSQL: ASCII whitespace, then one of them.
 FORMULA_STARTS = "=+-@\t\r\n"
 ASCII_SPACE = " \t\r\n\v\f"

@@ -22,6 +22,8 @@ import asyncpg
 import httpx
 from sqlalchemy.engine import make_url
 
+from tests.support.database import asyncpg_dsn, with_database
+
 # snapshot: the table is not tracked. tracked: it is from the start, and pulls ask for deletes.
 # track-midway: `exporter track` runs while writers and pulls do; pulls switch from snapshot
 # mode to tracked mode and never back, and ask for no deletes (a client cannot know when its
@@ -36,15 +38,11 @@ KINDS = ("plain", "savepoint", "block", "rollback", "late")
 PAYLOADS = ("plain", 'said "hi"', "back\\slash", "a,b;c\td", "line\nbreak\r\n", "naïve ☕", "")
 
 
-def asyncpg_dsn(url: str) -> str:
-    return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
-
-
 def other_database(url: str) -> str:
     """Another database of the same cluster: `postgres`, which every cluster has (unless the
     workload's own database is that one: then template1, only read)."""
     other = "postgres" if make_url(url).database != "postgres" else "template1"
-    return make_url(url).set(database=other).render_as_string(hide_password=False)
+    return with_database(url, other)
 
 
 @dataclass(frozen=True)
