@@ -13,23 +13,9 @@ import httpx
 import pytest
 
 from tests.support.database import FIXTURE_SQL, ExportDatabase, export_database
+from tests.support.docker import docker_answers
 from tests.support.s3 import S3Server, running_s3_server
 from tests.support.server import Server, running_server
-
-
-def docker_answers() -> bool:
-    try:
-        import docker
-
-        client = docker.from_env(timeout=3)
-    except Exception:
-        return False
-    try:
-        return bool(client.ping())
-    except Exception:
-        return False
-    finally:
-        client.close()
 
 
 @pytest.fixture(scope="session")
