@@ -191,7 +191,7 @@ async def _update(
 def refusal_status(exc: BaseException) -> tuple[int, str]:
     """The HTTP status (and a reason for the log) an exception before an export's first byte
     is answered with, as the exception handlers (problems.install) answer it."""
-    if isinstance(exc, PoolTimeout | UNREACHABLE):
+    if isinstance(exc, (PoolTimeout, *UNREACHABLE)):
         # Whichever pool or connection failed, the log says the same.
         return 503, "database unavailable"
     error = database_failure(exc)

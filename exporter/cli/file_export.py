@@ -180,7 +180,7 @@ async def export_to_file(settings: Settings, args: argparse.Namespace) -> int:
     from exporter.db.pool import Pool
     from exporter.pipeline.catalog import find_dataset
     from exporter.pipeline.encoders import ENCODERS
-    from exporter.pipeline.query import QueryError, parse_query
+    from exporter.pipeline.query import parse_query
     from exporter.pipeline.stream import ExportStream
 
     params = export_params(args)
@@ -195,22 +195,15 @@ async def export_to_file(settings: Settings, args: argparse.Namespace) -> int:
         dataset = await find_dataset(pool, settings.exposed_schemas, args.dataset)
         if dataset is None:
             raise InvalidRequest(f"no dataset named {args.dataset!r}")
-        try:
-            query = parse_query(dataset, params, max_limit=settings.max_limit)
-        except QueryError as exc:
-            raise InvalidRequest(exc.detail) from None
+        # A QueryError (here, from a format option, or from a filter value PostgreSQL itself
+        # rejects) is reported as it is: its parameter and reason, exit status 2.
+        query = parse_query(dataset, params, max_limit=settings.max_limit)
         if progress.enabled:
             progress.total = await _estimate_rows(pool, query, encoder)
-        try:
-            stream = ExportStream(query, encoder, pool, settings, "exporter cli")
-        except QueryError as exc:  # a format option
-            raise InvalidRequest(exc.detail) from None
+        stream = ExportStream(query, encoder, pool, settings, "exporter cli")
         with Output(args.output) as output:
             try:
                 await stream.open()
-            except QueryError as exc:
-                # A filter value PostgreSQL itself rejects.
-                raise InvalidRequest(exc.detail) from None
             except Exception as exc:
                 # Everything that can fail before the first byte is the request's fault or
                 # the database's state, as with HTTP's 4xx and 503.
