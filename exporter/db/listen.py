@@ -6,9 +6,9 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Callable
-from typing import Any
 
 import asyncpg
+from asyncpg import Record
 
 from exporter.db.pool import connect_url
 
@@ -38,7 +38,7 @@ class Listener:
     async def run_forever(self) -> None:
         backoff = 1.0
         while True:
-            connection: Any = None
+            connection: asyncpg.Connection[Record] | None = None
             try:
                 connection = await asyncpg.connect(
                     connect_url(self.url), server_settings={"application_name": "exporter listen"}
@@ -72,5 +72,5 @@ class Listener:
             backoff = min(backoff * 2, MAX_BACKOFF_S)
 
 
-def _setter(event: asyncio.Event) -> Callable[[Any], None]:
+def _setter(event: asyncio.Event) -> Callable[[object], None]:
     return lambda _connection: event.set()

@@ -62,7 +62,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if settings.job_concurrency:
             claiming = asyncio.create_task(runner.run_forever())
             background.append(claiming)
-        background.append(asyncio.create_task(runner.expire_forever()))
+        background.append(asyncio.create_task(runner.files.expire_forever()))
         try:
             yield
         finally:

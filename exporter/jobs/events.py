@@ -12,7 +12,7 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
 from exporter.db.listen import Listener
@@ -159,7 +159,7 @@ class EventHub:
                 wake.set()
 
     @contextlib.contextmanager
-    def subscription(self, export_id: str) -> Any:
+    def subscription(self, export_id: str) -> Iterator[asyncio.Event]:
         wake = asyncio.Event()
         self._subscribers.setdefault(export_id, set()).add(wake)
         try:

@@ -12,7 +12,8 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+
+from asyncpg import Record
 
 from exporter.db.pool import Pool
 from exporter.jobs.seekable_gzip import SeekPoint, flatten, unflatten
@@ -52,7 +53,7 @@ class Job:
     error: str | None
 
     @classmethod
-    def of(cls, row: Any) -> "Job":
+    def of(cls, row: Record) -> "Job":
         return cls(
             id=row["id"],
             key_id=row["key_id"],

@@ -14,9 +14,6 @@ import logging
 import math
 import os
 import socket
-import time
-from pathlib import Path
-from typing import BinaryIO
 
 import anyio
 import asyncpg
@@ -38,7 +35,7 @@ from exporter.errors import (
 from exporter.incremental.pulls import CursorsUnavailable, pull_cursor
 from exporter.jobs import records as job_records
 from exporter.jobs.events import Publisher
-from exporter.jobs.events import prune as prune_events
+from exporter.jobs.files import JobFiles, file_name
 from exporter.jobs.records import Job
 from exporter.jobs.seekable_gzip import SeekableGzipWriter
 from exporter.pipeline.catalog import find_dataset
@@ -46,20 +43,9 @@ from exporter.pipeline.encoders import ENCODERS
 from exporter.pipeline.query import QueryError, estimated_rows, parse_query
 from exporter.pipeline.stream import ExportStream
 from exporter.settings import Settings
-from exporter.storage import open_store
-from exporter.storage.local import Spool
 from exporter.storage.store import StoreError
 
 log = logging.getLogger(__name__)
-
-# Level 1: about 110 MB/s of one core on the benchmark's CSV (exporter/http/compression.py), faster
-# than an export runs; a job's file is read back by downloads, where size matters less than
-# the database's time.
-_GZIP_LEVEL = 1
-
-
-# Pauses between tries to store a job's file in a store that cannot be reached.
-_STORE_RETRY_PAUSES_S = (1.0, 3.0)
 
 # Failures of the database rather than of the job.
 TRANSIENT = (PoolTimeout, asyncpg.exceptions.QueryCanceledError, *UNREACHABLE)
@@ -83,8 +69,7 @@ class JobRunner:
     def __init__(self, databases: Databases, settings: Settings) -> None:
         self.databases = databases
         self.settings = settings
-        self.spool = Spool(Path(settings.job_dir))
-        self.store = open_store(settings)
+        self.files = JobFiles(databases.state, settings)
         self.worker = f"{socket.gethostname()}:{os.getpid()}"
         self._slots = asyncio.Semaphore(settings.job_concurrency)
         self._wake = asyncio.Event()
@@ -160,7 +145,7 @@ class JobRunner:
                 await listening
 
     async def aclose(self) -> None:
-        await self.store.aclose()
+        await self.files.aclose()
 
     async def _run_and_release(self, job: Job) -> None:
         try:
@@ -296,14 +281,14 @@ class JobRunner:
         watch.stream = stream
         publisher.estimated_rows = estimated_rows(stream.query)
         await export_log.record_start(state, logged)
-        part = self.spool.part_path(job.id, job.attempts)
-        name = _file_name(job)
+        part = self.files.part_path(job)
+        name = file_name(job)
         outcome, error = "failed", None
         try:
-            written = await self._write(stream, part, give_up_at, too_long)
+            written = await self.files.write(stream, part, give_up_at, too_long)
             # The export has ended and released its snapshot: the store's pace is no longer
             # the database's concern.
-            await self._keep(part, name, job)
+            await self.files.keep(part, name, job)
             # From here the run ends as it finished: a drain's cancel waits (the file is
             # stored, and recording it takes a moment), as DELETE and a lost claim do (the
             # heartbeat stands back, and finish() checks both).
@@ -369,7 +354,7 @@ class JobRunner:
         if kept:
             await publisher.done(download_url=f"/exports/{job.id}/download")
             return "completed", None
-        await self._delete(name)
+        await self.files.delete(name)
         if await job_records.end(state, job, "cancelled", None):
             # Asked to stop after the last heartbeat: cancelled all the same.
             await publisher.error(ClientClosedRequest("cancelled", title="Job cancelled").problem())
@@ -388,7 +373,7 @@ class JobRunner:
             if not watch.finishing:
                 # Perhaps stored, not recorded: the run again (under the same attempt number,
                 # uncounted) writes the same name, which a sweep must not find stale.
-                await self._delete(_file_name(job))
+                await self.files.delete(file_name(job))
             await job_records.requeue(state, job, counts=False)
             return "disconnected", "this process stopped; the job runs again"
         return "failed", "the job's claim was lost (it runs again elsewhere)"
@@ -405,27 +390,6 @@ class JobRunner:
         # This process's slot waits a little before it claims again, publishing nothing.
         await publisher.stop()
         await asyncio.sleep(self.settings.job_poll_s)
-
-    async def _keep(self, part: Path, name: str, job: Job) -> None:
-        """The file into the store; a store that cannot be reached is tried again a few
-        times, with pauses, before the job is (its export would be run again for nothing)."""
-        for pause_s in _STORE_RETRY_PAUSES_S:
-            try:
-                await self.store.keep(part, name)
-                return
-            except StoreError as exc:
-                if not exc.transient:
-                    raise
-                log.warning("job %s: storing its file failed, trying again: %s", job.id, exc)
-            await asyncio.sleep(pause_s)
-        await self.store.keep(part, name)
-
-    async def _delete(self, name: str) -> None:
-        """Best effort: a file left behind is the sweep's (no job needs it)."""
-        try:
-            await self.store.delete(name)
-        except StoreError as exc:
-            log.warning("could not delete %s from the store (the sweep will): %s", name, exc)
 
     async def _open(self, job: Job) -> KeyExport:
         settings, databases = self.settings, self.databases
@@ -450,72 +414,6 @@ class JobRunner:
         await stream.open()
         return stream
 
-    async def _write(
-        self, stream: ExportStream, part: Path, give_up_at: float, too_long: str
-    ) -> SeekableGzipWriter:
-        """The export into `part`, gzip-compressed with seek points (aborted at
-        `give_up_at`)."""
-        compressor = SeekableGzipWriter(_GZIP_LEVEL)
-        file: BinaryIO = await anyio.to_thread.run_sync(part.open, "wb")
-        try:
-            chunks = stream.chunks()
-            try:
-                with anyio.move_on_at(give_up_at) as deadline:
-                    async for chunk in chunks:
-                        data = compressor.compress(chunk)
-                        if data:
-                            await anyio.to_thread.run_sync(file.write, data)
-            finally:
-                aclose = getattr(chunks, "aclose", None)
-                if aclose is not None:
-                    await aclose()
-            # (A deadline that struck as the export completed is no abort.)
-            if deadline.cancelled_caught and not stream.completed:
-                stream.abort("max_seconds", too_long.removeprefix("max_seconds: "))
-            if not stream.completed:
-                raise RuntimeError(str(stream.error) if stream.error else "the export stopped")
-            await anyio.to_thread.run_sync(file.write, compressor.finish())
-            await anyio.to_thread.run_sync(_sync, file)
-            return compressor
-        finally:
-            file.close()
-
-    async def expire_forever(self) -> None:
-        """Expired and orphaned files deleted, every poll interval (each process; deletion is
-        idempotent)."""
-        stale_s = self.settings.job_lease_s * 2
-        # Listing a bucket costs requests (and money): not every poll.
-        store_sweep_s = max(stale_s, 60.0)
-        last_store_sweep = -math.inf
-        while True:
-            await asyncio.sleep(max(self.settings.job_poll_s, 1.0))
-            try:
-                for job in await job_records.expire(self.databases.state):
-                    if job.file_name:
-                        await self._delete(job.file_name)
-                in_use = await job_records.files_in_use(self.databases.state)
-                for path in await self.spool.orphans(in_use, stale_s):
-                    log.info("deleting %s: no job writes it", path.name)
-                    path.unlink(missing_ok=True)
-                if time.monotonic() - last_store_sweep >= store_sweep_s:
-                    last_store_sweep = time.monotonic()
-                    for name in await self.store.orphans(in_use, stale_s):
-                        log.info("deleting %s from the store: no job needs it", name)
-                        await self._delete(name)
-                await prune_events(self.databases.state, self.settings.job_retention_s)
-            except Exception as exc:
-                log.warning("could not expire job files: %s", exc)
-
-
-def _file_name(job: Job) -> str:
-    # Made here (job ids are generated), never taken from a request.
-    return f"{job.id}-{job.attempts}.gz"
-
 
 def _counts(stream: ExportStream | None) -> tuple[int, int]:
     return (stream.rows, stream.bytes) if stream is not None else (0, 0)
-
-
-def _sync(file: BinaryIO) -> None:
-    file.flush()
-    os.fsync(file.fileno())

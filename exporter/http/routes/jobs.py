@@ -106,7 +106,7 @@ def _params(body: JobRequest) -> list[tuple[str, str]]:
 
 def _store(request: Request) -> FileStore:
     # The job runner's: one store (and, for S3, one connection pool) per process.
-    store: FileStore = request.app.state.job_runner.store
+    store: FileStore = request.app.state.job_runner.files.store
     return store
 
 
