@@ -10,6 +10,7 @@ import asyncpg
 import httpx
 import pytest
 
+from tests.support.app import in_process_app
 from tests.support.database import ExportDatabase, asyncpg_dsn, logged_export, run_sql
 from tests.support.server import Server, free_port, running_server
 
@@ -95,18 +96,18 @@ def test_unreachable_database_is_a_503_not_a_500(database: ExportDatabase, tmp_p
     # The service starts without its database (connections are made on demand), reports it
     # in /readyz, and refuses requests with a 503 the client can retry.
     nowhere = f"postgresql://postgres@127.0.0.1:{free_port()}/nowhere"
-    headers = {"Authorization": f"Bearer {database.key}"}
     for state_url in (nowhere, database.url):  # keys unreachable; then only the exported data
-        with running_server(nowhere, tmp_path, state_database_url=state_url) as server:
-            with httpx.Client(base_url=server.base_url, headers=headers, timeout=30) as client:
-                assert client.get("/healthz").status_code == 200
-                assert client.get("/readyz").status_code == 503
-                for path in ("/datasets", "/datasets/people.csv", "/datasets/people"):
-                    response = client.get(path)
-                    assert response.status_code == 503, (path, response.text)
-                    assert response.headers["content-type"] == "application/problem+json"
-                    assert response.headers["retry-after"] == "5"
-                    assert response.json()["detail"] == "the database is not reachable"
+        with in_process_app(
+            nowhere, tmp_path, database.key, state_database_url=state_url
+        ) as client:
+            assert client.get("/healthz").status_code == 200
+            assert client.get("/readyz").status_code == 503
+            for path in ("/datasets", "/datasets/people.csv", "/datasets/people"):
+                response = client.get(path)
+                assert response.status_code == 503, (path, response.text)
+                assert response.headers["content-type"] == "application/problem+json"
+                assert response.headers["retry-after"] == "5"
+                assert response.json()["detail"] == "the database is not reachable"
 
 
 def test_accept_negotiates_the_export(client: httpx.Client) -> None:
@@ -239,16 +240,15 @@ def test_json_values_with_line_breaks_stay_on_one_ndjson_line(
 def test_cursor_and_copy_exports_agree(
     client: httpx.Client, database: ExportDatabase, tmp_path: Path
 ) -> None:
-    with running_server(database.url, tmp_path, use_copy="false") as cursor_server:
-        with cursor_server.client(database.key) as through_cursor:
-            for path in (
-                "/datasets/people.ndjson",
-                "/datasets/big.ndjson?limit=20000&order=id.desc",
-                "/datasets/big.csv?limit=20000&select=at,label,id,amount",
-            ):
-                assert through_cursor.get(path).content == client.get(path).content, path
-            # Through a cursor, CSV cannot yet tell NULL from the empty string; COPY can.
-            assert b'\n3,"",' in client.get("/datasets/people.csv").content
+    with in_process_app(database.url, tmp_path, database.key, use_copy="false") as through_cursor:
+        for path in (
+            "/datasets/people.ndjson",
+            "/datasets/big.ndjson?limit=20000&order=id.desc",
+            "/datasets/big.csv?limit=20000&select=at,label,id,amount",
+        ):
+            assert through_cursor.get(path).content == client.get(path).content, path
+        # Through a cursor, CSV cannot yet tell NULL from the empty string; COPY can.
+        assert b'\n3,"",' in client.get("/datasets/people.csv").content
 
 
 def test_a_line_break_that_would_split_an_ndjson_line_fails_the_export(
@@ -305,14 +305,15 @@ def test_a_table_altered_between_exports_exports_again(
     run_sql(database.url, "CREATE TABLE altered (id integer PRIMARY KEY, v integer)")
     run_sql(database.url, "INSERT INTO altered VALUES (1, 10)")
     try:
-        with running_server(database.url, tmp_path, pool_size="1", use_copy=use_copy) as server:
-            with server.client(database.key) as client:
-                first = client.get("/datasets/altered.ndjson", params={"select": "v"})
-                assert first.text == '{"v":10}\n'
-                run_sql(database.url, "ALTER TABLE altered ALTER COLUMN v TYPE text")
-                second = client.get("/datasets/altered.ndjson", params={"select": "v"})
-                assert second.status_code == 200, second.text
-                assert second.text == '{"v":"10"}\n'
+        with in_process_app(
+            database.url, tmp_path, database.key, pool_size="1", use_copy=use_copy
+        ) as client:
+            first = client.get("/datasets/altered.ndjson", params={"select": "v"})
+            assert first.text == '{"v":10}\n'
+            run_sql(database.url, "ALTER TABLE altered ALTER COLUMN v TYPE text")
+            second = client.get("/datasets/altered.ndjson", params={"select": "v"})
+            assert second.status_code == 200, second.text
+            assert second.text == '{"v":"10"}\n'
     finally:
         run_sql(database.url, "DROP TABLE altered")
 

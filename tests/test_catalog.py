@@ -11,8 +11,8 @@ import pytest
 from exporter.db.pool import Pool
 from exporter.pipeline.catalog import Dataset, find_dataset, load_datasets
 from exporter.settings import Settings
+from tests.support.app import in_process_app
 from tests.support.database import ExportDatabase, asyncpg_dsn, run_sql, xml_unsupported
-from tests.support.server import running_server
 
 
 def _load(url: str, schemas: tuple[str, ...], name: str | None = None) -> list[Dataset]:
@@ -58,23 +58,22 @@ def test_own_schema_is_never_exposed(database: ExportDatabase) -> None:
     assert Settings(schemas="public, exporter").exposed_schemas == ("public",)  # type: ignore[arg-type]
 
 
-def test_exposed_schemas_setting_through_the_server(
-    database: ExportDatabase, tmp_path: Path
-) -> None:
-    with running_server(database.url, tmp_path, schemas="public,sales,exporter") as server:
-        with server.client(database.key) as client:
-            names = {d["name"] for d in client.get("/datasets").json()}
-            assert "sales.orders" in names and "public.people" in names
-            assert not any(n.startswith("exporter.") for n in names)
-            response = client.get("/datasets/sales.orders.csv")
-            assert response.status_code == 200
-            assert list(csv.reader(io.StringIO(response.text))) == [
-                ["id", "total"],
-                ["1", "10.5"],
-                ["2", "20"],
-            ]
-            assert client.get("/datasets/exporter.api_keys.csv").status_code == 404
-            assert client.get("/datasets/exporter.api_keys").status_code == 404
+def test_exposed_schemas_setting_through_the_app(database: ExportDatabase, tmp_path: Path) -> None:
+    with in_process_app(
+        database.url, tmp_path, database.key, schemas="public,sales,exporter"
+    ) as client:
+        names = {d["name"] for d in client.get("/datasets").json()}
+        assert "sales.orders" in names and "public.people" in names
+        assert not any(n.startswith("exporter.") for n in names)
+        response = client.get("/datasets/sales.orders.csv")
+        assert response.status_code == 200
+        assert list(csv.reader(io.StringIO(response.text))) == [
+            ["id", "total"],
+            ["1", "10.5"],
+            ["2", "20"],
+        ]
+        assert client.get("/datasets/exporter.api_keys.csv").status_code == 404
+        assert client.get("/datasets/exporter.api_keys").status_code == 404
 
 
 def test_a_name_with_nul_names_nothing(database: ExportDatabase, client: httpx.Client) -> None:

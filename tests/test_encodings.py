@@ -6,11 +6,12 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 
 from exporter.schema.migrate import upgrade
+from tests.support.app import in_process_app
 from tests.support.database import ExportDatabase, new_key, run_sql, with_database
-from tests.support.server import Server, running_server
 
 EMOJI = "\U0001f600"
 
@@ -38,12 +39,15 @@ def latin1_url(database: ExportDatabase) -> Iterator[str]:
 @pytest.fixture(scope="module")
 def latin1_exports(
     database: ExportDatabase, latin1_url: str, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[Server]:
+) -> Iterator[httpx.Client]:
     """Exports from the LATIN1 database; keys and the log in the (UTF-8) test database."""
-    with running_server(
-        latin1_url, tmp_path_factory.mktemp("latin1"), state_database_url=database.url
-    ) as server:
-        yield server
+    with in_process_app(
+        latin1_url,
+        tmp_path_factory.mktemp("latin1"),
+        database.key,
+        state_database_url=database.url,
+    ) as client:
+        yield client
 
 
 @pytest.mark.parametrize(
@@ -56,10 +60,9 @@ def latin1_exports(
     ],
 )
 def test_a_value_the_database_cannot_hold_is_a_400(
-    latin1_exports: Server, database: ExportDatabase, params: dict[str, str], parameter: str
+    latin1_exports: httpx.Client, params: dict[str, str], parameter: str
 ) -> None:
-    with latin1_exports.client(database.key) as client:
-        response = client.get("/datasets/people.csv", params=params)
+    response = latin1_exports.get("/datasets/people.csv", params=params)
     assert response.status_code == 400, response.text
     problem = response.json()
     assert [p["name"] for p in problem["invalid-params"]] == [parameter]
@@ -67,29 +70,27 @@ def test_a_value_the_database_cannot_hold_is_a_400(
 
 
 def test_what_the_database_can_hold_is_exported(
-    latin1_exports: Server, database: ExportDatabase
+    latin1_exports: httpx.Client,
 ) -> None:
-    with latin1_exports.client(database.key) as client:
-        response = client.get("/datasets/people.csv", params={"name": "eq.Zoë", "null": "ø"})
+    response = latin1_exports.get("/datasets/people.csv", params={"name": "eq.Zoë", "null": "ø"})
     assert response.status_code == 200, response.text
     assert response.text == "id,name\n2,Zoë\n"
 
 
 def test_a_latin1_state_database_logs_the_request_escaped(latin1_url: str, tmp_path: Path) -> None:
     key = new_key(latin1_url)
-    with running_server(latin1_url, tmp_path) as server:
-        with server.client(key) as client:
-            response = client.get(
-                "/datasets/people.csv", params={"null": EMOJI}, headers={"X-Request-Id": "emoji"}
-            )
-            assert response.status_code == 400, response.text
-            # A job's parameters are kept exactly, to run it: a state database that cannot
-            # hold one refuses the job.
-            submitted = client.post(
-                "/exports",
-                json={"dataset": "people", "format": "csv", "params": {"name": f"eq.{EMOJI}"}},
-            )
-            assert submitted.status_code == 400, submitted.text
+    with in_process_app(latin1_url, tmp_path, key) as client:
+        response = client.get(
+            "/datasets/people.csv", params={"null": EMOJI}, headers={"X-Request-Id": "emoji"}
+        )
+        assert response.status_code == 400, response.text
+        # A job's parameters are kept exactly, to run it: a state database that cannot hold
+        # one refuses the job.
+        submitted = client.post(
+            "/exports",
+            json={"dataset": "people", "format": "csv", "params": {"name": f"eq.{EMOJI}"}},
+        )
+        assert submitted.status_code == 400, submitted.text
     ((parameters, status),) = run_sql(
         latin1_url,
         "SELECT parameters::text, status FROM exporter.export_log WHERE request_id = 'emoji'",

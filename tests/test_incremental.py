@@ -25,8 +25,9 @@ from exporter.incremental.tokens import (
     decode,
     digest,
 )
+from tests.support.app import in_process_app
 from tests.support.database import ExportDatabase, new_key, run_sql
-from tests.support.server import Server, running_server
+from tests.support.server import Server
 
 
 def _dsn(url: str) -> str:
@@ -285,19 +286,18 @@ def test_tracked_pulls_read_the_same_through_the_cursor_path(
     database: ExportDatabase, table: str, tmp_path: Path
 ) -> None:
     tracked(database, table)
-    with running_server(database.url, tmp_path, use_copy="false") as server:
-        with server.client(database.key) as client:
-            _, cursor = full(client, table)
-            run_sql(
-                database.url,
-                f"DELETE FROM {table} WHERE id = 1",
-                f"UPDATE {table} SET v = 'y' WHERE id = 2",
-            )
-            changed, response = pull(client, table, cursor, deletes="true")
-            assert response.headers["x-export-cursor-mode"] == "tracked"
-            assert changed == [{"id": 2, "v": "y"}, {"_deleted": {"id": 1}}]
-            csv_pull = client.get(f"/datasets/{table}.csv", params={"since": cursor})
-            assert csv_pull.text.splitlines() == ["id,v", "2,y"]
+    with in_process_app(database.url, tmp_path, database.key, use_copy="false") as client:
+        _, cursor = full(client, table)
+        run_sql(
+            database.url,
+            f"DELETE FROM {table} WHERE id = 1",
+            f"UPDATE {table} SET v = 'y' WHERE id = 2",
+        )
+        changed, response = pull(client, table, cursor, deletes="true")
+        assert response.headers["x-export-cursor-mode"] == "tracked"
+        assert changed == [{"id": 2, "v": "y"}, {"_deleted": {"id": 1}}]
+        csv_pull = client.get(f"/datasets/{table}.csv", params={"since": cursor})
+        assert csv_pull.text.splitlines() == ["id,v", "2,y"]
 
 
 def test_a_cursor_from_before_tracking_pulls_in_snapshot_mode_but_not_deletes(
@@ -463,25 +463,24 @@ def test_track_refuses_what_it_cannot_track(database: ExportDatabase, table: str
         )
 
 
-def test_serve_prunes_changes_past_the_retention(
+def test_the_service_prunes_changes_past_the_retention(
     database: ExportDatabase, table: str, tmp_path: Path
 ) -> None:
     tracked(database, table)
-    with running_server(
-        database.url, tmp_path, change_retention_s="0", prune_interval_s="0.2"
-    ) as server:
-        with server.client(database.key) as client:
-            _, cursor = full(client, table)
-            run_sql(database.url, f"UPDATE {table} SET v = 'z' WHERE id = 5")
-            deadline = time.monotonic() + 10
-            while True:
-                response = client.get(
-                    f"/datasets/{table}.ndjson", params={"since": cursor, "deletes": "true"}
-                )
-                if response.status_code == 410 or time.monotonic() > deadline:
-                    break
-                time.sleep(0.2)
-            refused(response, 410, "retention")
+    with in_process_app(
+        database.url, tmp_path, database.key, change_retention_s="0", prune_interval_s="0.2"
+    ) as client:
+        _, cursor = full(client, table)
+        run_sql(database.url, f"UPDATE {table} SET v = 'z' WHERE id = 5")
+        deadline = time.monotonic() + 10
+        while True:
+            response = client.get(
+                f"/datasets/{table}.ndjson", params={"since": cursor, "deletes": "true"}
+            )
+            if response.status_code == 410 or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        refused(response, 410, "retention")
 
 
 def test_pruning_forgets_dropped_tracked_tables(database: ExportDatabase, table: str) -> None:

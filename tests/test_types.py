@@ -11,15 +11,17 @@ from collections.abc import Iterator
 from typing import Any
 
 import asyncpg
+import httpx
 import pytest
 
+from tests.support.app import in_process_app
 from tests.support.database import (
     ExportDatabase,
     asyncpg_dsn,
     create_case_insensitive_collation,
     run_sql,
 )
-from tests.support.server import Server, running_server
+from tests.support.server import Server
 
 COLUMNS_SQL = """
     id integer PRIMARY KEY,
@@ -87,23 +89,24 @@ def fidelity(database: ExportDatabase) -> Iterator[ExportDatabase]:
 
 
 @pytest.fixture(scope="module", params=["copy", "cursor"])
-def path_server(
+def path_client(
     fidelity: ExportDatabase,
     tmp_path_factory: pytest.TempPathFactory,
     request: pytest.FixtureRequest,
-) -> Iterator[Server]:
+) -> Iterator[httpx.Client]:
+    """The fidelity database's exports, read through COPY and through a server-side cursor
+    (values only: the app runs in the test's process)."""
     use_copy = "true" if request.param == "copy" else "false"
-    with running_server(
-        fidelity.url, tmp_path_factory.mktemp("types"), use_copy=use_copy
-    ) as server:
-        yield server
+    with in_process_app(
+        fidelity.url, tmp_path_factory.mktemp("types"), fidelity.key, use_copy=use_copy
+    ) as client:
+        yield client
 
 
-def export(server: Server, database: ExportDatabase, fmt: str, **params: str) -> bytes:
-    with server.client(database.key) as client:
-        response = client.get(f"/datasets/fidelity.{fmt}", params=params)
-        assert response.status_code == 200, response.text
-        return response.content
+def export(client: httpx.Client, fmt: str, **params: str) -> bytes:
+    response = client.get(f"/datasets/fidelity.{fmt}", params=params)
+    assert response.status_code == 200, response.text
+    return response.content
 
 
 def copy_out(url: str, sql: str, **options: Any) -> bytes:
@@ -171,9 +174,9 @@ def differing_columns(url: str) -> dict[str, int]:
 
 
 def test_csv_is_byte_for_byte_what_copy_writes(
-    fidelity: ExportDatabase, path_server: Server
+    fidelity: ExportDatabase, path_client: httpx.Client
 ) -> None:
-    ours = export(path_server, fidelity, "csv", order="id")
+    ours = export(path_client, "csv", order="id")
     theirs = copy_out(fidelity.url, "SELECT * FROM fidelity ORDER BY id", format="csv", header=True)
     assert ours == theirs
 
@@ -192,11 +195,11 @@ def test_csv_is_byte_for_byte_what_copy_writes(
 )
 def test_csv_options_write_what_copy_writes_with_them(
     fidelity: ExportDatabase,
-    path_server: Server,
+    path_client: httpx.Client,
     params: dict[str, str],
     copy_options: dict[str, Any],
 ) -> None:
-    ours = export(path_server, fidelity, "csv", order="id", **params)
+    ours = export(path_client, "csv", order="id", **params)
     theirs = copy_out(
         fidelity.url, "SELECT * FROM fidelity ORDER BY id", format="csv", **copy_options
     )
@@ -204,13 +207,13 @@ def test_csv_options_write_what_copy_writes_with_them(
 
 
 def test_csv_loads_back_identical_with_copy_from(
-    fidelity: ExportDatabase, path_server: Server
+    fidelity: ExportDatabase, path_client: httpx.Client
 ) -> None:
     fresh_back_table(fidelity.url)
     copy_in(
         fidelity.url,
         "fidelity_back",
-        export(path_server, fidelity, "csv"),
+        export(path_client, "csv"),
         format="csv",
         header=True,
     )
@@ -232,8 +235,8 @@ def _records_with_crlf(lf_text: str) -> str:
     return "".join(out)
 
 
-def test_crlf_ends_records_only(fidelity: ExportDatabase, path_server: Server) -> None:
-    ours = export(path_server, fidelity, "csv", order="id", crlf="true").decode()
+def test_crlf_ends_records_only(fidelity: ExportDatabase, path_client: httpx.Client) -> None:
+    ours = export(path_client, "csv", order="id", crlf="true").decode()
     theirs = copy_out(fidelity.url, "SELECT * FROM fidelity ORDER BY id", format="csv", header=True)
     assert ours == _records_with_crlf(theirs.decode())
     # Loads back exactly: the line breaks inside values are the values' own.
@@ -242,10 +245,10 @@ def test_crlf_ends_records_only(fidelity: ExportDatabase, path_server: Server) -
     assert differing_columns(fidelity.url) == {}
 
 
-def test_bom_precedes_everything(fidelity: ExportDatabase, path_server: Server) -> None:
-    body = export(path_server, fidelity, "csv", bom="true", select="id", order="id")
+def test_bom_precedes_everything(fidelity: ExportDatabase, path_client: httpx.Client) -> None:
+    body = export(path_client, "csv", bom="true", select="id", order="id")
     assert body == b"\xef\xbb\xbfid\n" + b"".join(b"%d\n" % i for i in range(1, ROWS + 1))
-    empty = export(path_server, fidelity, "csv", bom="true", header="false", limit="0")
+    empty = export(path_client, "csv", bom="true", header="false", limit="0")
     assert empty == b"\xef\xbb\xbf"
 
 
@@ -260,8 +263,8 @@ def _bare_line_feeds(text: str) -> int:
     return count
 
 
-def test_excel_profile(fidelity: ExportDatabase, path_server: Server) -> None:
-    body = export(path_server, fidelity, "csv", profile="excel", order="id")
+def test_excel_profile(fidelity: ExportDatabase, path_client: httpx.Client) -> None:
+    body = export(path_client, "csv", profile="excel", order="id")
     assert body.startswith(b"\xef\xbb\xbf")
     text = body[3:].decode()
     assert text.endswith("\r\n") and _bare_line_feeds(text) == 0
@@ -353,9 +356,9 @@ def strict_lines(body: bytes) -> list[dict[str, Any]]:
 
 
 def test_ndjson_parses_strictly_and_follows_the_type_map(
-    fidelity: ExportDatabase, path_server: Server
+    fidelity: ExportDatabase, path_client: httpx.Client
 ) -> None:
-    body = export(path_server, fidelity, "ndjson", order="id")
+    body = export(path_client, "ndjson", order="id")
     lines = body.decode().split("\n")[:-1]
     rows = {row["id"]: row for row in strict_lines(body)}
     assert len(rows) == ROWS
@@ -390,11 +393,8 @@ def test_ndjson_parses_strictly_and_follows_the_type_map(
     assert five["d"] == "0044-03-15 BC"
 
 
-def test_numbers_as_strings(fidelity: ExportDatabase, path_server: Server) -> None:
-    rows = {
-        row["id"]: row
-        for row in strict_lines(export(path_server, fidelity, "ndjson", numbers="string"))
-    }
+def test_numbers_as_strings(fidelity: ExportDatabase, path_client: httpx.Client) -> None:
+    rows = {row["id"]: row for row in strict_lines(export(path_client, "ndjson", numbers="string"))}
     assert rows[4]["i8"] == "9223372036854775807" and rows[4]["i4"] == 2147483647
     assert rows[4]["num30"] == "123456789012345678901234567890.123456789012345678901234567890"
     assert rows[3]["num"] == "1.50" and rows[3]["dom"] == "1.5" and rows[3]["r8"] == 0.1
@@ -418,10 +418,10 @@ def _populate_back(url: str, lines: list[str]) -> None:
 
 @pytest.mark.parametrize("numbers", ["number", "string"])
 def test_ndjson_loads_back_with_jsonb_populate_record(
-    fidelity: ExportDatabase, path_server: Server, numbers: str
+    fidelity: ExportDatabase, path_client: httpx.Client, numbers: str
 ) -> None:
     fresh_back_table(fidelity.url)
-    body = export(path_server, fidelity, "ndjson", numbers=numbers)
+    body = export(path_client, "ndjson", numbers=numbers)
     _populate_back(fidelity.url, body.decode().split("\n")[:-1])
     # Every type but two. bytea: PostgreSQL's JSON input reads a string as bytea's own text
     # form, not base64 (decode(value, 'base64') loads it; the empty value is alike). And a
@@ -436,11 +436,9 @@ def test_ndjson_loads_back_with_jsonb_populate_record(
 
 
 def test_filters_and_select_combine_with_options(
-    fidelity: ExportDatabase, path_server: Server
+    fidelity: ExportDatabase, path_client: httpx.Client
 ) -> None:
-    body = export(
-        path_server, fidelity, "csv", select="id,t", id="in.(3,6)", delimiter=";", crlf="true"
-    )
+    body = export(path_client, "csv", select="id,t", id="in.(3,6)", delimiter=";", crlf="true")
     assert body.decode() == 'id;t\r\n3;"say ""hi"", a,b;c|d\ttab\nLF\r\nCRLF  "\r\n6;@SUM(A1)\r\n'
 
 
@@ -460,26 +458,25 @@ def case_insensitive(fidelity: ExportDatabase) -> Iterator[str]:
 
 
 def test_nondeterministic_collations_render_like_copy(
-    fidelity: ExportDatabase, path_server: Server, case_insensitive: str
+    fidelity: ExportDatabase, path_client: httpx.Client, case_insensitive: str
 ) -> None:
     # strpos() and regular expressions refuse such collations, and the null string must match
     # byte for byte ('null' is not 'NULL'), as in COPY.
-    with path_server.client(fidelity.key) as client:
-        for params in ({"null": "NULL"}, {"null": "NULL", "crlf": "true"}):
-            ours = client.get(f"/datasets/{case_insensitive}.csv", params=params)
-            assert ours.status_code == 200, ours.text
-            theirs = copy_out(
-                fidelity.url,
-                f"SELECT * FROM {case_insensitive} ORDER BY id",
-                format="csv",
-                header=True,
-                null="NULL",
-            )
-            expected = theirs.replace(b"\n", b"\r\n") if "crlf" in params else theirs
-            assert ours.content == expected
-        excel = client.get(f"/datasets/{case_insensitive}.csv", params={"profile": "excel"})
-        assert excel.status_code == 200, excel.text
-        assert b"\r\n4,'=1+1\r\n" in excel.content
+    for params in ({"null": "NULL"}, {"null": "NULL", "crlf": "true"}):
+        ours = path_client.get(f"/datasets/{case_insensitive}.csv", params=params)
+        assert ours.status_code == 200, ours.text
+        theirs = copy_out(
+            fidelity.url,
+            f"SELECT * FROM {case_insensitive} ORDER BY id",
+            format="csv",
+            header=True,
+            null="NULL",
+        )
+        expected = theirs.replace(b"\n", b"\r\n") if "crlf" in params else theirs
+        assert ours.content == expected
+    excel = path_client.get(f"/datasets/{case_insensitive}.csv", params={"profile": "excel"})
+    assert excel.status_code == 200, excel.text
+    assert b"\r\n4,'=1+1\r\n" in excel.content
 
 
 def test_sql_formula_rule_is_the_python_rule(fidelity: ExportDatabase) -> None:
@@ -529,7 +526,7 @@ def test_sql_formula_rule_is_the_python_rule(fidelity: ExportDatabase) -> None:
 
 
 def test_user_types_named_like_builtins_are_not_taken_for_them(
-    fidelity: ExportDatabase, path_server: Server
+    fidelity: ExportDatabase, path_client: httpx.Client
 ) -> None:
     # An enum called public.date (or public.numeric) can hold a delimiter or a formula.
     run_sql(
@@ -540,9 +537,8 @@ def test_user_types_named_like_builtins_are_not_taken_for_them(
         "INSERT INTO fidelity_shadow VALUES (1, 'a,b', '=2+2'), (2, '=1+1', NULL)",
     )
     try:
-        with path_server.client(fidelity.key) as client:
-            plain = client.get("/datasets/fidelity_shadow.csv")
-            excel = client.get("/datasets/fidelity_shadow.csv", params={"profile": "excel"})
+        plain = path_client.get("/datasets/fidelity_shadow.csv")
+        excel = path_client.get("/datasets/fidelity_shadow.csv", params={"profile": "excel"})
         theirs = copy_out(
             fidelity.url, "SELECT * FROM fidelity_shadow ORDER BY id", format="csv", header=True
         )
@@ -556,7 +552,7 @@ def test_user_types_named_like_builtins_are_not_taken_for_them(
         )
 
 
-def test_citext_is_a_string(fidelity: ExportDatabase, path_server: Server) -> None:
+def test_citext_is_a_string(fidelity: ExportDatabase, path_client: httpx.Client) -> None:
     available = run_sql(
         fidelity.url, "SELECT count(*) AS n FROM pg_available_extensions WHERE name = 'citext'"
     )[0]["n"]
@@ -569,9 +565,8 @@ def test_citext_is_a_string(fidelity: ExportDatabase, path_server: Server) -> No
         "INSERT INTO fidelity_citext VALUES (1, 'Ünïcode, \"quoted\"'), (2, ''), (3, NULL)",
     )
     try:
-        with path_server.client(fidelity.key) as client:
-            lines = strict_lines(client.get("/datasets/fidelity_citext.ndjson").content)
-            csv_body = client.get("/datasets/fidelity_citext.csv").content
+        lines = strict_lines(path_client.get("/datasets/fidelity_citext.ndjson").content)
+        csv_body = path_client.get("/datasets/fidelity_citext.csv").content
         assert [line["v"] for line in lines] == ['Ünïcode, "quoted"', "", None]
         theirs = copy_out(
             fidelity.url, "SELECT * FROM fidelity_citext ORDER BY id", format="csv", header=True
