@@ -773,6 +773,8 @@ def test_demo_serves_reuses_its_directory_and_stops_on_ctrl_c(tmp_path: Path) ->
                     assert len(response.json()) == 3
                 else:  # a header and rows, or rows
                     assert response.content.count(b"\n") >= 2, (command[-1], response.text)
+            if run == "first":
+                demo_cli_and_job_files(text, env, data_dir)
 
             postmaster = int((data_dir / "postmaster.pid").read_text().split()[0])
             process.send_signal(signal.SIGINT)
@@ -785,6 +787,34 @@ def test_demo_serves_reuses_its_directory_and_stops_on_ctrl_c(tmp_path: Path) ->
         while not _postmaster_gone(postmaster):
             assert time.monotonic() < deadline, "the embedded PostgreSQL is still running"
             time.sleep(0.1)
+
+
+def demo_cli_and_job_files(text: str, env: dict[str, str], data_dir: Path) -> None:
+    """The CLI lines the demo prints, as pasted, reach its database; its job files go beside
+    its data directory, not into the checkout's .exporter-jobs, which a service run from the
+    same directory sweeps as its own."""
+    (url,) = re.findall(r"^  export EXPORTER_DATABASE_URL=(.+)$", text, re.MULTILINE)
+    (key,) = re.findall(r"^  KEY=(exp_\S+)$", text, re.MULTILINE)
+    demo_env = {**env, "EXPORTER_DATABASE_URL": shlex.split(url)[0]}
+    listed = subprocess.run(
+        [sys.executable, "-m", "exporter", "keys", "list"],
+        env=demo_env,
+        capture_output=True,
+        timeout=60,
+    )
+    assert listed.returncode == 0, listed.stderr
+    assert listed.stdout.decode().startswith("demo\t"), listed.stdout
+    base = re.findall(r"API docs: (\S+)/docs", text)[0]
+    with httpx.Client(base_url=base, headers={"Authorization": f"Bearer {key}"}) as client:
+        submitted = client.post("/exports", json={"dataset": "customers", "format": "csv"})
+        assert submitted.status_code == 202, submitted.text
+        status_url = submitted.json()["status_url"]
+        deadline = time.monotonic() + 60
+        while (status := client.get(status_url).json())["status"] != "done":
+            assert status["status"] in ("queued", "running"), status
+            assert time.monotonic() < deadline, status
+            time.sleep(0.2)
+    assert [f.suffix for f in (data_dir.parent / f"{data_dir.name}-jobs").iterdir()] == [".gz"]
 
 
 def test_a_keys_role_decides_what_it_reads(database: ExportDatabase, server: Server) -> None:

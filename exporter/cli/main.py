@@ -1,4 +1,4 @@
-"""exporter serve | migrate | keys | log | export | demo"""
+"""exporter serve | migrate | keys | log | export | track | untrack | prune-changes | demo"""
 
 import argparse
 import asyncio
