@@ -790,11 +790,11 @@ def test_demo_serves_reuses_its_directory_and_stops_on_ctrl_c(tmp_path: Path) ->
 
 
 def demo_cli_and_job_files(text: str, env: dict[str, str], data_dir: Path) -> None:
-    """The CLI lines the demo prints, as pasted, reach its database; its job files go beside
-    its data directory, not into the checkout's .exporter-jobs, which a service run from the
-    same directory sweeps as its own."""
+    """The CLI lines the demo prints, as pasted, reach its database; its job files go into its
+    data directory, not into the checkout's .exporter-jobs, which a service run from the same
+    directory sweeps as its own."""
     (url,) = re.findall(r"^  export EXPORTER_DATABASE_URL=(.+)$", text, re.MULTILINE)
-    (key,) = re.findall(r"^  KEY=(exp_\S+)$", text, re.MULTILINE)
+    (key,) = re.findall(r"^  export EXPORTER_KEY=(exp_\S+) KEY=\1$", text, re.MULTILINE)
     demo_env = {**env, "EXPORTER_DATABASE_URL": shlex.split(url)[0]}
     listed = subprocess.run(
         [sys.executable, "-m", "exporter", "keys", "list"],
@@ -814,7 +814,7 @@ def demo_cli_and_job_files(text: str, env: dict[str, str], data_dir: Path) -> No
             assert status["status"] in ("queued", "running"), status
             assert time.monotonic() < deadline, status
             time.sleep(0.2)
-    assert [f.suffix for f in (data_dir.parent / f"{data_dir.name}-jobs").iterdir()] == [".gz"]
+    assert [f.suffix for f in (data_dir / "exporter-jobs").iterdir()] == [".gz"]
 
 
 def test_a_keys_role_decides_what_it_reads(database: ExportDatabase, server: Server) -> None:

@@ -146,10 +146,11 @@ def run_demo(data_dir: Path, host: str, port: int, rows: int) -> int:
             os.environ["EXPORTER_DATABASE_URL"] = url
             os.environ.pop("EXPORTER_STATE_DATABASE_URL", None)
             os.environ["EXPORTER_SCHEMAS"] = "public"
-            # Its job files beside its data, not in the checkout's .exporter-jobs: a service
-            # and a demo sharing one directory would each sweep the other's files away as
-            # files no job of theirs needs.
-            os.environ["EXPORTER_JOB_DIR"] = str(data_dir.with_name(f"{data_dir.name}-jobs"))
+            # Its job files in its own directory, not in the checkout's .exporter-jobs: a
+            # service and a demo sharing one directory would each sweep the other's files
+            # away as files no job of theirs needs. (PostgreSQL leaves alone what it does not
+            # know in its data directory; deleting the directory deletes them too.)
+            os.environ["EXPORTER_JOB_DIR"] = str(data_dir / "exporter-jobs")
             settings = Settings()
             upgrade(settings.state_url)
             key = asyncio.run(_prepare(settings, data_dir, rows))
@@ -170,9 +171,10 @@ def run_demo(data_dir: Path, host: str, port: int, rows: int) -> int:
                     f"\nexporter demo is ready (in {time.monotonic() - started:.1f} s). Try:\n\n"
                     + "".join(f"  {example}\n" for example in examples)
                     + f"\nAPI docs: {base}/docs\n"
-                    "The CLI (keys, the export log, exports to a file), in another shell:\n\n"
+                    "For the CLI (keys, the export log, exports) and the docs' examples, in "
+                    "another shell:\n\n"
                     f"  export EXPORTER_DATABASE_URL={shlex.quote(url)}\n"
-                    f"  KEY={key}\n\n"
+                    f"  export EXPORTER_KEY={key} KEY={key}\n\n"
                     "Ctrl-C stops the server and the embedded PostgreSQL. The data stays in "
                     f"{data_dir} for the next run; delete it to start over.\n"
                 ),

@@ -6,8 +6,9 @@ import logging
 import math
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, TypeVar
 
 import anyio
 
@@ -24,6 +25,8 @@ from exporter.storage.store import StoreError
 
 log = logging.getLogger(__name__)
 
+T = TypeVar("T")
+
 # Level 1: about 110 MB/s of one core on the benchmark's CSV (exporter/http/compression.py),
 # faster than an export runs; a job's file is read back by downloads, where size matters less
 # than the database's time.
@@ -31,6 +34,11 @@ GZIP_LEVEL = 1
 
 # Pauses between tries to store a job's file in a store that cannot be reached.
 STORE_RETRY_PAUSES_S = (1.0, 3.0)
+
+
+class SpoolError(Exception):
+    """The job's file could not be written on this server (its directory, its disk): the
+    server's fault, not the job's. The message, with paths, is for the server's log."""
 
 
 def file_name(job: Job) -> str:
@@ -53,7 +61,10 @@ class JobFiles:
         await self.store.aclose()
 
     def part_path(self, job: Job) -> Path:
-        return self.spool.part_path(job.id, job.attempts)
+        try:
+            return self.spool.part_path(job.id, job.attempts)
+        except OSError as exc:
+            raise SpoolError(exc) from exc
 
     async def write(
         self, stream: ExportStream, part: Path, give_up_at: float, too_long: str
@@ -61,7 +72,7 @@ class JobFiles:
         """The export into `part`, gzip-compressed with seek points (aborted at
         `give_up_at`)."""
         compressor = SeekableGzipWriter(GZIP_LEVEL)
-        file: BinaryIO = await anyio.to_thread.run_sync(part.open, "wb")
+        file: BinaryIO = await _on_disk(part.open, "wb")
         try:
             chunks = stream.chunks()
             try:
@@ -69,7 +80,7 @@ class JobFiles:
                     async for chunk in chunks:
                         data = compressor.compress(chunk)
                         if data:
-                            await anyio.to_thread.run_sync(file.write, data)
+                            await _on_disk(file.write, data)
             finally:
                 aclose = getattr(chunks, "aclose", None)
                 if aclose is not None:
@@ -79,8 +90,8 @@ class JobFiles:
                 stream.abort("max_seconds", too_long.removeprefix("max_seconds: "))
             if not stream.completed:
                 raise RuntimeError(str(stream.error) if stream.error else "the export stopped")
-            await anyio.to_thread.run_sync(file.write, compressor.finish())
-            await anyio.to_thread.run_sync(_sync, file)
+            await _on_disk(file.write, compressor.finish())
+            await _on_disk(_sync, file)
             return compressor
         finally:
             file.close()
@@ -131,6 +142,15 @@ class JobFiles:
                 await prune_events(self.state, self.settings.job_retention_s)
             except Exception as exc:
                 log.warning("could not expire job files: %s", exc)
+
+
+async def _on_disk(call: Callable[..., T], *args: object) -> T:
+    """`call(*args)` in a worker thread; its OSError (a full disk, say) a SpoolError. Only the
+    file's own calls: an OSError of the database's connection is the database's."""
+    try:
+        return await anyio.to_thread.run_sync(call, *args)
+    except OSError as exc:
+        raise SpoolError(exc) from exc
 
 
 def _sync(file: BinaryIO) -> None:

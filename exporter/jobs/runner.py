@@ -14,6 +14,7 @@ import logging
 import math
 import os
 import socket
+from pathlib import Path
 
 import anyio
 import asyncpg
@@ -35,7 +36,7 @@ from exporter.errors import (
 from exporter.incremental.pulls import CursorsUnavailable, pull_cursor
 from exporter.jobs import records as job_records
 from exporter.jobs.events import Publisher
-from exporter.jobs.files import JobFiles, file_name
+from exporter.jobs.files import JobFiles, SpoolError, file_name
 from exporter.jobs.records import Job
 from exporter.jobs.seekable_gzip import SeekableGzipWriter
 from exporter.pipeline.catalog import find_dataset
@@ -281,10 +282,13 @@ class JobRunner:
         watch.stream = stream
         publisher.estimated_rows = estimated_rows(stream.query)
         await export_log.record_start(state, logged)
-        part = self.files.part_path(job)
         name = file_name(job)
+        part: Path | None = None
         outcome, error = "failed", None
         try:
+            # Inside the try: a spool that cannot be written (its directory cannot be made, a
+            # full disk) fails the job like any other failure, and the stream is released.
+            part = self.files.part_path(job)
             written = await self.files.write(stream, part, give_up_at, too_long)
             # The export has ended and released its snapshot: the store's pace is no longer
             # the database's concern.
@@ -299,6 +303,11 @@ class JobRunner:
             with anyio.CancelScope(shield=True):
                 outcome, error = await self._stopped(job, watch, publisher)
             raise
+        except SpoolError as exc:
+            log.warning("job %s: its file could not be written: %s", job.id, exc)
+            error = "the job's file could not be written on the server"
+            await job_records.end(state, job, "failed", error)
+            await publisher.error(ExporterError(error, title="Job failed").problem())
         except StoreError as exc:
             log.warning("job %s: the file store failed: %s", job.id, exc)
             error = "the job's file could not be stored"
@@ -318,7 +327,10 @@ class JobRunner:
                 await publisher.error(ExporterError(error, title="Job failed").problem())
         finally:
             with anyio.CancelScope(shield=True):
-                await anyio.to_thread.run_sync(lambda: part.unlink(missing_ok=True))
+                # Idempotent: released already unless the file could not be opened.
+                await stream.aclose()
+                if part is not None:
+                    await anyio.to_thread.run_sync(part.unlink, True)
                 await export_log.record_end(
                     state,
                     logged,

@@ -13,6 +13,7 @@ import contextlib
 from collections.abc import Iterator
 from pathlib import Path
 
+import anyio
 import anyio.from_thread
 import httpx
 from anyio.from_thread import BlockingPortal
@@ -22,20 +23,30 @@ from exporter.settings import Settings
 
 
 class PortalTransport(httpx.BaseTransport):
-    """httpx.ASGITransport for a synchronous client: each request runs on the portal's loop."""
+    """httpx.ASGITransport for a synchronous client: each request runs on the portal's loop,
+    within the client's read timeout (the ASGI transport keeps none: a hung app would hang
+    the test)."""
 
     def __init__(self, portal: BlockingPortal, transport: httpx.ASGITransport) -> None:
         self.portal = portal
         self.transport = transport
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
+        timeout_s = request.extensions.get("timeout", {}).get("read")
+
         async def send() -> httpx.Response:
-            response = await self.transport.handle_async_request(request)
-            content = await response.aread()
+            try:
+                with anyio.fail_after(timeout_s):
+                    response = await self.transport.handle_async_request(request)
+                    # The bytes as the app sent them: the client decodes a Content-Encoding
+                    # (as it would from a socket), and iter_raw() shows them undecoded.
+                    raw = b"".join([chunk async for chunk in response.aiter_raw()])
+            except TimeoutError:
+                raise httpx.ReadTimeout("the app did not answer in time", request=request) from None
             return httpx.Response(
                 response.status_code,
                 headers=response.headers,
-                content=content,
+                stream=httpx.ByteStream(raw),
                 extensions=response.extensions,
                 request=request,
             )
@@ -47,8 +58,9 @@ class PortalTransport(httpx.BaseTransport):
 def in_process_app(
     database_url: str, tmp_path: Path, key: str | None = None, **settings: str
 ) -> Iterator[httpx.Client]:
-    """A client of the app, its lifespan run (pools opened, and closed at the block's end);
-    `settings` as for running_server (EXPORTER_ names in lower case, without the prefix)."""
+    """A client of the app, its lifespan run (pools opened, and closed at the block's end).
+    `settings` are Settings' field names, values as strings (`use_copy="false"`), which win
+    over the environment; unlike running_server's, an alias (`job_retention`) is not one."""
     values = {
         "database_url": database_url,
         "job_dir": str(tmp_path / "jobs"),

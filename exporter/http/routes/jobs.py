@@ -1,5 +1,5 @@
 """POST /exports, GET /exports/{id}, GET /exports/{id}/download, DELETE /exports/{id}:
-background export jobs (exporter/jobs/records.py, exporter/jobs/runner.py)."""
+background export jobs (exporter/jobs/records.py, runner.py, files.py)."""
 
 import logging
 import re
