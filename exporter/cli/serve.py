@@ -11,7 +11,8 @@ def log_config() -> dict[str, Any]:
         "version": 1,
         "disable_existing_loggers": False,
         "filters": {"request_id": {"()": "exporter.http.middleware.RequestIdFilter"}},
-        "formatters": {"plain": {"format": LOG_FORMAT}},
+        # Control characters from requests escaped, in every logger's messages.
+        "formatters": {"plain": {"()": "exporter.http.logs.EscapingFormatter", "fmt": LOG_FORMAT}},
         "handlers": {
             "stderr": {
                 "class": "logging.StreamHandler",

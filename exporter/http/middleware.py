@@ -19,7 +19,10 @@ from exporter.errors import (
 from exporter.http.problems import send_problem
 
 REQUEST_ID_HEADER = "X-Request-Id"
-_WELL_FORMED_REQUEST_ID = re.compile(rb"[A-Za-z0-9._:-]{1,128}")
+# What a request id may be (and so an export's id: a job's is a generated hex string): what
+# is not, names no export.
+REQUEST_ID_PATTERN = r"[A-Za-z0-9._:-]{1,128}"
+_WELL_FORMED_REQUEST_ID = re.compile(REQUEST_ID_PATTERN.encode())
 
 request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
 

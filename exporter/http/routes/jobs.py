@@ -10,7 +10,7 @@ from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, Field
+from pydantic import AfterValidator, BaseModel, Field
 
 from exporter.access.datasets import readable_dataset
 from exporter.access.keys import ApiKey
@@ -28,6 +28,7 @@ from exporter.errors import (
 from exporter.http.dependencies import DatabasesDep, KeyDep, SettingsDep
 from exporter.http.downloads import StoredExport, download_response
 from exporter.http.exports import attachment_name, content_type
+from exporter.http.middleware import REQUEST_ID_PATTERN
 from exporter.incremental.pulls import pull_cursor
 from exporter.jobs import records as job_records
 from exporter.jobs.events import EventHub, event_stream
@@ -42,12 +43,26 @@ router = APIRouter()
 _problem: dict[str, Any] = {"content": {PROBLEM_MEDIA_TYPE: {}}}
 # Far above any real export's; a body is parsed whole, so it is bounded.
 MAX_PARAMETERS = 200
+_WELL_FORMED_ID = re.compile(REQUEST_ID_PATTERN)
+
+
+def _unicode_text(value: str) -> str:
+    # JSON may escape a lone surrogate (\ud800): a str, but no text PostgreSQL, a log or a
+    # UTF-8 response can hold.
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        raise ValueError("not Unicode text (a lone surrogate)") from None
+    return value
+
+
+Text = Annotated[str, AfterValidator(_unicode_text)]
 
 
 class JobRequest(BaseModel):
-    dataset: str = Field(max_length=1_000)
+    dataset: Text = Field(max_length=1_000)
     format: Literal["csv", "ndjson"]
-    params: dict[str, str | list[str]] = Field(
+    params: dict[Text, Text | list[Text]] = Field(
         default_factory=dict,
         description="The query parameters of a direct export (select, filters, order, limit, "
         "since, format options); a list gives a parameter several times.",
@@ -169,7 +184,10 @@ async def submit_job(
 
 
 async def _job(job_id: str, key: ApiKey, databases: DatabasesDep) -> Job:
-    job = await job_records.get(databases.state, job_id[:100])
+    # An id no export can have (a NUL, which PostgreSQL refuses in a text) is not asked for.
+    job = None
+    if _WELL_FORMED_ID.fullmatch(job_id):
+        job = await job_records.get(databases.state, job_id)
     # Another key's job does not exist, as another key's dataset does not.
     if job is None or (job.key_id != key.id and not key.admin):
         raise NotFound("no export job with this id")
@@ -328,8 +346,7 @@ async def export_events(
 ) -> StreamingResponse:
     """The progress of any export (its request id) or job (its id), live. Reconnecting with
     `Last-Event-ID` resumes after that event."""
-    export_id = export_id[:200]
-    if not await _may_watch(export_id, key, databases):
+    if not _WELL_FORMED_ID.fullmatch(export_id) or not await _may_watch(export_id, key, databases):
         raise NotFound("no export with this id")
     last = request.headers.get("last-event-id", "").strip()
     # ASCII digits only: str.isdigit() also takes '²', which int() refuses.
