@@ -1,10 +1,11 @@
-"""The job queue is shared fairly: a key at its limit of concurrent exports does not hold up
-another key's jobs. Apart from tests/test_jobs.py, whose server would claim the jobs too."""
+"""The job queue: shared fairly (a key at its limit of concurrent exports does not hold up
+another key's jobs), jobs handed back by a process that stops, a job that cannot run here
+failing and letting go. Apart from tests/test_jobs.py, whose server would claim the jobs too."""
 
 import time
 from pathlib import Path
 
-from tests.support.database import ExportDatabase, new_key, run_sql
+from tests.support.database import ExportDatabase, logged_export, new_key, run_sql
 from tests.support.jobs import slow_view, submit, wait_for
 from tests.support.server import running_server
 
@@ -94,3 +95,29 @@ def test_a_job_waiting_for_its_keys_slot_publishes_nothing(
                 database.url, f"SELECT attempts FROM exporter.jobs WHERE id = '{info['id']}'"
             )[0]
             assert attempts == 1  # the runs handed back for want of a slot are not counted
+
+
+def test_a_job_whose_file_cannot_be_written_fails_and_lets_go(
+    database: ExportDatabase, tmp_path: Path
+) -> None:
+    """The spool cannot be made (its parent is a file): the job fails saying so, without the
+    server's paths, and its run releases the key's only export slot and ends its log entry."""
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_text("")
+    key = new_key(database.url)
+    with running_server(
+        database.url,
+        tmp_path,
+        job_dir=str(blocker / "jobs"),
+        job_concurrency="1",
+        job_poll_s="0.5",
+        max_exports_per_key="1",
+    ) as server:
+        with server.client(key) as client:
+            info = submit(client, {"dataset": "people", "format": "csv"})
+            failed, _ = wait_for(client, info["id"], "done", "failed", timeout_s=20)
+            assert failed["status"] == "failed", failed
+            assert failed["error"] == "the job's file could not be written on the server"
+            assert client.get("/datasets/people.csv").status_code == 200
+        assert "its file could not be written" in server.log()
+    assert logged_export(database.url, info["id"])["outcome"] == "failed"

@@ -72,7 +72,7 @@ class JobFiles:
         """The export into `part`, gzip-compressed with seek points (aborted at
         `give_up_at`)."""
         compressor = SeekableGzipWriter(GZIP_LEVEL)
-        file: BinaryIO = await _on_disk(part.open, "wb")
+        file: BinaryIO = await _on_disk(Spool.create, part)
         try:
             chunks = stream.chunks()
             try:

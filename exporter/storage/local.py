@@ -22,8 +22,20 @@ class Spool:
 
     def part_path(self, job_id: str, attempt: int) -> Path:
         # Names are made here (job ids are generated), never taken from a request.
-        self.directory.mkdir(parents=True, exist_ok=True)
+        private_directory(self.directory)
         return self.directory / f"{job_id}-{attempt}{PART_SUFFIX}"
+
+    @staticmethod
+    def create(part: Path) -> BinaryIO:
+        """`part` opened for writing, readable by this user only (0600), whatever the umask;
+        renamed into the store, the job's file keeps that mode."""
+        fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.fchmod(fd, 0o600)  # a part left by an earlier run keeps its old mode otherwise
+            return os.fdopen(fd, "wb")
+        except BaseException:
+            os.close(fd)
+            raise
 
     async def orphans(self, in_use: set[str], older_than_s: float) -> list[Path]:
         """Parts no running attempt writes (their writer was killed), untouched for
@@ -31,6 +43,19 @@ class Spool:
         return await anyio.to_thread.run_sync(
             _stale_files, self.directory, in_use, older_than_s, True
         )
+
+
+def private_directory(directory: Path) -> None:
+    """`directory`, made 0700 if this process creates it (whatever the umask): job files are
+    exports, for their keys only. One that exists keeps the mode its operator gave it."""
+    if directory.is_dir():
+        return
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        directory.mkdir(mode=0o700)
+    except FileExistsError:
+        return  # another worker made it a moment ago
+    os.chmod(directory, 0o700)
 
 
 class LocalStore:
