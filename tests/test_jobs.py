@@ -167,6 +167,43 @@ def test_a_job_is_its_keys_alone(job_server: Server, database: ExportDatabase) -
         assert anonymous.get(info["status_url"]).status_code == 401
 
 
+def test_an_admin_key_sees_other_keys_jobs_only_within_its_scope_and_role(
+    job_server: Server, database: ExportDatabase
+) -> None:
+    """Issue 14, defect 1: a scoped admin key reached every key's job. Outside its scope or
+    its role's grants, another key's job is the 404 of a job that does not exist."""
+    role = f"narrow_{uuid.uuid4().hex[:8]}"
+    run_sql(
+        database.url, f'CREATE ROLE "{role}" NOLOGIN', f'GRANT SELECT ON public.big TO "{role}"'
+    )
+    try:
+        with job_server.client(database.key) as owner:
+            info = submit(owner, {"dataset": "people", "format": "csv"})
+            wait_for(owner, info["id"], "done", "failed")
+        routes = [("GET", ""), ("HEAD", ""), ("GET", "/download"), ("GET", "/events")]
+        routes.append(("DELETE", ""))  # last: were it to get through, the job would be gone
+        unknown = f"/exports/{uuid.uuid4().hex}"
+        for outsider in (
+            new_key(database.url, admin=True, datasets=["big"]),
+            new_key(database.url, admin=True, role=role),
+        ):
+            with job_server.client(outsider) as admin:
+                for method, route in routes:
+                    theirs = admin.request(method, f"{info['status_url']}{route}")
+                    none = admin.request(method, f"{unknown}{route}")
+                    assert theirs.status_code == none.status_code == 404, (method, route)
+                    if method != "HEAD":
+                        assert theirs.json()["detail"] == none.json()["detail"]
+        with job_server.client(new_key(database.url, admin=True)) as admin:
+            assert admin.get(info["status_url"]).json()["status"] == "done"
+            assert admin.get(info["download_url"]).status_code == 200
+            assert "event: done" in admin.get(info["events_url"]).text
+        with job_server.client(database.key) as owner:
+            assert owner.get(info["status_url"]).json()["status"] == "done"
+    finally:
+        run_sql(database.url, f'REVOKE ALL ON public.big FROM "{role}"', f'DROP ROLE "{role}"')
+
+
 def test_deleting_a_finished_job_removes_its_file(
     job_server: Server, database: ExportDatabase
 ) -> None:

@@ -35,6 +35,7 @@ from exporter.jobs.events import EventHub, event_stream
 from exporter.jobs.records import Job
 from exporter.pipeline.encoders import ENCODERS
 from exporter.pipeline.query import parse_query
+from exporter.settings import Settings
 from exporter.storage.store import FileStore, StoreError
 
 log = logging.getLogger(__name__)
@@ -183,13 +184,30 @@ async def submit_job(
     )
 
 
-async def _job(job_id: str, key: ApiKey, databases: DatabasesDep) -> Job:
+async def _admin_reaches(
+    dataset: str | None, key: ApiKey, settings: Settings, databases: Databases
+) -> bool:
+    """Whether an admin key may see another key's export of `dataset`: only within its own
+    scope and role, where it could have run the export itself."""
+    if not key.admin or dataset is None:
+        return False
+    try:
+        await readable_dataset(dataset, key, settings, databases)
+    except NotFound:
+        return False
+    return True
+
+
+async def _job(job_id: str, key: ApiKey, settings: Settings, databases: Databases) -> Job:
     # An id no export can have (a NUL, which PostgreSQL refuses in a text) is not asked for.
     job = None
     if _WELL_FORMED_ID.fullmatch(job_id):
         job = await job_records.get(databases.state, job_id)
-    # Another key's job does not exist, as another key's dataset does not.
-    if job is None or (job.key_id != key.id and not key.admin):
+    # Another key's job does not exist, as another key's dataset does not; to an admin key,
+    # one of a dataset outside its scope or role does not either (the same 404).
+    if job is None or (
+        job.key_id != key.id and not await _admin_reaches(job.dataset, key, settings, databases)
+    ):
         raise NotFound("no export job with this id")
     return job
 
@@ -201,8 +219,10 @@ async def _job(job_id: str, key: ApiKey, databases: DatabasesDep) -> Job:
     response_model=JobInfo,
     responses={404: {"description": "No such job (or another key's)", **_problem}},
 )
-async def job_status(job_id: str, key: KeyDep, databases: DatabasesDep) -> JobInfo:
-    return JobInfo.of(await _job(job_id, key, databases))
+async def job_status(
+    job_id: str, key: KeyDep, settings: SettingsDep, databases: DatabasesDep
+) -> JobInfo:
+    return JobInfo.of(await _job(job_id, key, settings, databases))
 
 
 @router.delete(
@@ -211,9 +231,11 @@ async def job_status(job_id: str, key: KeyDep, databases: DatabasesDep) -> JobIn
     response_model=JobInfo,
     responses={404: {"description": "No such job (or another key's)", **_problem}},
 )
-async def cancel_job(job_id: str, key: KeyDep, databases: DatabasesDep, store: StoreDep) -> JobInfo:
+async def cancel_job(
+    job_id: str, key: KeyDep, settings: SettingsDep, databases: DatabasesDep, store: StoreDep
+) -> JobInfo:
     """Cancel a queued or running job, or delete a finished job's file."""
-    job = await _job(job_id, key, databases)
+    job = await _job(job_id, key, settings, databases)
     cancelled = await job_records.cancel(databases.state, job.id)
     assert cancelled is not None
     if cancelled.status == "expired" and cancelled.file_name:
@@ -242,11 +264,16 @@ async def cancel_job(job_id: str, key: KeyDep, databases: DatabasesDep, store: S
     },
 )
 async def download(
-    job_id: str, request: Request, key: KeyDep, databases: DatabasesDep, store: StoreDep
+    job_id: str,
+    request: Request,
+    key: KeyDep,
+    settings: SettingsDep,
+    databases: DatabasesDep,
+    store: StoreDep,
 ) -> Response:
     """The job's file: ETag, Last-Modified, byte ranges (resume with `curl -C -`), gzip as
     stored when the client accepts it."""
-    job = await _job(job_id, key, databases)
+    job = await _job(job_id, key, settings, databases)
     if job.status in ("queued", "running"):
         raise Conflict(f"the job is {job.status}", headers={"Retry-After": "5"})
     if job.status != "done" or job.file_name is None:
@@ -310,22 +337,25 @@ async def _recorded_end(
     )
 
 
-async def _may_watch(export_id: str, key: ApiKey, databases: Databases) -> bool:
+async def _may_watch(export_id: str, key: ApiKey, settings: Settings, databases: Databases) -> bool:
     """Whether the key started the export (a job, or an export in the export log, or one
-    with events), or is an admin key and it exists."""
+    with events), or is an admin key and the export is of a dataset within its reach."""
     async with databases.state.connection() as connection:
-        found = await connection.fetchval(
-            "SELECT EXISTS (SELECT FROM exporter.jobs WHERE id = $1 AND ($3 OR key_id = $4))"
+        found = await connection.fetchrow(
+            "SELECT EXISTS (SELECT FROM exporter.jobs WHERE id = $1 AND key_id = $3)"
             " OR EXISTS (SELECT FROM exporter.export_log"
-            "   WHERE request_id = $1 AND ($3 OR key_name = $2))"
+            "   WHERE request_id = $1 AND key_name = $2)"
             " OR EXISTS (SELECT FROM exporter.export_events"
-            "   WHERE export_id = $1 AND ($3 OR key_name = $2))",
+            "   WHERE export_id = $1 AND key_name = $2) AS own,"
+            " COALESCE((SELECT dataset FROM exporter.jobs WHERE id = $1),"
+            "   (SELECT dataset FROM exporter.export_log WHERE request_id = $1"
+            "     ORDER BY id DESC LIMIT 1)) AS dataset",
             export_id,
             key.name,
-            key.admin,
             key.id,
         )
-    return bool(found)
+    assert found is not None
+    return bool(found["own"]) or await _admin_reaches(found["dataset"], key, settings, databases)
 
 
 @router.get(
@@ -342,11 +372,13 @@ async def _may_watch(export_id: str, key: ApiKey, databases: Databases) -> bool:
     },
 )
 async def export_events(
-    export_id: str, request: Request, key: KeyDep, databases: DatabasesDep
+    export_id: str, request: Request, key: KeyDep, settings: SettingsDep, databases: DatabasesDep
 ) -> StreamingResponse:
     """The progress of any export (its request id) or job (its id), live. Reconnecting with
     `Last-Event-ID` resumes after that event."""
-    if not _WELL_FORMED_ID.fullmatch(export_id) or not await _may_watch(export_id, key, databases):
+    if not _WELL_FORMED_ID.fullmatch(export_id) or not await _may_watch(
+        export_id, key, settings, databases
+    ):
         raise NotFound("no export with this id")
     last = request.headers.get("last-event-id", "").strip()
     # ASCII digits only: str.isdigit() also takes '²', which int() refuses.
