@@ -379,7 +379,10 @@ def test_bad_cursors_and_parameters_are_400s(
     ]:
         refused(client.get(path, params={"since": bad}), 400, words)
     refused(client.get(path, params={"since": cursor, "limit": "3"}), 400, "limit")
-    refused(client.get(path, params={"deletes": "true"}), 400, "goes with since")
+    # One URL for every pull: deletes=true on the first pull too, refused where the later
+    # pulls would be (an untracked table, CSV).
+    refused(client.get(path, params={"deletes": "true"}), 400, "tracked table")
+    refused(client.get(f"/datasets/{table}.csv", params={"deletes": "true"}), 400, "NDJSON")
     refused(client.get(path, params={"since": cursor, "deletes": "yes"}), 400, "true or false")
     refused(
         client.get(f"/datasets/{table}.csv", params={"since": cursor, "deletes": "true"}),
@@ -650,3 +653,23 @@ def test_writes_as_a_replica_session_are_recorded(
     )
     changed, _ = pull(client, table, cursor, deletes="true")
     assert changed == [{"id": 3, "v": "replicated"}]
+
+
+def test_a_scheduled_pull_keeps_one_url_with_deletes_from_its_first_pull(
+    client: httpx.Client, database: ExportDatabase, table: str
+) -> None:
+    """Issue 14: deletes=true on a tracked table's first pull (no since) was a 400; a whole
+    export has no deletion to report, and the job adds since= from its second pull on."""
+    tracked(database, table)
+    first, cursor = full(client, table, deletes="true")
+    assert [row["id"] for row in first] == [1, 2, 3, 4, 5]
+    run_sql(database.url, f"DELETE FROM {table} WHERE id = 3")
+    changed, _ = pull(client, table, cursor, deletes="true")
+    assert changed == [{"_deleted": {"id": 3}}]
+    refused(client.get(f"/datasets/{table}.csv", params={"deletes": "true"}), 400, "NDJSON")
+    view = f"{table}_view"
+    run_sql(database.url, f"CREATE VIEW {view} AS SELECT * FROM {table}")
+    try:
+        refused(client.get(f"/datasets/{view}.ndjson", params={"deletes": "true"}), 400, "tracked")
+    finally:
+        run_sql(database.url, f"DROP VIEW {view}")

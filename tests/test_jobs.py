@@ -139,6 +139,8 @@ def test_jobs_take_the_parameters_of_a_direct_export(
         ({"dataset": "big", "format": "csv", "params": {"since": "garbage"}}, 400, "cursor"),
         ({"dataset": "big", "format": "csv", "params": {"delimiter": "xx"}}, 400, "delimiter"),
         ({"format": "csv"}, 400, "dataset"),
+        ({"dataset": "people", "format": "ndjson", "params": {"deletes": "true"}}, 400, "tracked"),
+        ({"dataset": "people", "format": "csv", "params": {"deletes": "true"}}, 400, "NDJSON"),
     ],
 )
 def test_a_job_the_export_would_refuse_is_refused_at_once(

@@ -177,6 +177,18 @@ def _shape_digest(dataset: Dataset, position: Position) -> bytes:
     return digest(position.relation_digest.hex(), *columns)
 
 
+DELETES_WITH_A_ROLE = (
+    "deletes=true is not available to keys with a PostgreSQL role: a deleted row cannot be"
+    " checked against the role's privileges and policies"
+)
+
+
+def untracked_deletes(dataset: Dataset) -> QueryError:
+    return QueryError(
+        "deletes", f"deletes=true needs a tracked table (exporter track {dataset.name})"
+    )
+
+
 class CursorsUnavailable(ServiceUnavailable):
     """The service's schema has no cursor secret (`exporter migrate` not run): a 503."""
 
@@ -186,13 +198,17 @@ def pull_cursor(
 ) -> Cursor | None:
     """The cursor of a `since=` pull, checked against the request (400s); None for a whole
     export. Shared by direct exports, job submissions and job runs."""
+    if query.deletes:
+        # Checked on the first pull too (no since): the same URL must not fail only later.
+        if format != "ndjson":
+            # A deleted row has no CSV form that a reader could tell from a row.
+            raise QueryError("deletes", "deletes=true needs NDJSON (a tombstone is a JSON line)")
+        if role is not None:
+            raise QueryError("deletes", DELETES_WITH_A_ROLE)
     if query.since is None:
         return None
     if secret is None:
         raise CursorsUnavailable("incremental pulls need `exporter migrate`")
-    if query.deletes and format != "ndjson":
-        # A deleted row has no CSV form that a reader could tell from a row.
-        raise QueryError("deletes", "deletes=true needs NDJSON (a tombstone is a JSON line)")
     return read_cursor(query, role, secret)
 
 
@@ -270,20 +286,21 @@ async def plan_pull(
         return changes, 0 if then.complete or then.xmax - then.xmin <= 1 else -1
     if query.deletes:
         if role is not None:
-            raise QueryError(
-                "deletes",
-                "deletes=true is not available to keys with a PostgreSQL role: a deleted row"
-                " cannot be checked against the role's privileges and policies",
-            )
+            raise QueryError("deletes", DELETES_WITH_A_ROLE)
         if tracking is None:
-            raise QueryError(
-                "deletes", f"deletes=true needs a tracked table (exporter track {dataset.name})"
-            )
+            raise untracked_deletes(dataset)
         raise CursorExpired("this cursor is older than the table's change tracking")
     max_age = await connection.fetchval(
         "SELECT age($1::text::xid)", str(cursor.oldest_writer % 2**32)
     )
     return VersionsSince(int(max_age)), -1 if has_undecidable(cursor) else 0
+
+
+async def check_tracked(connection: Connection, dataset: Dataset) -> None:
+    """A first pull that asks for deletes (no since): the later ones will need the table
+    tracked, so it does now (a QueryError otherwise)."""
+    if dataset.relkind not in VERSIONED_KINDS or await _tracking(connection, dataset) is None:
+        raise untracked_deletes(dataset)
 
 
 async def _tracking(connection: Connection, dataset: Dataset) -> Tracking | None:
@@ -338,6 +355,8 @@ class IncrementalPull:
 
     async def plan(self, connection: Connection, query: ExportQuery) -> ExportQuery:
         dataset = query.dataset
+        if query.deletes and self.since is None:
+            await check_tracked(connection, dataset)
         if self.secret is None or dataset.relkind not in VERSIONED_KINDS:
             return query
         position = await read_position(connection, dataset.relid)

@@ -172,8 +172,8 @@ def parse_query(
         # A pull hands on the next cursor, which stands for everything up to its snapshot:
         # rows held back by a limit would never come.
         raise QueryError("limit", "limit cannot be combined with since")
-    if deletes and since is None:
-        raise QueryError("deletes", "deletes=true goes with since=<cursor>")
+    # deletes=true without since: a scheduled pull's first, a whole export (which has no
+    # deletion to report), so that one URL serves every pull; the pull's planner checks it.
     return ExportQuery(
         dataset, columns, tuple(filters), order, limit, options, since=since, deletes=deletes
     )

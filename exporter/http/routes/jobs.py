@@ -29,7 +29,7 @@ from exporter.http.dependencies import DatabasesDep, KeyDep, SettingsDep
 from exporter.http.downloads import StoredExport, download_response
 from exporter.http.exports import attachment_name, content_type
 from exporter.http.middleware import REQUEST_ID_PATTERN
-from exporter.incremental.pulls import pull_cursor
+from exporter.incremental.pulls import check_tracked, pull_cursor
 from exporter.jobs import records as job_records
 from exporter.jobs.events import EventHub, event_stream
 from exporter.jobs.records import Job
@@ -154,6 +154,9 @@ async def submit_job(
     query = parse_query(dataset, params, max_limit=settings.max_limit)
     encoder(query.columns, query.options)
     pull_cursor(query, encoder.format, key.role, await databases.cursor_secret())
+    if query.deletes and query.since is None:
+        async with databases.catalog.connection() as connection:
+            await check_tracked(connection, dataset)
     try:
         job = await job_records.submit(
             databases.state,
