@@ -1,5 +1,7 @@
 import re
-from typing import Annotated, Literal
+import urllib.parse
+from collections.abc import Iterator
+from typing import Annotated, Any, Literal
 
 from pydantic import AliasChoices, Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -9,6 +11,26 @@ _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
 # The service's own schema: keys and the export log live here, and it is never exported.
 OWN_SCHEMA = "exporter"
+
+
+_URL_FIELDS = frozenset({"database_url", "state_database_url"})
+# libpq's own keyword, also accepted in a URL's query string (?password=...).
+_QUERY_PASSWORD = re.compile(r"(?i)(^|&)(password=)[^&]*")
+
+
+def masked_url(url: str) -> str:
+    """`url` with its password, if it has one, written as `***`; all of it, if it does not
+    parse."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+    except ValueError:
+        return "***"
+    netloc = parts.netloc
+    if parts.password is not None:
+        userinfo, _, host = netloc.rpartition("@")
+        netloc = f"{userinfo.partition(':')[0]}:***@{host}"
+    query = _QUERY_PASSWORD.sub(r"\1\2***", parts.query)
+    return urllib.parse.urlunsplit(parts._replace(netloc=netloc, query=query))
 
 
 class Settings(BaseSettings):
@@ -266,6 +288,12 @@ class Settings(BaseSettings):
                 raise ValueError("at least one schema must be exposed")
             return names
         return value
+
+    def __repr_args__(self) -> Iterator[tuple[str | None, Any]]:
+        # repr() and str() of the settings reach logs and tracebacks: the database URLs
+        # without their passwords.
+        for name, value in super().__repr_args__():
+            yield name, masked_url(value) if name in _URL_FIELDS and value else value
 
     @property
     def state_url(self) -> str:
