@@ -214,6 +214,19 @@ class Settings(BaseSettings):
         description="How long a finished job's file is kept, and every export's events: "
         "seconds, or a number with `s`, `m`, `h` or `d` (`7d`).",
     )
+    # Also as EXPORTER_EXPORT_LOG_RETENTION, with a unit if wished: 90d.
+    export_log_retention_s: float = Field(
+        default=90 * 86400,
+        gt=0,
+        validation_alias=AliasChoices(
+            "export_log_retention_s",
+            "EXPORTER_EXPORT_LOG_RETENTION_S",
+            "EXPORTER_EXPORT_LOG_RETENTION",
+        ),
+        description="How long the export log keeps an entry, from its request: seconds, or a "
+        "number with `s`, `m`, `h` or `d` (`90d`). `exporter serve` deletes older entries "
+        "every `EXPORTER_PRUNE_INTERVAL_S`.",
+    )
     max_jobs_per_key: int = Field(
         default=10,
         ge=1,
@@ -258,7 +271,7 @@ class Settings(BaseSettings):
         description="Progress events of a running export at most this often.",
     )
 
-    @field_validator("job_retention_s", mode="before")
+    @field_validator("job_retention_s", "export_log_retention_s", mode="before")
     @classmethod
     def _duration(cls, value: object) -> object:
         if isinstance(value, str):

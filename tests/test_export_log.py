@@ -3,10 +3,12 @@ entries written here directly (deterministic), and a real export's entry."""
 
 import asyncio
 import hashlib
+import json
 import time
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -16,8 +18,15 @@ import pytest
 from exporter.access.keys import create_key, revoke_key
 from exporter.access.log_query import LogQuery, LogQueryTimeout, fetch_page
 from exporter.db.pool import Pool
-from tests.support.database import ExportDatabase, asyncpg_dsn, insert_log
-from tests.support.server import Server
+from tests.support.app import in_process_app
+from tests.support.database import (
+    ExportDatabase,
+    asyncpg_dsn,
+    export_database,
+    insert_log,
+    run_sql,
+)
+from tests.support.server import Server, running_server
 
 ITEM_FIELDS = {
     "id",
@@ -249,15 +258,20 @@ def test_a_real_export_is_listed(
     assert item["ended_at"] is not None and item["duration_s"] >= 0
     newest = listed(admin, limit=1)["items"]
     assert newest[0]["id"] >= item["id"]
-    # A refused request is there too, with its status and no key.
+    # A refused request of a valid key is there too, with its status; one without a valid
+    # key is not (it is counted for the server log).
     refused_id = f"audit-refused-{uuid.uuid4().hex}"
+    unknown = client.get("/datasets/no_such_table.csv", headers={"X-Request-Id": refused_id})
+    assert unknown.status_code == 404
+    (refused,) = listed(admin, request_id=refused_id)["items"]
+    assert (refused["key"], refused["outcome"], refused["status"]) == ("tests", "refused", 404)
+    assert listed(admin, status="404", request_id=refused_id)["items"] == [refused]
+    anonymous_id = f"audit-anonymous-{uuid.uuid4().hex}"
     anonymous = client.get(
-        "/datasets/people.csv", headers={"X-Request-Id": refused_id, "Authorization": ""}
+        "/datasets/people.csv", headers={"X-Request-Id": anonymous_id, "Authorization": ""}
     )
     assert anonymous.status_code == 401
-    (refused,) = listed(admin, request_id=refused_id)["items"]
-    assert (refused["key"], refused["outcome"], refused["status"]) == (None, "refused", 401)
-    assert listed(admin, status="401", request_id=refused_id)["items"] == [refused]
+    assert listed(admin, request_id=anonymous_id)["items"] == []
 
 
 def test_only_admin_keys_read_the_log(
@@ -396,3 +410,80 @@ def test_openapi_documents_the_route(server: Server) -> None:
     assert set(operation["responses"]) >= {"200", "400", "401", "403"}
     entry = spec["components"]["schemas"]["ExportLogEntry"]
     assert set(entry["properties"]) == ITEM_FIELDS
+
+
+def test_requests_without_a_valid_key_write_no_row_and_one_log_line(
+    database: ExportDatabase, tmp_path: Path
+) -> None:
+    """Issue 14, defect 2: each wrote a row with up to 62 KB of parameters, so anyone who
+    could reach the port could grow the state database without bound. Now they are counted,
+    and the server log says so at most once a minute."""
+    run = uuid.uuid4().hex[:8]
+    junk = "x" * 30_000
+    with running_server(database.url, tmp_path) as server:
+        for index in range(40):
+            key = None if index % 2 else "exp_not-a-real-key"
+            with server.client(key) as client:
+                response = client.get(
+                    f"/datasets/people.csv?junk={junk}",
+                    headers={"X-Request-Id": f"anon-{run}-{index}"},
+                )
+            assert response.status_code == 401
+        with server.client(database.key) as client:  # a valid key's request is still logged
+            client.get("/datasets/no_such.csv", headers={"X-Request-Id": f"anon-{run}-valid"})
+        time.sleep(0.5)
+        lines = [line for line in server.log().splitlines() if "without a valid key" in line]
+    assert len(lines) == 1, lines
+    assert (
+        "1 requests refused without a valid key" in lines[0] and "/datasets/people.csv" in lines[0]
+    )
+    assert junk not in lines[0]
+    logged = run_sql(
+        database.url,
+        f"SELECT request_id, status FROM exporter.export_log WHERE request_id LIKE 'anon-{run}-%'",
+    )
+    assert [(row["request_id"], row["status"]) for row in logged] == [(f"anon-{run}-valid", 404)]
+
+
+def test_a_logged_rows_parameters_are_a_few_kb_at_most(
+    database: ExportDatabase, server: Server
+) -> None:
+    request_id = f"big-params-{uuid.uuid4().hex[:8]}"
+    params = {f"p{i}": "y" * 990 for i in range(40)}  # 40 KB of parameters
+    with server.client(database.key) as client:
+        client.get("/datasets/no_such.csv", params=params, headers={"X-Request-Id": request_id})
+    deadline = time.monotonic() + 5
+    while (
+        not (
+            rows := run_sql(
+                database.url,
+                "SELECT parameters::text AS p FROM exporter.export_log"
+                f" WHERE request_id = '{request_id}'",
+            )
+        )
+        and time.monotonic() < deadline
+    ):
+        time.sleep(0.05)
+    kept = json.loads(rows[0]["p"])
+    assert kept["_truncated"] == ["true"]
+    assert sum(len(name) + sum(map(len, values)) for name, values in kept.items()) <= 4_200
+
+
+def test_serve_prunes_the_log_past_its_retention(server_url: str, tmp_path: Path) -> None:
+    with export_database(server_url) as own:
+        now = datetime.now(UTC)
+        old, recent = insert_log(
+            own.url,
+            {"started_at": now - timedelta(hours=2)},
+            {"started_at": now - timedelta(minutes=30)},
+        )
+        with in_process_app(
+            own.url, tmp_path, export_log_retention_s="3600", prune_interval_s="0.2"
+        ):
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:
+                left = [row["id"] for row in run_sql(own.url, "SELECT id FROM exporter.export_log")]
+                if old not in left:
+                    break
+                time.sleep(0.1)
+        assert left == [recent]

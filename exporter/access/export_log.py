@@ -1,11 +1,13 @@
-"""The export log: one row per export request, refused ones included.
+"""The export log: one row per export request of a valid key, refused ones included.
 
 An export that starts is written when it starts (outcome 'running') and completed when it ends;
-a request refused before that (401, 403, 404, 429, 400, ...) is written once, as refused. What
-the client sent is hostile: every text is bounded and cleaned of what PostgreSQL's text and
-jsonb cannot hold (NUL), so that writing the log never fails the request.
+a request refused before that (403, 404, 429, 400, ...) is written once, as refused. One
+without a valid key (401) is not written at all (http/refusals.py). What the client sent is
+hostile: every text is bounded, all the parameters of a row too, and cleaned of what
+PostgreSQL's text and jsonb cannot hold (NUL), so that writing the log never fails the request.
 """
 
+import asyncio
 import contextlib
 import json
 import logging
@@ -21,6 +23,9 @@ log = logging.getLogger(__name__)
 
 MAX_TEXT = 1_000
 MAX_LOGGED_PARAMETERS = 200
+# All of a row's parameters (names and values, as kept): a few KB, whatever the request's size
+# (up to 64 KB of query string), so that no request can make a large row.
+MAX_LOGGED_PARAMETERS_CHARS = 4_096
 TRUNCATED = "_truncated"
 
 
@@ -41,10 +46,18 @@ def bounded_parameters(params: list[tuple[str, str]]) -> dict[str, list[str]]:
     length; `_truncated` says that some were cut."""
     grouped: dict[str, list[str]] = {}
     truncated = len(params) > MAX_LOGGED_PARAMETERS
+    budget = MAX_LOGGED_PARAMETERS_CHARS
     for name, value in params[:MAX_LOGGED_PARAMETERS]:
-        if len(name) > MAX_TEXT or len(value) > MAX_TEXT:
+        if budget <= 0:
             truncated = True
-        grouped.setdefault(clean(name), []).append(clean(value))
+            break
+        kept_name = clean(name, min(MAX_TEXT, budget))
+        budget -= len(kept_name)
+        kept_value = clean(value, min(MAX_TEXT, max(budget, 0)))
+        budget -= len(kept_value)
+        if len(kept_name) < len(name) or len(kept_value) < len(value):
+            truncated = True
+        grouped.setdefault(kept_name, []).append(kept_value)
     if truncated:
         grouped[TRUNCATED] = ["true"]
     return grouped
@@ -209,3 +222,39 @@ async def refusals_logged(pool: Pool, request: ExportRequest) -> AsyncIterator[N
         status, reason = refusal_status(exc)
         await record_refusal(pool, request, status, reason)
         raise
+
+
+# Rows deleted by one statement: a large backlog is pruned in short transactions.
+PRUNE_BATCH = 10_000
+
+
+async def prune(pool: Pool, retention_s: float) -> int:
+    """Delete the entries requested more than retention_s ago; how many."""
+    deleted = 0
+    while True:
+        async with pool.connection() as connection:
+            batch = await connection.fetchval(
+                "WITH gone AS (DELETE FROM exporter.export_log WHERE id IN ("
+                "  SELECT id FROM exporter.export_log"
+                "  WHERE started_at < clock_timestamp() - make_interval(secs => $1)"
+                "  ORDER BY started_at LIMIT $2) RETURNING 1)"
+                " SELECT count(*) FROM gone",
+                retention_s,
+                PRUNE_BATCH,
+            )
+        deleted += int(batch)
+        if batch < PRUNE_BATCH:
+            return deleted
+
+
+async def prune_forever(pool: Pool, retention_s: float, interval_s: float) -> None:
+    """`serve`'s pruning of the log, every interval_s in every process (deleting is
+    idempotent). Failures are logged, never fatal."""
+    while True:
+        await asyncio.sleep(interval_s)
+        try:
+            pruned = await prune(pool, retention_s)
+            if pruned:
+                log.info("pruned %d export log entries older than the retention", pruned)
+        except Exception as exc:
+            log.warning("could not prune the export log: %s", exc)

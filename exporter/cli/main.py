@@ -183,7 +183,19 @@ def show_log(settings: Settings, args: argparse.Namespace) -> int:
         print("no export log entries match", file=sys.stderr)
     if page.next_before is not None:
         print(f"more entries: add --before {page.next_before}", file=sys.stderr)
+    print(
+        f"entries are kept {_duration(settings.export_log_retention_s)}"
+        " (EXPORTER_EXPORT_LOG_RETENTION); requests without a valid key are not logged here",
+        file=sys.stderr,
+    )
     return 0
+
+
+def _duration(seconds: float) -> str:
+    for unit, size in (("days", 86400), ("hours", 3600), ("minutes", 60)):
+        if seconds >= size and seconds % size == 0:
+            return f"{seconds // size:.0f} {unit}"
+    return f"{seconds:g} seconds"
 
 
 def demo(args: argparse.Namespace) -> int:

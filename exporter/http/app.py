@@ -7,6 +7,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from exporter import __version__
+from exporter.access import export_log
 from exporter.db.pool import Databases
 from exporter.http import problems
 from exporter.http.exports import ActiveExports
@@ -17,6 +18,7 @@ from exporter.http.middleware import (
     SecurityHeadersMiddleware,
     UnexpectedErrorMiddleware,
 )
+from exporter.http.refusals import UnauthenticatedRefusals
 from exporter.http.routes.datasets import router
 from exporter.http.routes.export_log import router as export_log_router
 from exporter.http.routes.jobs import router as jobs_router
@@ -38,6 +40,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         databases = await Databases.open(settings)
         app.state.databases = databases
         app.state.active_exports = active = ActiveExports()
+        app.state.unauthenticated = UnauthenticatedRefusals()
         release_free_memory()
         app.state.event_hub = hub = EventHub(settings.state_url)
         await hub.start()
@@ -56,6 +59,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
         background = [
             asyncio.create_task(prune_changes_forever(databases.exports, settings)),
+            asyncio.create_task(
+                export_log.prune_forever(
+                    databases.state, settings.export_log_retention_s, settings.prune_interval_s
+                )
+            ),
             asyncio.create_task(drain()),
         ]
         claiming: asyncio.Task[None] | None = None

@@ -10,6 +10,7 @@ from exporter.access.keys import ApiKey, authenticate
 from exporter.db.pool import Databases
 from exporter.errors import Unauthorized
 from exporter.http.exports import ActiveExports
+from exporter.http.refusals import UnauthenticatedRefusals
 from exporter.settings import Settings
 
 
@@ -37,8 +38,23 @@ _bearer = HTTPBearer(auto_error=False, description="An API key from `exporter ke
 CredentialsDep = Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
 
 
-async def _api_key(databases: DatabasesDep, credentials: CredentialsDep) -> ApiKey:
-    return await authenticated(databases, credentials)
+async def _api_key(
+    request: Request, databases: DatabasesDep, credentials: CredentialsDep
+) -> ApiKey:
+    return await checked_key(request, databases, credentials)
+
+
+async def checked_key(
+    request: Request, databases: Databases, credentials: HTTPAuthorizationCredentials | None
+) -> ApiKey:
+    """The request's key; a refusal (401) counted, for the server log, and never written to
+    the export log (http/refusals.py says why)."""
+    try:
+        return await authenticated(databases, credentials)
+    except Unauthorized:
+        refusals: UnauthenticatedRefusals = request.app.state.unauthenticated
+        refusals.refused(request.url.path, request.client.host if request.client else None)
+        raise
 
 
 async def authenticated(

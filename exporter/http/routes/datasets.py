@@ -25,7 +25,7 @@ from exporter.http.dependencies import (
     DatabasesDep,
     KeyDep,
     SettingsDep,
-    authenticated,
+    checked_key,
 )
 from exporter.http.exports import ActiveExports, export_request, start_export
 from exporter.http.negotiation import negotiate
@@ -157,12 +157,13 @@ async def _export(
     databases: Databases,
     active: ActiveExports,
 ) -> Response:
-    """Every export request is in the export log, refused ones (401, 404, 400, ...) included:
-    the key is checked here rather than by a dependency, inside the logging."""
+    """Every export request of a valid key is in the export log, refused ones (404, 400,
+    429, ...) included. Without a valid key it is not (a 401 is counted for the server log):
+    anyone could write rows otherwise."""
+    key = await checked_key(request, databases, credentials)
     logged = export_request(request, name, encoder)
+    logged.key_name = key.name
     async with export_log.refusals_logged(databases.state, logged):
-        key = await authenticated(databases, credentials)
-        logged.key_name = key.name
         dataset = await readable_dataset(name, key, settings, databases)
         return await start_export(
             request, logged, key, dataset, encoder, settings, databases, active
@@ -231,12 +232,12 @@ async def describe_dataset(
     chosen = negotiate(request.headers.get("accept"), _DESCRIBE_OFFERS)
     encoder = None if chosen is None else encoder_for_media_type(chosen)
     if encoder is not None:
-        # An export: the key is checked inside the export log's record of the request.
+        # An export: _export checks the key, then logs the request.
         export = await _export(name, encoder, request, credentials, settings, databases, active)
         export.headers.add_vary_header("Accept")
         return export
     # The key first: nothing, not even what is offered, is told to a client without one.
-    key = await authenticated(databases, credentials)
+    key = await checked_key(request, databases, credentials)
     if chosen is None:
         raise NotAcceptable("offered: " + ", ".join(_DESCRIBE_OFFERS))
     dataset = await readable_dataset(name, key, settings, databases)
