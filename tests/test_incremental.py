@@ -673,3 +673,42 @@ def test_a_scheduled_pull_keeps_one_url_with_deletes_from_its_first_pull(
         refused(client.get(f"/datasets/{view}.ndjson", params={"deletes": "true"}), 400, "tracked")
     finally:
         run_sql(database.url, f"DROP VIEW {view}")
+
+
+def test_tracking_a_table_whose_key_columns_have_hostile_names(
+    client: httpx.Client, database: ExportDatabase
+) -> None:
+    """Issue 14, defect 7: a key column named a$track$b made `exporter track` a syntax error,
+    and one named pct%I%s tracked but then failed every TRUNCATE of the user's table. Column
+    names reach the trigger function quoted, whatever they hold."""
+    name = f"hostile_keys_{uuid.uuid4().hex[:8]}"
+    columns = ["a$track$b", "pct%I%s", "q\"uo'te", "semi;colon", "Mixed Case"]
+    quoted = [c.replace('"', '""') for c in columns]
+    key = ", ".join(f'"{c}"' for c in quoted)
+    run_sql(
+        database.url,
+        f"CREATE TABLE {name} ({', '.join(f'{chr(34)}{c}{chr(34)} integer' for c in quoted)},"
+        f" v text, PRIMARY KEY ({key}))",
+        f"INSERT INTO {name} VALUES (1, 2, 3, 4, 5, 'one'), (6, 7, 8, 9, 10, 'two')",
+    )
+    try:
+        tracked(database, name)
+        _, cursor = full(client, name)
+        run_sql(
+            database.url,
+            f"UPDATE {name} SET v = 'uno' WHERE \"a$track$b\" = 1",
+            f'DELETE FROM {name} WHERE "a$track$b" = 6',
+        )
+        changed, response = pull(client, name, cursor, deletes="true")
+        assert response.headers["x-export-cursor-mode"] == "tracked"
+        assert changed == [
+            {**dict(zip(columns, (1, 2, 3, 4, 5), strict=True)), "v": "uno"},
+            {"_deleted": dict(zip(columns, (6, 7, 8, 9, 10), strict=True))},
+        ]
+        # The user's own TRUNCATE works, and its rows are recorded as deleted.
+        run_sql(database.url, f"TRUNCATE {name}")
+        changed, _ = pull(client, name, response.headers["x-export-cursor"], deletes="true")
+        assert changed == [{"_deleted": dict(zip(columns, (1, 2, 3, 4, 5), strict=True))}]
+    finally:
+        exporter_cli(database, "untrack", name)
+        run_sql(database.url, f"DROP TABLE {name}")

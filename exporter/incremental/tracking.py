@@ -15,6 +15,7 @@ committed did not see is in the change table.
 
 import asyncio
 import logging
+import secrets
 from dataclasses import dataclass
 
 import asyncpg
@@ -91,16 +92,14 @@ def _record_function(dataset: Dataset) -> str:
         f"(SELECT {key_list} FROM old_rows EXCEPT SELECT {key_list} FROM new_rows) AS r"
     )
     # TRUNCATE names the table through TG_RELID, so that a renamed table records its own keys.
+    # A column name's own % would be a format() directive: doubled, it is itself again.
     truncate = (
         "INSERT INTO exporter.changes (relid, xid, op, key)"
-        f" SELECT $1, pg_current_xact_id(), 'D', {key_of('r')} FROM %s AS r"
+        " SELECT $1, pg_current_xact_id(), 'D', " + key_of("r").replace("%", "%%") + " FROM %s AS r"
     )
     # SET: the body is compiled with the settings it was written for, whatever the writer's
     # session says (a literal read with standard_conforming_strings off would end elsewhere).
-    return f"""
-CREATE OR REPLACE FUNCTION {_function_name(dataset)}() RETURNS trigger
-LANGUAGE plpgsql SECURITY DEFINER
-SET search_path = pg_catalog, pg_temp SET standard_conforming_strings = on AS $track$
+    body = f"""
 BEGIN
     IF TG_OP = 'INSERT' THEN
         {insert("I", "new_rows AS r")};
@@ -119,7 +118,15 @@ BEGIN
     END IF;
     RETURN NULL;
 END
-$track$"""
+"""
+    # The body's dollar quote: one no column name in it holds (a key named a$track$b).
+    tag = "$track$"
+    while tag in body:
+        tag = f"$track_{secrets.token_hex(4)}$"
+    return f"""
+CREATE OR REPLACE FUNCTION {_function_name(dataset)}() RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp SET standard_conforming_strings = on AS {tag}{body}{tag}"""
 
 
 async def track(connection: Connection, dataset: Dataset) -> bool:
