@@ -57,7 +57,10 @@ def test_formula_escape_rule() -> None:
 
     for value in ("=1+1", "+1", "-2", "@SUM(A1)", "\tx", "\rx", "\nx", "  =x", " \t", "\v-1"):
         assert needs_formula_escape(value), value
-    for value in ("", "plain", " plain", "a=b", "1-2", "\u00a0=x", "'=x"):
+    # After any Unicode space (and the invisible ones), and full-width (issue 14).
+    for value in ("\u00a0=x", "\u3000+1", "\u2003@x", "\ufeff=1", "\u200b-1", "\uff1d1", "\uff20x"):
+        assert needs_formula_escape(value), value
+    for value in ("", "plain", " plain", "a=b", "1-2", "'=x", "\u00a0", "x\uff1d1", "\u00a0x=1"):
         assert not needs_formula_escape(value), value
 
 

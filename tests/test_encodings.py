@@ -75,6 +75,10 @@ def test_what_the_database_can_hold_is_exported(
     response = latin1_exports.get("/datasets/people.csv", params={"name": "eq.Zoë", "null": "ø"})
     assert response.status_code == 200, response.text
     assert response.text == "id,name\n2,Zoë\n"
+    # The Excel profile's rule names non-LATIN1 characters (\u3000) as regex escapes only.
+    excel = latin1_exports.get("/datasets/people.csv", params={"profile": "excel"})
+    assert excel.status_code == 200, excel.text
+    assert excel.text == "\ufeffid,name\r\n1,\r\n2,Zoë\r\n"
 
 
 def test_a_latin1_state_database_logs_the_request_escaped(latin1_url: str, tmp_path: Path) -> None:

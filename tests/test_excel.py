@@ -20,6 +20,11 @@ ROWS = [
     ("@SUM(A1)", "3"),
     ("+1+1", "-1.5"),
     (" -1+1", "0"),
+    # Issue 14: after a no-break or ideographic space, and full-width.
+    ("\u00a0=1+1", "1"),
+    ("\u3000+1+1", "2"),
+    ("\uff1d1+1", "3"),
+    ("\uff20SUM(A1)", "4"),
 ]
 
 
@@ -80,7 +85,17 @@ def test_excel_profile_opens_without_formulas_and_with_its_accents(
     assert cells[:2] == [("string", "name", False), ("string", "amount", False)]
     names = [text for kind, text, _ in cells[2::2]]
     amounts = [(kind, text) for kind, text, _ in cells[3::2]]
-    assert names == ["Zoë Ångström, ĳ 😀", "'=1+1", "'@SUM(A1)", "'+1+1", "' -1+1"]
+    assert names == [
+        "Zoë Ångström, ĳ 😀",
+        "'=1+1",
+        "'@SUM(A1)",
+        "'+1+1",
+        "' -1+1",
+        "'\u00a0=1+1",
+        "'\u3000+1+1",
+        "'\uff1d1+1",
+        "'\uff20SUM(A1)",
+    ]
     # Numbers stay numbers.
     assert amounts == [("float", a) for _, a in ROWS]
 

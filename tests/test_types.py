@@ -506,6 +506,19 @@ def test_sql_formula_rule_is_the_python_rule(fidelity: ExportDatabase) -> None:
         "'=x",
         "\u3000+1",
         "x\n=1",
+        # Issue 14: Unicode's other spaces before a trigger, and the full-width triggers.
+        "\uff1d1+1",
+        "\uff0b1",
+        "\uff0d1",
+        "\uff20SUM(A1)",
+        "\u2003@x",
+        "\u0085=1",
+        "\u202f\u205f+1",
+        "\ufeff=1",
+        "\u200b-1",
+        "\u00a0",
+        "x\uff1d1",
+        "\u00a0x=1",
     ]
 
     async def check() -> list[bool]:

@@ -13,6 +13,7 @@ from exporter.db.pool import quote_ident, quote_literal
 from exporter.errors import ServiceUnavailable
 from exporter.pipeline.catalog import Column
 from exporter.pipeline.encoders import Rendering, RenderOptions
+from exporter.pipeline.encoders.csv import FORMULA_STARTS, LEADING_SPACE
 from exporter.pipeline.query import (
     COMPARISONS,
     ChangesSince,
@@ -50,9 +51,17 @@ _DEFAULT_RENDER = RenderOptions()
 _NUMERIC_TYPES = frozenset({"int2", "int4", "int8", "numeric", "float4", "float8", "money"})
 # JSON numbers that JavaScript's doubles cannot hold exactly: strings with numbers=string.
 _WIDE_NUMBER_TYPES = frozenset({"int8", "numeric"})
+
+
+def _bracket(chars: str) -> str:
+    # Each as a regex escape (\u3000): the SQL text stays ASCII, whatever the database's
+    # encoding, and no character means anything special inside the brackets.
+    return "".join(f"\\u{ord(c):04x}" for c in chars)
+
+
 # The Excel profile's rule (encoders.csv.needs_formula_escape) in PostgreSQL's regex dialect:
-# ASCII whitespace, then a character that starts a formula or splits a cell.
-FORMULA_PATTERN_SQL = r"'^[ \t\r\n\v\f]*[-=+@\t\r\n]'"
+# leading whitespace, then a character that starts a formula or splits a cell.
+FORMULA_PATTERN_SQL = f"'^[{_bracket(LEADING_SPACE)}]*[{_bracket(FORMULA_STARTS)}]'"
 # SQL literals (standard_conforming_strings is on in every snapshot).
 _DELIMITER_SQL = {",": "','", ";": "';'", "|": "'|'", "\t": r"E'\t'"}
 _QUOTE_SQL = "'\"'"

@@ -168,16 +168,22 @@ class CsvEncoder(Encoder):
 
 
 # A spreadsheet reads a cell as a formula (or splits it) when it starts with one of these,
-# also after leading whitespace (OWASP's list for CSV injection). source.FORMULA_PATTERN_SQL is
-# the same rule for PostgreSQL: ASCII whitespace, then one of them.
-FORMULA_STARTS = "=+-@\t\r\n"
-ASCII_SPACE = " \t\r\n\v\f"
+# also after leading whitespace (OWASP's list for CSV injection), and with their full-width
+# forms (＝＋－＠), which East Asian input methods type and spreadsheets may take for them.
+# source.FORMULA_PATTERN_SQL is the same rule for PostgreSQL.
+FORMULA_STARTS = "=+-@\t\r\n\uff1d\uff0b\uff0d\uff20"
+# Leading whitespace: every character Python's str.isspace() takes (ASCII's, NEL, the
+# no-break spaces, the typographic spaces, the ideographic space, ...), and the zero-width
+# space and the byte order mark, which show as nothing before the =.
+LEADING_SPACE = "".join(
+    sorted({*(chr(c) for c in range(0x3001) if chr(c).isspace()), "\u200b", "\ufeff"})
+)
 
 
 def needs_formula_escape(value: str) -> bool:
     for c in value:
         if c in FORMULA_STARTS:
             return True
-        if c not in ASCII_SPACE:
+        if c not in LEADING_SPACE:
             return False
     return False
