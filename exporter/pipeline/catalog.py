@@ -70,7 +70,10 @@ _CATALOG_SQL = """
     WITH RECURSIVE columns AS MATERIALIZED (
         SELECT n.nspname AS schema, c.relname AS relation, c.relkind::text AS kind,
                c.oid::bigint AS relid,
-               CASE WHEN c.reltuples < 0 THEN NULL ELSE c.reltuples::bigint END
+               -- A key's role that row-level security restricts would learn the whole
+               -- table's count from the statistics: none then.
+               CASE WHEN c.reltuples < 0 OR ($4::text IS NOT NULL AND c.relrowsecurity)
+                   THEN NULL ELSE c.reltuples::bigint END
                    AS estimated_rows,
                a.attnum, a.attname AS column_name, a.atttypid,
                format_type(a.atttypid, a.atttypmod) AS column_type,
