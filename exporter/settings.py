@@ -227,6 +227,20 @@ class Settings(BaseSettings):
         "number with `s`, `m`, `h` or `d` (`90d`). `exporter serve` deletes older entries "
         "every `EXPORTER_PRUNE_INTERVAL_S`.",
     )
+    max_event_streams_per_key: int = Field(
+        default=20,
+        ge=1,
+        le=100_000,
+        description="Progress event streams (`GET /exports/{id}/events`) a key may hold open "
+        "at once, in each process; more is a 429 with `Retry-After`.",
+    )
+    max_event_streams: int = Field(
+        default=500,
+        ge=1,
+        le=1_000_000,
+        description="Progress event streams open at once in each process, all keys together; "
+        "more is a 429 with `Retry-After`.",
+    )
     max_jobs_per_key: int = Field(
         default=10,
         ge=1,

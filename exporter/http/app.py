@@ -10,6 +10,7 @@ from exporter import __version__
 from exporter.access import export_log
 from exporter.db.pool import Databases
 from exporter.http import problems
+from exporter.http.event_streams import EventStreamSlots
 from exporter.http.exports import ActiveExports
 from exporter.http.memory import release_free_memory
 from exporter.http.middleware import (
@@ -41,6 +42,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.databases = databases
         app.state.active_exports = active = ActiveExports()
         app.state.unauthenticated = UnauthenticatedRefusals()
+        app.state.event_stream_slots = EventStreamSlots(
+            settings.max_event_streams_per_key, settings.max_event_streams
+        )
         release_free_memory()
         app.state.event_hub = hub = EventHub(settings.state_url)
         await hub.start()

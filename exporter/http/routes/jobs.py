@@ -27,6 +27,7 @@ from exporter.errors import (
 )
 from exporter.http.dependencies import DatabasesDep, KeyDep, SettingsDep
 from exporter.http.downloads import StoredExport, download_response
+from exporter.http.event_streams import EventStreamSlots, SlottedStreamingResponse
 from exporter.http.exports import attachment_name, content_type
 from exporter.http.middleware import REQUEST_ID_PATTERN
 from exporter.incremental.pulls import check_tracked, pull_cursor
@@ -372,6 +373,11 @@ async def _may_watch(export_id: str, key: ApiKey, settings: Settings, databases:
             "content": {"text/event-stream": {}},
         },
         404: {"description": "No such export (or another key's)", **_problem},
+        429: {
+            "description": "The key, or the service, holds its maximum of open event streams",
+            "headers": {"Retry-After": {"schema": {"type": "integer"}}},
+            **_problem,
+        },
     },
 )
 async def export_events(
@@ -391,10 +397,14 @@ async def export_events(
     async def ended() -> tuple[str, dict[str, Any]] | None:
         return await _recorded_end(databases, export_id, key)
 
-    return StreamingResponse(
+    slots: EventStreamSlots = request.app.state.event_stream_slots
+    slots.take(key.id)
+    return SlottedStreamingResponse(
         event_stream(
             databases.state, hub, export_id, None if key.admin else key.name, after, ended
         ),
+        slots=slots,
+        key_id=key.id,
         media_type="text/event-stream",
         headers={
             "Cache-Control": "no-cache",

@@ -1,0 +1,62 @@
+"""Caps on open event streams (GET /exports/{id}/events), per key and in all, in each process.
+
+A stream lasts as long as its export, and costs a task, a subscription and a state query per
+notification: without a cap, one key could hold thousands open. Past a cap the answer is a 429
+with Retry-After; a key's streams count for that key only. Counted per process (each of
+`--workers N` and each replica keeps its own count): a stream holds no database connection
+that a count across processes could be kept with."""
+
+from collections import Counter
+from typing import Any
+
+from starlette.responses import StreamingResponse
+from starlette.types import Receive, Scope, Send
+
+from exporter.errors import TooManyRequests
+
+RETRY_AFTER_S = 10
+
+
+class EventStreamSlots:
+    def __init__(self, per_key: int, total: int) -> None:
+        self.per_key = per_key
+        self.total = total
+        self._open: Counter[int] = Counter()
+
+    def take(self, key_id: int) -> None:
+        """One stream's slot for the key; TooManyRequests past either cap."""
+        if self._open[key_id] >= self.per_key:
+            raise TooManyRequests(
+                f"this key has {self.per_key} event streams open (in this process); close one,"
+                " or try again later",
+                headers={"Retry-After": str(RETRY_AFTER_S)},
+            )
+        if sum(self._open.values()) >= self.total:
+            raise TooManyRequests(
+                f"the service has {self.total} event streams open (in this process); try again"
+                " later",
+                headers={"Retry-After": str(RETRY_AFTER_S)},
+            )
+        self._open[key_id] += 1
+
+    def give_back(self, key_id: int) -> None:
+        self._open[key_id] -= 1
+        if self._open[key_id] <= 0:
+            del self._open[key_id]
+
+
+class SlottedStreamingResponse(StreamingResponse):
+    """A StreamingResponse that gives its event stream's slot back however it ends: sent, the
+    client gone (before its first byte too, when the body's generator never starts), or
+    failed."""
+
+    def __init__(self, *args: Any, slots: EventStreamSlots, key_id: int, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.slots = slots
+        self.key_id = key_id
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.slots.give_back(self.key_id)
