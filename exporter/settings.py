@@ -70,8 +70,9 @@ class Settings(BaseSettings):
     pool_size: int = Field(
         default=10,
         ge=1,
-        description="Connections in the export pool: at most this many exports run at once per "
-        "process (catalog lookups, keys and the export log have small pools of their own).",
+        description="The default of `EXPORTER_MAX_EXPORTS`. Each process's export pool holds "
+        "one connection more than the service admits exports (catalog lookups, keys and the "
+        "export log have small pools of their own).",
     )
     # How long an export waits for a free connection before it is refused with a 503.
     pool_timeout_s: float = Field(
@@ -329,6 +330,16 @@ class Settings(BaseSettings):
     @property
     def export_slots(self) -> int:
         return self.max_exports if self.max_exports is not None else self.pool_size
+
+    @property
+    def export_pool_size(self) -> int:
+        """Each process's export pool: one connection more than the service admits exports,
+        so that a process never runs out of connections while the service-wide limit has
+        room (one process may be running them all), and the one past the limit takes its
+        connection only to be told 429 by the slots, at once, rather than waiting for a
+        connection to be a 503. Connections are made on demand and closed when idle: the
+        database sees about as many as exports run."""
+        return max(self.pool_size, self.export_slots + 1)
 
     @property
     def exposed_schemas(self) -> tuple[str, ...]:

@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from tests.support.app import in_process_app
-from tests.support.database import ExportDatabase, asyncpg_dsn, logged_export, run_sql
+from tests.support.database import ExportDatabase, asyncpg_dsn, logged_export, new_key, run_sql
 from tests.support.server import Server, free_port, running_server
 
 
@@ -197,18 +197,22 @@ def test_a_dataset_that_fails_to_read_is_not_blamed_on_the_request(
         run_sql(database.url, "DROP VIEW public.broken")
 
 
-def test_busy_export_pool_is_a_quick_503_and_the_rest_still_answers(
+def test_a_service_at_its_limit_is_a_quick_429_and_the_rest_still_answers(
     database: ExportDatabase, tmp_path: Path
 ) -> None:
+    # One export at a time (EXPORTER_POOL_SIZE=1): the next is refused by the slots at once,
+    # not after waiting for a connection; listing, describing and readiness have pools of
+    # their own.
     with running_server(database.url, tmp_path, pool_size="1", pool_timeout_s="0.5") as server:
-        with server.client(database.key) as holder, server.client(database.key) as other:
+        with server.client(database.key) as holder, server.client(new_key(database.url)) as other:
             with holder.stream("GET", "/datasets/big.csv") as streaming:
                 raw = streaming.iter_raw()
                 next(raw)
                 refused = other.get("/datasets/people.csv")
-                assert refused.status_code == 503
-                assert refused.headers["retry-after"] == "5"
+                assert refused.status_code == 429, refused.text
+                assert refused.headers["retry-after"] == "10"
                 assert refused.headers["content-type"] == "application/problem+json"
+                assert "the service already runs its maximum of 1" in refused.json()["detail"]
                 assert other.get("/datasets").status_code == 200
                 assert other.get("/readyz").status_code == 200
 

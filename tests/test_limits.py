@@ -90,6 +90,26 @@ def test_the_service_wide_limit(database: ExportDatabase, tmp_path: Path) -> Non
         admitted_within(server, second, seconds=3)
 
 
+def test_a_process_runs_every_export_the_service_admits(
+    database: ExportDatabase, tmp_path: Path
+) -> None:
+    """Issue 14, defect 12: with EXPORTER_MAX_EXPORTS above the pool size, one process admitted
+    more exports than its pool held, and answered 503 "every export connection is busy" while
+    the service-wide limit had room. The pool now holds what the service admits, plus the
+    one connection that is told 429 at once."""
+    keys = [new_key(database.url) for _ in range(5)]
+    with running_server(
+        database.url, tmp_path, pool_size="2", max_exports="4", pool_timeout_s="0.5"
+    ) as server:
+        with contextlib.ExitStack() as held:
+            for index, key in enumerate(keys[:4]):
+                held.enter_context(held_export(server, key, f"pool-{index}-{uuid.uuid4().hex}"))
+            started = time.monotonic()
+            refused(export_status(server, keys[4]), "the service")
+            assert time.monotonic() - started < 0.5  # the slots', not a wait for a connection
+        admitted_within(server, keys[4], seconds=3)
+
+
 def test_slots_are_released_when_exports_complete_or_fail(
     database: ExportDatabase, tmp_path: Path
 ) -> None:

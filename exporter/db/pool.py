@@ -156,7 +156,7 @@ class Databases:
         return cls(
             exports=await Pool.open(
                 settings.database_url,
-                settings.pool_size,
+                settings.export_pool_size,
                 settings.pool_timeout_s,
                 busy="every export connection is busy",
             ),
