@@ -1,13 +1,19 @@
 """Issue 14's defects, each reproduced against a real `exporter serve`: inputs that reached a
-500, values from requests that reached the server log raw."""
+500, values from requests that reached the server log raw, a revoked key's work that went on."""
 
+import contextlib
+import os
+import subprocess
+import sys
 import time
+import uuid
 from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.support.database import ExportDatabase
+from tests.support.database import ExportDatabase, logged_export, new_key, run_sql
+from tests.support.jobs import slow_view, submit, wait_for
 from tests.support.server import Server, free_port, running_server
 
 PROBLEM = "application/problem+json"
@@ -87,3 +93,62 @@ def wait_for_log(server: Server, text: str) -> str:
     while text not in (log := server.log()) and time.monotonic() < deadline:
         time.sleep(0.05)
     return log
+
+
+def test_revoking_a_key_stops_its_work_within_seconds(
+    database: ExportDatabase, tmp_path: Path
+) -> None:
+    """Issue 14, defect 4: `exporter keys revoke` left the key's running exports, jobs and
+    event streams going to their end. Now, within seconds (a NOTIFY every process LISTENs
+    for): its direct export is cut off (an incomplete transfer, logged aborted by "revoked"),
+    its running job fails saying so, its event stream ends, and its finished job's file is
+    gone (410)."""
+    name = f"revoked-{uuid.uuid4().hex[:8]}"
+    key = new_key(database.url, name)
+    admin = new_key(database.url, admin=True)
+    view = slow_view(database, seconds=30)
+    request_id = f"revoked-export-{uuid.uuid4().hex[:8]}"
+    try:
+        with running_server(
+            database.url, tmp_path, job_dir=str(tmp_path / "files"), job_concurrency="1"
+        ) as server:
+            with server.client(key) as client, server.client(admin) as watcher:
+                finished = submit(client, {"dataset": "people", "format": "csv"})
+                wait_for(client, finished["id"], "done")
+                running = submit(client, {"dataset": view, "format": "csv"})
+                wait_for(client, running["id"], "running")
+                with (
+                    client.stream(
+                        "GET", "/datasets/big.csv", headers={"X-Request-Id": request_id}
+                    ) as export,
+                    client.stream("GET", running["events_url"]) as events,
+                ):
+                    assert export.status_code == events.status_code == 200
+                    chunks = export.iter_raw()
+                    next(chunks)
+                    revoked_at = time.monotonic()
+                    revoke = subprocess.run(
+                        [sys.executable, "-m", "exporter", "keys", "revoke", name],
+                        env={**os.environ, "EXPORTER_DATABASE_URL": database.url},
+                        capture_output=True,
+                        timeout=60,
+                    )
+                    assert revoke.returncode == 0, revoke.stderr
+                    with pytest.raises(httpx.RemoteProtocolError):
+                        for _ in chunks:
+                            pass
+                    with contextlib.suppress(httpx.RemoteProtocolError):
+                        for _ in events.iter_raw():
+                            pass
+                    assert time.monotonic() - revoked_at < 5
+                status = watcher.get(running["status_url"]).json()
+                assert (status["status"], status["error"]) == (
+                    "failed",
+                    "the job's key was revoked",
+                )
+                assert watcher.get(finished["download_url"]).status_code == 410
+                assert client.get(running["status_url"]).status_code == 401
+        logged = logged_export(database.url, request_id)
+        assert (logged["outcome"], logged["aborted_by"]) == ("aborted", "revoked")
+    finally:
+        run_sql(database.url, f"DROP VIEW {view}")

@@ -14,6 +14,7 @@ from typing import Any
 
 import asyncpg
 
+from exporter.access.revocations import CHANNEL, JOB_REVOKED
 from exporter.db.pool import Pool
 
 KEY_PREFIX = "exp_"
@@ -116,13 +117,32 @@ async def list_keys(pool: Pool) -> list[KeyInfo]:
 
 
 async def revoke_key(pool: Pool, name: str) -> bool:
-    async with pool.connection() as connection:
-        status = await connection.execute(
+    """Revoke the key, and end its work: its queued and running jobs fail saying so, its
+    finished jobs' files expire (a 410; the sweep deletes them), and every serve process is
+    notified (access/revocations.py) to cut its running exports and event streams. One
+    transaction: the notification leaves with the commit."""
+    async with pool.connection() as connection, connection.transaction():
+        key_id = await connection.fetchval(
             "UPDATE exporter.api_keys SET revoked_at = now()"
-            " WHERE name = $1 AND revoked_at IS NULL",
+            " WHERE name = $1 AND revoked_at IS NULL RETURNING id",
             name,
         )
-    return bool(status != "UPDATE 0")
+        if key_id is None:
+            return False
+        await connection.execute(
+            "UPDATE exporter.jobs SET status = 'failed', error = $2,"
+            " finished_at = clock_timestamp(), lease_until = NULL"
+            " WHERE key_id = $1 AND status IN ('queued', 'running')",
+            key_id,
+            JOB_REVOKED,
+        )
+        await connection.execute(
+            "UPDATE exporter.jobs SET status = 'expired', expires_at = clock_timestamp()"
+            " WHERE key_id = $1 AND status = 'done'",
+            key_id,
+        )
+        await connection.execute("SELECT pg_notify($1, $2)", CHANNEL, str(key_id))
+    return True
 
 
 async def authenticate(pool: Pool, key: str) -> ApiKey | None:

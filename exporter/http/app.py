@@ -8,6 +8,9 @@ from fastapi import FastAPI
 
 from exporter import __version__
 from exporter.access import export_log
+from exporter.access.revocations import CHANNEL as REVOCATION_CHANNEL
+from exporter.access.revocations import Revocations
+from exporter.db.listen import Listener
 from exporter.db.pool import Databases
 from exporter.http import problems
 from exporter.http.event_streams import EventStreamSlots
@@ -48,7 +51,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         release_free_memory()
         app.state.event_hub = hub = EventHub(settings.state_url)
         await hub.start()
-        app.state.job_runner = runner = JobRunner(databases, settings)
+        app.state.revocations = revocations = Revocations()
+        revocation_listener = Listener(settings.state_url, REVOCATION_CHANNEL, revocations.notified)
+        app.state.job_runner = runner = JobRunner(databases, settings, revocations)
         shutdown = ShutdownSignal()
         shutdown.install()
 
@@ -69,6 +74,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 )
             ),
             asyncio.create_task(drain()),
+            asyncio.create_task(revocation_listener.run_forever()),
         ]
         claiming: asyncio.Task[None] | None = None
         if settings.job_concurrency:

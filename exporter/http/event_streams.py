@@ -9,9 +9,11 @@ that a count across processes could be kept with."""
 from collections import Counter
 from typing import Any
 
+import anyio
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
+from exporter.access.revocations import Revocations
 from exporter.errors import TooManyRequests
 
 RETRY_AFTER_S = 10
@@ -48,15 +50,33 @@ class EventStreamSlots:
 class SlottedStreamingResponse(StreamingResponse):
     """A StreamingResponse that gives its event stream's slot back however it ends: sent, the
     client gone (before its first byte too, when the body's generator never starts), or
-    failed."""
+    failed; and that is cut off the moment its key is revoked."""
 
-    def __init__(self, *args: Any, slots: EventStreamSlots, key_id: int, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *args: Any,
+        slots: EventStreamSlots,
+        key_id: int,
+        revocations: Revocations,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(*args, **kwargs)
         self.slots = slots
         self.key_id = key_id
+        self.revocations = revocations
+        self.revoked = revocations.subscribe(key_id)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
-            await super().__call__(scope, receive, send)
+            async with anyio.create_task_group() as group:
+
+                async def cut_when_revoked() -> None:
+                    await self.revoked.wait()
+                    group.cancel_scope.cancel()
+
+                group.start_soon(cut_when_revoked)
+                await super().__call__(scope, receive, send)
+                group.cancel_scope.cancel()
         finally:
+            self.revocations.unsubscribe(self.key_id, self.revoked)
             self.slots.give_back(self.key_id)

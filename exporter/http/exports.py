@@ -16,6 +16,7 @@ from starlette.types import Message, Receive, Scope, Send
 from exporter.access import export_log
 from exporter.access.exports import KeyExport
 from exporter.access.keys import ApiKey
+from exporter.access.revocations import REVOKED, Revocations
 from exporter.db.pool import Databases
 from exporter.errors import ClientClosedRequest, ExporterError
 from exporter.http.compression import Compressor, choose_coding, compressed, compressor_for
@@ -83,6 +84,7 @@ async def start_export(
     settings: Settings,
     databases: Databases,
     active: ActiveExports,
+    revocations: Revocations,
 ) -> Response:
     params = request.query_params.multi_items()
     query = parse_query(dataset, params, max_limit=settings.max_limit)
@@ -141,6 +143,13 @@ async def start_export(
         )
 
     done = active.begin()
+    # Set if the key is revoked while the export runs: the response is then cut off.
+    revoked = revocations.subscribe(key.id)
+
+    def released() -> None:
+        active.end(done)
+        revocations.unsubscribe(key.id, revoked)
+
     try:
         opened = await _open_unless_client_leaves(stream, request, settings.max_seconds)
     except BaseException as exc:
@@ -167,13 +176,13 @@ async def start_export(
             else:
                 # Cancellation (a shutdown): the log entry must not stay "running".
                 await record_client_gone()
-        active.end(done)
+        released()
         if problem is None:
             raise
         raise problem from exc
     if not opened:
         await record_client_gone()
-        active.end(done)
+        released()
         return Response(status_code=CLIENT_CLOSED_REQUEST)
 
     # Progress for GET /exports/{id}/events, from whichever process runs the export.
@@ -197,7 +206,7 @@ async def start_export(
     return ExportResponse(
         stream,
         finish,
-        lambda: active.end(done),
+        released,
         headers=headers,
         media_type=media_type,
         compressor=compressor,
@@ -206,6 +215,7 @@ async def start_export(
             min_bytes_per_second=settings.min_bytes_per_second,
             window_s=settings.min_rate_window_s,
         ),
+        revoked=revoked,
     )
 
 
@@ -298,6 +308,7 @@ class ExportResponse(StreamingResponse):
         media_type: str,
         compressor: Compressor | None = None,
         pace: PaceLimits | None = None,
+        revoked: anyio.Event | None = None,
     ) -> None:
         body = stream.chunks()
         if compressor is not None:
@@ -308,6 +319,7 @@ class ExportResponse(StreamingResponse):
         self.on_end = on_end
         self.on_released = on_released
         self.pace = pace or PaceLimits()
+        self.revoked = revoked
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         ended = False
@@ -319,8 +331,8 @@ class ExportResponse(StreamingResponse):
                 ended = True
 
         try:
-            if self.pace.active:
-                await self._send_paced(scope, receive, send_tracking_the_end)
+            if self.pace.active or self.revoked is not None:
+                await self._send_watched(scope, receive, send_tracking_the_end)
             else:
                 await super().__call__(scope, receive, send_tracking_the_end)
         finally:
@@ -342,9 +354,10 @@ class ExportResponse(StreamingResponse):
                     self.on_released()
                     release_free_memory()
 
-    async def _send_paced(self, scope: Scope, receive: Receive, send: Send) -> None:
-        """Send the response while a watcher checks the time limits; a broken one cuts the
-        response off (ExportAborted reaches uvicorn, which drops the connection)."""
+    async def _send_watched(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Send the response while a watcher checks the time limits and the key's revocation;
+        a broken limit or a revoked key cuts the response off (ExportAborted reaches uvicorn,
+        which drops the connection)."""
         meter = SendMeter()
 
         async def metered_send(message: Message) -> None:
@@ -357,7 +370,23 @@ class ExportResponse(StreamingResponse):
 
             async def watch() -> None:
                 nonlocal broken
-                broken = await self.pace.first_broken(meter, self.stream.started)
+                async with anyio.create_task_group() as watchers:
+
+                    async def pace() -> None:
+                        nonlocal broken
+                        broken = await self.pace.first_broken(meter, self.stream.started)
+                        watchers.cancel_scope.cancel()
+
+                    async def revocation(revoked: anyio.Event) -> None:
+                        nonlocal broken
+                        await revoked.wait()
+                        broken = ("revoked", REVOKED)
+                        watchers.cancel_scope.cancel()
+
+                    if self.pace.active:
+                        watchers.start_soon(pace)
+                    if self.revoked is not None:
+                        watchers.start_soon(revocation, self.revoked)
                 task_group.cancel_scope.cancel()
 
             task_group.start_soon(watch)

@@ -22,6 +22,7 @@ import asyncpg
 from exporter.access import export_log
 from exporter.access.exports import KeyExport
 from exporter.access.keys import key_by_id
+from exporter.access.revocations import JOB_REVOKED, REVOKED, Revocations
 from exporter.db.failures import ENCODING_ERRORS
 from exporter.db.listen import Listener
 from exporter.db.pool import UNREACHABLE, Databases, PoolTimeout
@@ -57,7 +58,8 @@ class JobFailed(Exception):
 
 
 class _Watch:
-    """What the heartbeat sees of a run, and why it stopped it ("cancelled", "lost")."""
+    """What the heartbeat sees of a run, and why it stopped it ("cancelled", "lost", or
+    "revoked": its key was)."""
 
     def __init__(self) -> None:
         self.stream: ExportStream | None = None
@@ -67,9 +69,13 @@ class _Watch:
 
 
 class JobRunner:
-    def __init__(self, databases: Databases, settings: Settings) -> None:
+    def __init__(
+        self, databases: Databases, settings: Settings, revocations: Revocations | None = None
+    ) -> None:
         self.databases = databases
         self.settings = settings
+        # A run of a key revoked meanwhile stops at the notice, not at its next heartbeat.
+        self.revocations = revocations or Revocations()
         self.files = JobFiles(databases.state, settings)
         self.worker = f"{socket.gethostname()}:{os.getpid()}"
         self._slots = asyncio.Semaphore(settings.job_concurrency)
@@ -165,16 +171,26 @@ class JobRunner:
         query included) and notes the progress; when the job is cancelled or its claim lost,
         it cancels the run."""
         watch = _Watch()
-        async with anyio.create_task_group() as group:
-            self._running.add(group.cancel_scope)
-            if self._draining.is_set():
-                group.cancel_scope.cancel()
-            group.start_soon(self._heartbeat, job, watch, group.cancel_scope)
-            try:
-                await self._execute(job, watch)
-            finally:
-                self._running.discard(group.cancel_scope)
-                group.cancel_scope.cancel()
+        with self.revocations.watch(job.key_id) as revoked:
+            async with anyio.create_task_group() as group:
+                self._running.add(group.cancel_scope)
+                if self._draining.is_set():
+                    group.cancel_scope.cancel()
+                group.start_soon(self._heartbeat, job, watch, group.cancel_scope)
+                group.start_soon(self._stop_if_revoked, revoked, watch, group.cancel_scope)
+                try:
+                    await self._execute(job, watch)
+                finally:
+                    self._running.discard(group.cancel_scope)
+                    group.cancel_scope.cancel()
+
+    async def _stop_if_revoked(
+        self, revoked: anyio.Event, watch: "_Watch", scope: anyio.CancelScope
+    ) -> None:
+        await revoked.wait()
+        if not watch.finishing:
+            watch.stopped = "revoked"
+            scope.cancel()
 
     async def _heartbeat(self, job: Job, watch: "_Watch", scope: anyio.CancelScope) -> None:
         while True:
@@ -377,6 +393,11 @@ class JobRunner:
         """A run cancelled: by DELETE, by the loss of its claim, or by this process shutting
         down (the job is handed back at once rather than after its lease, uncounted)."""
         state = self.databases.state
+        if watch.stopped == "revoked":
+            # `keys revoke` has ended the job already (this makes sure, if it raced a claim).
+            await job_records.end(state, job, "failed", JOB_REVOKED)
+            await publisher.error(ExporterError(JOB_REVOKED, title="Job failed").problem())
+            return "failed", REVOKED
         if watch.stopped == "cancelled":
             await job_records.end(state, job, "cancelled", None)
             await publisher.error(ClientClosedRequest("cancelled", title="Job cancelled").problem())

@@ -166,7 +166,15 @@ async def _export(
     async with export_log.refusals_logged(databases.state, logged):
         dataset = await readable_dataset(name, key, settings, databases)
         return await start_export(
-            request, logged, key, dataset, encoder, settings, databases, active
+            request,
+            logged,
+            key,
+            dataset,
+            encoder,
+            settings,
+            databases,
+            active,
+            request.app.state.revocations,
         )
 
 

@@ -405,6 +405,7 @@ async def export_events(
         ),
         slots=slots,
         key_id=key.id,
+        revocations=request.app.state.revocations,
         media_type="text/event-stream",
         headers={
             "Cache-Control": "no-cache",
