@@ -178,7 +178,9 @@ class Settings(BaseSettings):
     prune_interval_s: float = Field(
         default=600,
         gt=0,
-        description="How often `exporter serve` deletes changes past the retention.",
+        description="How often `exporter serve` deletes recorded changes past "
+        "`EXPORTER_CHANGE_RETENTION_S` and export log entries past "
+        "`EXPORTER_EXPORT_LOG_RETENTION`.",
     )
     # Background jobs (POST /exports): where their files go, how many run at once per process,
     # how long a claim holds without a heartbeat, how often idle processes look for work (and

@@ -74,13 +74,13 @@ def test_a_lost_listen_connection_comes_back(server_url: str, tmp_path: Path) ->
             job_poll_s="60",
             job_concurrency="1",
         ) as server:
-            # The server's two (events, jobs).
-            wait_until(lambda: len(listeners(database)) == 2)
+            # The server's three (events, jobs, key revocations).
+            wait_until(lambda: len(listeners(database)) == 3)
             ended = listeners(database)
             for pid in ended:
                 run_sql(database.url, f"SELECT pg_terminate_backend({pid})")
-            # Two new connections, not the ended ones still on their way out.
-            wait_until(lambda: len(now := listeners(database)) == 2 and not set(now) & set(ended))
+            # Three new connections, not the ended ones still on their way out.
+            wait_until(lambda: len(now := listeners(database)) == 3 and not set(now) & set(ended))
             with server.client(database.key) as client:
                 info = submit(client, {"dataset": "people", "format": "csv"})
                 # Within a third of the poll: woken by NOTIFY, through the new connection.

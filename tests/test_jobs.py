@@ -196,6 +196,14 @@ def test_an_admin_key_sees_other_keys_jobs_only_within_its_scope_and_role(
                     assert theirs.status_code == none.status_code == 404, (method, route)
                     if method != "HEAD":
                         assert theirs.json()["detail"] == none.json()["detail"]
+        # An export of its own under the job's id (request ids are the client's to choose)
+        # shows the scoped admin its own events only, never the job's.
+        with job_server.client(new_key(database.url, admin=True, datasets=["big"])) as admin:
+            own = admin.get("/datasets/big.csv?limit=1", headers={"X-Request-Id": info["id"]})
+            assert own.status_code == 200
+            events = admin.get(info["events_url"])
+            assert events.status_code == 200 and "event: done" in events.text
+            assert "download_url" not in events.text, events.text
         with job_server.client(new_key(database.url, admin=True)) as admin:
             assert admin.get(info["status_url"]).json()["status"] == "done"
             assert admin.get(info["download_url"]).status_code == 200

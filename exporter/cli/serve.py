@@ -21,6 +21,9 @@ def log_config() -> dict[str, Any]:
                 "stream": "ext://sys.stderr",
             }
         },
+        # Every other library's records too (asyncio's, asyncpg's), through the same
+        # escaping formatter rather than Python's last-resort handler.
+        "root": {"handlers": ["stderr"], "level": "WARNING"},
         "loggers": {
             "exporter": {"handlers": ["stderr"], "level": "INFO", "propagate": False},
             "uvicorn": {"handlers": ["stderr"], "level": "INFO", "propagate": False},

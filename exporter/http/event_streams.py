@@ -11,7 +11,7 @@ from typing import Any
 
 import anyio
 from starlette.responses import StreamingResponse
-from starlette.types import Receive, Scope, Send
+from starlette.types import Message, Receive, Scope, Send
 
 from exporter.access.revocations import Revocations
 from exporter.errors import TooManyRequests
@@ -67,6 +67,16 @@ class SlottedStreamingResponse(StreamingResponse):
         self.revoked = revocations.subscribe(key_id)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        started = ended = False
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started, ended
+            await send(message)
+            started = started or message["type"] == "http.response.start"
+            if message["type"] == "http.response.body" and not message.get("more_body"):
+                ended = True
+
+        failure: Exception | None = None
         try:
             async with anyio.create_task_group() as group:
 
@@ -75,8 +85,24 @@ class SlottedStreamingResponse(StreamingResponse):
                     group.cancel_scope.cancel()
 
                 group.start_soon(cut_when_revoked)
-                await super().__call__(scope, receive, send)
+                try:
+                    await super().__call__(scope, receive, tracking_send)
+                except Exception as exc:
+                    # Kept out of the task group, which would wrap it in an ExceptionGroup.
+                    failure = exc
                 group.cancel_scope.cancel()
+            if failure is not None:
+                raise failure
+            if self.revoked.is_set() and started and not ended:
+                # Cut by the revocation: the stream ends cleanly (its EventSource reconnects,
+                # and is told 401).
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
         finally:
+            with anyio.CancelScope(shield=True):
+                # A body cut off at a `yield` would otherwise keep its subscription to the
+                # hub until the garbage collector came by.
+                aclose = getattr(self.body_iterator, "aclose", None)
+                if aclose is not None:
+                    await aclose()
             self.revocations.unsubscribe(self.key_id, self.revoked)
             self.slots.give_back(self.key_id)

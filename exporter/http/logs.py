@@ -7,9 +7,10 @@ import logging
 import re
 from types import TracebackType
 
-# C0 and C1 controls (NUL to US, DEL, 0x80 to 0x9f: ESC, CR, LF, VT, NEL, ...) and Unicode's
-# own line and paragraph separators.
-_CONTROLS = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+# C0 and C1 controls (NUL to US, DEL, 0x80 to 0x9f: ESC, CR, LF, VT, NEL, ...), Unicode's own
+# line and paragraph separators, and its bidirectional controls (which reorder what a
+# terminal shows).
+_CONTROLS = re.compile("[\x00-\x1f\x7f-\x9f\u200e\u200f\u2028-\u202e\u2066-\u2069]")
 
 
 ExcInfo = tuple[type[BaseException], BaseException, TracebackType | None] | tuple[None, None, None]
@@ -25,16 +26,25 @@ def escape_controls(text: str) -> str:
     return _CONTROLS.sub(_escaped, text)
 
 
+# Before every line of a traceback: an exception's message may hold a request's text, line
+# breaks included, and an indented line can never pass for a record of its own.
+TRACEBACK_INDENT = "  "
+
+
 class EscapingFormatter(logging.Formatter):
     """A record's message is one line, its controls escaped. A traceback keeps its line
-    breaks (it is the code's, not the request's) and loses every other control."""
+    breaks, each of its lines indented and every other control escaped."""
 
     def formatMessage(self, record: logging.LogRecord) -> str:
         record.message = escape_controls(record.message)
         return super().formatMessage(record)
 
     def formatException(self, ei: ExcInfo) -> str:
-        return "\n".join(escape_controls(line) for line in super().formatException(ei).split("\n"))
+        return _indented(super().formatException(ei))
 
     def formatStack(self, stack_info: str) -> str:
-        return "\n".join(escape_controls(line) for line in stack_info.split("\n"))
+        return _indented(stack_info)
+
+
+def _indented(text: str) -> str:
+    return "\n".join(TRACEBACK_INDENT + escape_controls(line) for line in text.split("\n"))

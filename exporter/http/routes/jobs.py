@@ -302,16 +302,16 @@ async def download(
 
 
 async def _recorded_end(
-    databases: Databases, export_id: str, key: ApiKey
+    databases: Databases, export_id: str, key: ApiKey, any_key: bool
 ) -> tuple[str, dict[str, Any]] | None:
-    """The end of an export as its job or its export log entry records it; None while it
-    runs (or is queued)."""
+    """The end of an export as its job or its export log entry records it (any key's, or
+    only the key's own); None while it runs (or is queued)."""
     async with databases.state.connection() as connection:
         job = await connection.fetchrow(
             "SELECT status, rows, bytes, error FROM exporter.jobs"
             " WHERE id = $1 AND ($2 OR key_id = $3)",
             export_id,
-            key.admin,
+            any_key,
             key.id,
         )
         entry = None
@@ -320,7 +320,7 @@ async def _recorded_end(
                 "SELECT outcome, status, rows, bytes, error FROM exporter.export_log"
                 " WHERE request_id = $1 AND ($2 OR key_name = $3) ORDER BY id DESC LIMIT 1",
                 export_id,
-                key.admin,
+                any_key,
                 key.name,
             )
     if job is not None:
@@ -341,9 +341,13 @@ async def _recorded_end(
     )
 
 
-async def _may_watch(export_id: str, key: ApiKey, settings: Settings, databases: Databases) -> bool:
-    """Whether the key started the export (a job, or an export in the export log, or one
-    with events), or is an admin key and the export is of a dataset within its reach."""
+async def _may_watch(
+    export_id: str, key: ApiKey, settings: Settings, databases: Databases
+) -> str | None:
+    """ "own" if the key started an export with this id (a job, an export in the export log,
+    one with events: request ids are the client's to choose, so another key's export may
+    share it); "any" if the key is an admin key and the job or export of that id is of a
+    dataset within its reach (then every key's events of it are shown); None otherwise."""
     async with databases.state.connection() as connection:
         found = await connection.fetchrow(
             "SELECT EXISTS (SELECT FROM exporter.jobs WHERE id = $1 AND key_id = $3)"
@@ -359,7 +363,9 @@ async def _may_watch(export_id: str, key: ApiKey, settings: Settings, databases:
             key.id,
         )
     assert found is not None
-    return bool(found["own"]) or await _admin_reaches(found["dataset"], key, settings, databases)
+    if await _admin_reaches(found["dataset"], key, settings, databases):
+        return "any"
+    return "own" if found["own"] else None
 
 
 @router.get(
@@ -385,24 +391,24 @@ async def export_events(
 ) -> StreamingResponse:
     """The progress of any export (its request id) or job (its id), live. Reconnecting with
     `Last-Event-ID` resumes after that event."""
-    if not _WELL_FORMED_ID.fullmatch(export_id) or not await _may_watch(
-        export_id, key, settings, databases
-    ):
+    reach = None
+    if _WELL_FORMED_ID.fullmatch(export_id):
+        reach = await _may_watch(export_id, key, settings, databases)
+    if reach is None:
         raise NotFound("no export with this id")
+    any_key = reach == "any"
     last = request.headers.get("last-event-id", "").strip()
     # ASCII digits only: str.isdigit() also takes '²', which int() refuses.
     after = int(last) if re.fullmatch(r"[0-9]{1,18}", last) else 0
     hub: EventHub = request.app.state.event_hub
 
     async def ended() -> tuple[str, dict[str, Any]] | None:
-        return await _recorded_end(databases, export_id, key)
+        return await _recorded_end(databases, export_id, key, any_key)
 
     slots: EventStreamSlots = request.app.state.event_stream_slots
     slots.take(key.id)
     return SlottedStreamingResponse(
-        event_stream(
-            databases.state, hub, export_id, None if key.admin else key.name, after, ended
-        ),
+        event_stream(databases.state, hub, export_id, None if any_key else key.name, after, ended),
         slots=slots,
         key_id=key.id,
         revocations=request.app.state.revocations,
