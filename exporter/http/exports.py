@@ -85,40 +85,10 @@ async def start_export(
     databases: Databases,
     active: ActiveExports,
     revocations: Revocations,
-) -> Response:
-    # First, so that a revoke while the export is being prepared is not missed: set if the
-    # key is revoked while the export runs, and the response is then cut off.
-    revoked = revocations.subscribe(key.id)
-    try:
-        return await _start_export(
-            request,
-            logged,
-            key,
-            dataset,
-            encoder,
-            settings,
-            databases,
-            active,
-            revocations,
-            revoked,
-        )
-    except BaseException:
-        revocations.unsubscribe(key.id, revoked)
-        raise
-
-
-async def _start_export(
-    request: Request,
-    logged: export_log.ExportRequest,
-    key: ApiKey,
-    dataset: Dataset,
-    encoder: type[Encoder],
-    settings: Settings,
-    databases: Databases,
-    active: ActiveExports,
-    revocations: Revocations,
     revoked: anyio.Event,
 ) -> Response:
+    """The export's response; `revoked` (the key's revocation, subscribed by the caller) cuts
+    it off, and is unsubscribed however the export ends."""
     params = request.query_params.multi_items()
     query = parse_query(dataset, params, max_limit=settings.max_limit)
     secret = await databases.cursor_secret()

@@ -13,6 +13,7 @@ from pydantic import BaseModel
 
 from exporter.access import export_log
 from exporter.access.datasets import readable_dataset
+from exporter.access.revocations import Revocations
 from exporter.db.pool import UNREACHABLE, Databases
 from exporter.errors import (
     PROBLEM_MEDIA_TYPE,
@@ -163,19 +164,27 @@ async def _export(
     key = await checked_key(request, databases, credentials)
     logged = export_request(request, name, encoder)
     logged.key_name = key.name
-    async with export_log.refusals_logged(databases.state, logged):
-        dataset = await readable_dataset(name, key, settings, databases)
-        return await start_export(
-            request,
-            logged,
-            key,
-            dataset,
-            encoder,
-            settings,
-            databases,
-            active,
-            request.app.state.revocations,
-        )
+    revocations: Revocations = request.app.state.revocations
+    # Subscribed first, so that a revoke while the export is being prepared is not missed.
+    revoked = revocations.subscribe(key.id)
+    try:
+        async with export_log.refusals_logged(databases.state, logged):
+            dataset = await readable_dataset(name, key, settings, databases)
+            return await start_export(
+                request,
+                logged,
+                key,
+                dataset,
+                encoder,
+                settings,
+                databases,
+                active,
+                revocations,
+                revoked,
+            )
+    except BaseException:
+        revocations.unsubscribe(key.id, revoked)
+        raise
 
 
 def _export_endpoint(
