@@ -135,6 +135,17 @@ def summarize(runs: dict[str, list[dict[str, Any]]], sizes: dict[str, int]) -> l
             NDJSON_RATIO,
         ),
     ]
+    if "ours_in" in runs:
+        lines.append(
+            _throughput_line(
+                "CSV filtered by in.() of 1,799 values vs psql \\copy of the same query",
+                runs,
+                "ours_in",
+                "psql_in",
+                sizes,
+                None,
+            )
+        )
     for coding in ("gzip", "zstd"):
         if f"ours_csv_{coding}" in runs:
             lines.append(_compressed_line(coding, runs, sizes))

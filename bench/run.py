@@ -21,6 +21,14 @@ from bench.table import SMALL_TABLE, TABLE, BenchDatabase
 
 PSQL_CSV = f"\\copy (select * from {TABLE}) to stdout (format csv, header)"
 PSQL_JSON = f"\\copy (select row_to_json(t) from {TABLE} t) to stdout"
+# Issue 14's long in.() filter, on the unindexed `quantity`: 1,799 values, about 17,000 rows.
+# psql's query has the list as a constant, which PostgreSQL hashes.
+IN_ITEMS = ",".join(str(n) for n in range(1799))
+IN_QUERY = f"?quantity=in.({IN_ITEMS})"
+PSQL_IN = (
+    f"\\copy (select * from {TABLE} where quantity in ({IN_ITEMS}) order by id)"
+    " to stdout (format csv, header)"
+)
 CONCURRENT_CLIENTS = 8
 CONCURRENT_WORKERS = 2
 CODINGS = ("gzip", "zstd")
@@ -99,6 +107,8 @@ class Bench:
             csv = self.export(server, "ours_csv", self.url(server, TABLE, "csv"))
             self.psql("psql_json", PSQL_JSON)
             ndjson = self.export(server, "ours_ndjson", self.url(server, TABLE, "ndjson"))
+            self.psql("psql_in", PSQL_IN)
+            self.export(server, "ours_in", self.url(server, TABLE, "csv", IN_QUERY))
             self.record(
                 "memory_big",
                 **idle,
@@ -194,6 +204,7 @@ def reference_sizes(database_url: str) -> dict[str, int]:
     return {
         "psql_csv": clients.psql_copy_bytes(database_url, PSQL_CSV),
         "psql_json": clients.psql_copy_bytes(database_url, PSQL_JSON),
+        "psql_in": clients.psql_copy_bytes(database_url, PSQL_IN),
     }
 
 

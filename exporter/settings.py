@@ -119,6 +119,14 @@ class Settings(BaseSettings):
         ge=0,
         description="The largest `limit` a request may ask for. Unset: no bound.",
     )
+    max_in_items: int | None = Field(
+        default=2000,
+        ge=1,
+        description="The most items an `in.()` filter may list; past it, a 400. PostgreSQL "
+        "hashes the list once per query, so a long list costs little per row, but its "
+        "parsing and checking grow with it. Unset: bounded only by the 10,000 characters "
+        "a value may have.",
+    )
 
     # Concurrent exports per key, and in total (unset: pool_size). Counted by PostgreSQL (the
     # database of database_url) across every worker process and replica; beyond them: 429.

@@ -151,3 +151,73 @@ def test_revoking_a_key_stops_its_work_within_seconds(
         assert (logged["outcome"], logged["aborted_by"]) == ("aborted", "revoked")
     finally:
         run_sql(database.url, f"DROP VIEW {view}")
+
+
+# A domain whose check counts, in the transaction, how often PostgreSQL casts a value to it
+# (reading a stored value casts nothing): past 200 casts in one transaction it raises.
+# `counted.off` lets the test's own inserts through.
+COUNTED_DOMAIN_SQL = (
+    """CREATE OR REPLACE FUNCTION counted_cast(integer) RETURNS boolean LANGUAGE plpgsql AS $$
+    DECLARE
+        casts integer;
+    BEGIN
+        IF current_setting('counted.off', true) = 'on' THEN
+            RETURN true;
+        END IF;
+        casts := coalesce(nullif(current_setting('counted.casts', true), ''), '0')::integer + 1;
+        PERFORM set_config('counted.casts', casts::text, true);
+        IF casts > 200 THEN
+            RAISE EXCEPTION 'a filter value was cast % times in one export', casts;
+        END IF;
+        RETURN true;
+    END $$""",
+    """DO $$ BEGIN
+        CREATE DOMAIN counted_integer AS integer CHECK (counted_cast(VALUE));
+    EXCEPTION WHEN duplicate_object THEN NULL;
+    END $$""",
+)
+
+
+@pytest.mark.parametrize("use_copy", ["true", "false"])
+def test_a_filter_value_is_cast_once_per_query_on_every_path(
+    database: ExportDatabase, tmp_path: Path, use_copy: str
+) -> None:
+    """Issue 14, defect 6: on the COPY path a filter value was read back with
+    current_setting() and cast for every row (150 µs a row for an in.() list of 1,799 items,
+    so that one request held a connection for minutes); now once per query, on both paths.
+    2,000 rows, each of which used to cast the 20 listed values again."""
+    table = f"counted_{uuid.uuid4().hex[:8]}"
+    run_sql(
+        database.url,
+        *COUNTED_DOMAIN_SQL,
+        f"CREATE TABLE {table} (id integer PRIMARY KEY, n counted_integer NOT NULL)",
+        "SET counted.off = 'on'",
+        f"INSERT INTO {table} SELECT g, g % 100 FROM generate_series(1, 2000) AS g",
+    )
+    listed = ",".join(str(n) for n in range(20))
+    with running_server(database.url, tmp_path, use_copy=use_copy) as server:
+        with server.client(database.key) as client:
+            for params, expected in [
+                ({"n": f"in.({listed})"}, 400),
+                ({"n": f"not.in.({listed})"}, 1600),
+                ({"n": "gte.95", "id": "lt.1000"}, 50),
+            ]:
+                for fmt in ("csv", "ndjson"):
+                    response = client.get(f"/datasets/{table}.{fmt}", params=params)
+                    assert response.status_code == 200, response.text
+                    lines = response.text.splitlines()
+                    assert len(lines) - (fmt == "csv") == expected, (params, fmt)
+
+
+def test_an_in_list_longer_than_the_setting_is_a_400_naming_the_limit(
+    client: httpx.Client,
+) -> None:
+    items = ",".join(["1"] * 2001)
+    response = client.get("/datasets/people.csv", params={"id": f"in.({items})"})
+    assert response.status_code == 400, response.text[:300]
+    assert response.headers["content-type"] == PROBLEM
+    problem = response.json()
+    assert problem["invalid-params"][0]["name"] == "id"
+    assert "at most 2000 items" in problem["detail"]
+    assert client.get("/datasets/people.csv", params={"id": f"in.({items[2:]})"}).status_code == 200
+

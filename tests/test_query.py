@@ -529,13 +529,13 @@ def test_conditions() -> None:
     )
     assert sql == (
         'SELECT t."id" AS "id" FROM "public"."things" AS t WHERE '
-        't."id" >= CAST($1::text AS integer) AND '
+        't."id" >= (SELECT CAST($1::text AS integer)) AND '
         'NOT (t."name"::text COLLATE "default" LIKE $2::text) AND '
-        'NOT (t."score" = ANY(CAST($3::text[] AS numeric[]))) AND '
+        'NOT (t."score" IN (SELECT unnest((SELECT CAST($3::text[] AS numeric[]))))) AND '
         't."active" IS NOT TRUE AND '
         't."doc" IS NULL AND '
-        't."seen_at" < CAST($4::text AS timestamp with time zone) AND '
-        't."code" <> CAST($5::text AS bpchar) '
+        't."seen_at" < (SELECT CAST($4::text AS timestamp with time zone)) AND '
+        't."code" <> (SELECT CAST($5::text AS bpchar)) '
         'ORDER BY t."id" ASC'
     )
     assert args == ["1", "A%", ["1", "2.5"], "2024-01-01", "AB"]
@@ -556,11 +556,11 @@ def test_char_and_bit_values_are_cast_whole() -> None:
         Rendering.COLUMNS,
     )
     assert sql.split(" WHERE ")[1] == (
-        't."code" = CAST($1::text AS bpchar) AND '
-        't."code" = ANY(CAST($2::text[] AS bpchar[])) AND '
-        't."flags" > CAST($3::text AS "bit") AND '
-        't."flags" = ANY(CAST($4::text[] AS "bit"[])) AND '
-        't."codes" = CAST($5::text AS bpchar[]) '
+        't."code" = (SELECT CAST($1::text AS bpchar)) AND '
+        't."code" IN (SELECT unnest((SELECT CAST($2::text[] AS bpchar[])))) AND '
+        't."flags" > (SELECT CAST($3::text AS "bit")) AND '
+        't."flags" IN (SELECT unnest((SELECT CAST($4::text[] AS "bit"[])))) AND '
+        't."codes" = (SELECT CAST($5::text AS bpchar[])) '
         'ORDER BY t."id" ASC'
     )
     assert args == ["ABCD", ["AB", "CD"], "101", ["1"], "{AB}"]
@@ -579,7 +579,7 @@ def test_identifiers_are_quoted() -> None:
         'SELECT t."a""b" AS "a""b", t."x; drop table people" AS "x; drop table people", '
         't."a.b" AS "a.b", t."a,b" AS "a,b" '
         'FROM "public"."things" AS t '
-        'WHERE t."a""b" = CAST($1::text AS text) AND t."x; drop table people" IS NULL '
+        'WHERE t."a""b" = (SELECT CAST($1::text AS text)) AND t."x; drop table people" IS NULL '
         'ORDER BY t."a""b" DESC NULLS LAST, t."x; drop table people" ASC LIMIT $2::bigint'
     )
     json_sql = sql_of(*params, rendering=Rendering.JSON_ROW)

@@ -124,6 +124,15 @@ async def _insert_as(
     return int(entry_id)
 
 
+def _not_logged(what: str, exc: Exception) -> None:
+    """The export log could not be written: the client's answer stands, the server log says
+    why (a database that is away in a line, anything else with its traceback)."""
+    if isinstance(exc, (PoolTimeout, *UNREACHABLE)):
+        log.warning("%s: %s", what, exc)
+    else:
+        log.error("%s", what, exc_info=exc)
+
+
 async def record_start(pool: Pool, request: ExportRequest) -> None:
     request.entry_id = await _insert(pool, request, "running", None, None)
 
@@ -141,8 +150,8 @@ async def record_refusal(pool: Pool, request: ExportRequest, status: int, reason
                 await _insert(pool, request, outcome, status, reason)
             else:
                 await _update(pool, request.entry_id, outcome, status, 0, 0, reason, None)
-        except Exception:
-            log.exception("could not log refused export request")
+        except Exception as exc:
+            _not_logged("could not log refused export request", exc)
 
 
 async def record_end(
@@ -165,8 +174,8 @@ async def record_end(
             await _update(
                 pool, request.entry_id, outcome, status, rows, bytes_sent, error, aborted_by
             )
-        except Exception:
-            log.exception("could not complete export log entry %s", request.entry_id)
+        except Exception as exc:
+            _not_logged(f"could not complete export log entry {request.entry_id}", exc)
 
 
 async def _update(

@@ -197,7 +197,9 @@ async def export_to_file(settings: Settings, args: argparse.Namespace) -> int:
             raise InvalidRequest(f"no dataset named {args.dataset!r}")
         # A QueryError (here, from a format option, or from a filter value PostgreSQL itself
         # rejects) is reported as it is: its parameter and reason, exit status 2.
-        query = parse_query(dataset, params, max_limit=settings.max_limit)
+        query = parse_query(
+            dataset, params, max_limit=settings.max_limit, max_in_items=settings.max_in_items
+        )
         if progress.enabled:
             progress.total = await _estimate_rows(pool, query, encoder)
         stream = ExportStream(query, encoder, pool, settings, "exporter cli")

@@ -22,12 +22,21 @@ from exporter.settings import Settings
 
 log = logging.getLogger(__name__)
 
-# Connection errors: the server is down, refuses us, or went away mid-statement.
+# Connection errors: the server is down, refuses us, or went away mid-statement (shut down
+# or restarted: it ends its sessions with "terminating connection due to administrator
+# command", or after a crash of another backend).
 UNREACHABLE = (
     OSError,
     asyncpg.exceptions.PostgresConnectionError,
     asyncpg.exceptions.CannotConnectNowError,
     asyncpg.exceptions.ConnectionDoesNotExistError,
+    asyncpg.exceptions.AdminShutdownError,
+    asyncpg.exceptions.CrashShutdownError,
+    # A server that shuts down tells its idle sessions so before it closes them; a pooled
+    # connection handed out in between is still reading that message, and asyncpg refuses
+    # the next statement on it ("another operation is in progress"). Reset it cannot be:
+    # asyncpg's pool terminates it on release.
+    asyncpg.exceptions.InternalClientError,
 )
 
 
@@ -117,9 +126,15 @@ class Pool:
             ) from None
 
     async def release(self, connection: Connection) -> None:
-        # asyncpg resets the connection (rolling back what is open) or, failing that, closes
-        # it; either way under its own shield.
-        await self._pool.release(connection, timeout=5)
+        """Back to the pool. asyncpg resets the connection (rolling back what is open) or,
+        failing that (the server went away mid-statement, say), terminates it, under its own
+        shield; the pool replaces a terminated connection on demand. Never raises: its
+        failure would take the place of what the caller did with the connection, a key
+        check's answer or its own error."""
+        try:
+            await self._pool.release(connection, timeout=5)
+        except Exception as exc:
+            log.warning("closed a connection that could not be reset: %s", exc)
 
     @asynccontextmanager
     async def connection(self) -> AsyncIterator[Connection]:
@@ -240,19 +255,35 @@ async def snapshot(
 
 
 async def _release(pool: Pool, connection: Connection, timeout_s: float) -> None:
-    reset = False
-    if not connection.is_closed():
-        with anyio.move_on_after(timeout_s):
-            try:
-                # ROLLBACK also closes the cursor; nothing of the export outlives it.
-                await connection.execute("ROLLBACK")
-                reset = True
-            except Exception as exc:  # the connection is being thrown away anyway
-                log.warning("could not reset export connection: %s", exc)
-    if not reset:
-        # The pool replaces a closed connection with a new one on demand.
-        connection.terminate()
+    """An export's connection back to the pool, only once nothing uses it any more: rolled
+    back, or else terminated (the pool replaces it), never still busy with a statement."""
     try:
-        await pool.release(connection)
-    except Exception as exc:  # asyncpg re-raises a failed reset; the connection is gone
-        log.warning("could not return export connection to the pool: %s", exc)
+        reset = False
+        if not connection.is_closed():
+            with anyio.move_on_after(timeout_s):
+                reset = await _rolled_back(connection)
+        if not reset:
+            connection.terminate()
+    except asyncpg.exceptions.InterfaceError:
+        # The connection was lost (the server shut down, say), and asyncpg's pool took it
+        # back at once: what is left of it refuses every call, and needs no release.
+        return
+    await pool.release(connection)
+
+
+async def _rolled_back(connection: Connection) -> bool:
+    """ROLLBACK (which also closes the cursor: nothing of the export outlives it), once the
+    connection is free for it. A statement that was cancelled (the client left mid-fetch)
+    keeps the connection busy until PostgreSQL has answered the cancel request that asyncpg
+    sent; until then asyncpg refuses any other operation, and says so."""
+    while True:
+        try:
+            await connection.execute("ROLLBACK")
+        except asyncpg.exceptions.InternalClientError:
+            # "cannot switch to state ...; another operation is in progress"
+            await anyio.sleep(0.005)
+        except Exception as exc:  # the connection is being thrown away anyway
+            log.info("could not roll back export connection, closing it: %s", exc)
+            return False
+        else:
+            return True

@@ -90,7 +90,9 @@ async def start_export(
     """The export's response; `revoked` (the key's revocation, subscribed by the caller) cuts
     it off, and is unsubscribed however the export ends."""
     params = request.query_params.multi_items()
-    query = parse_query(dataset, params, max_limit=settings.max_limit)
+    query = parse_query(
+        dataset, params, max_limit=settings.max_limit, max_in_items=settings.max_in_items
+    )
     secret = await databases.cursor_secret()
     since = pull_cursor(query, encoder.format, key.role, secret)
     media_type = content_type(encoder)

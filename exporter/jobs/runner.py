@@ -437,7 +437,9 @@ class JobRunner:
         if dataset is None:
             raise JobFailed(f"no dataset named {job.dataset!r}")
         encoder = ENCODERS[job.format]
-        query = parse_query(dataset, job.params, max_limit=settings.max_limit)
+        query = parse_query(
+            dataset, job.params, max_limit=settings.max_limit, max_in_items=settings.max_in_items
+        )
         secret = await databases.cursor_secret()
         # Without a secret, a since= job would have run as a whole export: it fails instead.
         since = pull_cursor(query, job.format, key.role, secret)

@@ -128,6 +128,7 @@ def parse_query(
     *,
     reserved: frozenset[str] = RESERVED | FORMAT_OPTIONS,
     max_limit: int | None = None,
+    max_in_items: int | None = None,
 ) -> ExportQuery:
     pairs = list(params)
     if len(pairs) > MAX_PARAMETERS:
@@ -146,7 +147,7 @@ def parse_query(
                 raise QueryError(name, f"'{name}' given more than once")
             seen[name] = value
         else:
-            filters.append(_parse_filter(dataset, name, value))
+            filters.append(_parse_filter(dataset, name, value, max_in_items))
 
     columns = dataset.columns
     if "select" in seen:
@@ -266,7 +267,7 @@ def _parse_limit(text: str, max_limit: int | None) -> int:
     return limit
 
 
-def _parse_filter(dataset: Dataset, name: str, expression: str) -> Filter:
+def _parse_filter(dataset: Dataset, name: str, expression: str, max_in_items: int | None) -> Filter:
     column = dataset.column(name)
     if column is None:
         raise QueryError(name, f"unknown column '{shown(name)}' (or unknown parameter)")
@@ -291,6 +292,10 @@ def _parse_filter(dataset: Dataset, name: str, expression: str) -> Filter:
         return Filter(column, operator, negated, value.replace("*", "%"), name)  # type: ignore[arg-type]
     if operator == "in":
         values = _parse_in_list(name, value)
+        if max_in_items is not None and len(values) > max_in_items:
+            raise QueryError(
+                name, f"in. takes at most {max_in_items} items (EXPORTER_MAX_IN_ITEMS)"
+            )
         for item in values:
             _check_value(column, name, item)
         return Filter(column, "in", negated, values, name)

@@ -267,8 +267,7 @@ class ExportStream:
         with anyio.CancelScope(shield=True):
             if self._copy is not None:
                 # A COPY in flight must let go of the connection before it is reset.
-                with anyio.move_on_after(self.settings.cleanup_timeout_s):
-                    await self._copy.stop()
+                await self._copy.stop(self.settings.cleanup_timeout_s)
             await self._exit_stack.aclose()
 
     @property

@@ -87,7 +87,7 @@ async def readyz(databases: DatabasesDep) -> dict[str, str]:
                 async with pool.connection() as connection:
                     await connection.fetchval("SELECT 1")
     except (TimeoutError, *UNREACHABLE) as exc:
-        raise ServiceUnavailable("database unreachable") from exc
+        raise ServiceUnavailable("database unreachable", headers={"Retry-After": "5"}) from exc
     return {"status": "ready"}
 
 

@@ -152,7 +152,9 @@ async def submit_job(
     params = _params(body)
     encoder = ENCODERS[body.format]
     # Everything a direct export would refuse is refused now, not when the job runs.
-    query = parse_query(dataset, params, max_limit=settings.max_limit)
+    query = parse_query(
+        dataset, params, max_limit=settings.max_limit, max_in_items=settings.max_in_items
+    )
     encoder(query.columns, query.options)
     pull_cursor(query, encoder.format, key.role, await databases.cursor_secret())
     if query.deletes and query.since is None:
