@@ -1,7 +1,9 @@
 """Issue 14's defects, each reproduced against a real `exporter serve`: inputs that reached a
 500, values from requests that reached the server log raw, a revoked key's work that went on."""
 
+import base64
 import os
+import struct
 import subprocess
 import sys
 import time
@@ -221,3 +223,23 @@ def test_an_in_list_longer_than_the_setting_is_a_400_naming_the_limit(
     assert "at most 2000 items" in problem["detail"]
     assert client.get("/datasets/people.csv", params={"id": f"in.({items[2:]})"}).status_code == 200
 
+
+def test_a_pull_token_does_not_reveal_the_cluster_or_the_table(
+    client: httpx.Client, database: ExportDatabase
+) -> None:
+    """Issue 14, defect 9: an `X-Export-Cursor` was signed but readable, the cluster's system
+    identifier and the table's oid in the clear. Now sealed, and still a working cursor."""
+    (facts,) = run_sql(
+        database.url,
+        "SELECT system_identifier, 'public.people'::regclass::oid AS relid"
+        " FROM pg_control_system()",
+    )
+    first = client.get("/datasets/people.ndjson")
+    assert first.status_code == 200
+    token = first.headers["x-export-cursor"]
+    raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
+    assert struct.pack(">Q", facts["system_identifier"]) not in raw
+    assert struct.pack(">I", facts["relid"]) not in raw
+    pull = client.get("/datasets/people.ndjson", params={"since": token})
+    assert pull.status_code == 200, pull.text
+    assert pull.headers["x-export-cursor"] != token

@@ -9,6 +9,7 @@ import re
 import struct
 
 import pytest
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from exporter.errors import Gone
 from exporter.incremental.tokens import (
@@ -90,20 +91,46 @@ def test_a_standby_cursor_round_trips_without_its_running_transactions() -> None
     assert decoded.snapshot.saw_committed(499) and not decoded.snapshot.saw_committed(505)
 
 
+def sealed_body(token: str, secret: bytes = SECRET) -> bytes:
+    """A version 2 token's body, opened as the module's docstring lays it out."""
+    raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
+    assert raw[0] == 2
+    key = hmac.new(secret, b"exporter cursor token encryption, version 2", hashlib.sha256)
+    return AESGCM(key.digest()).decrypt(raw[1:13], raw[13:], raw[:1])
+
+
 def test_the_layout_in_the_docstring_is_the_layout() -> None:
     # xmax - xmin 10, running 1003 and 1005, oldest writer 1003.
     body = head() + varint(10) + varint(2) + varint(3) + varint(2) + varint(3)
-    cursor = decode(signed(body), SECRET)
-    assert cursor == Cursor(
+    cursor = Cursor(
         7, 1, 42, digest("t"), digest(), digest(), Snapshot(1_000, 1_010, (1_003, 1_005)), 1_003
     )
-    assert encode(cursor, SECRET) == signed(body)
+    # Version 2 seals the body that follows version 1's version byte.
+    assert sealed_body(encode(cursor, SECRET)) == body[1:]
+    # A version 1 token, issued before, is still taken back.
+    assert decode(signed(body), SECRET) == cursor
+
+
+def test_a_token_reveals_nothing_of_what_it_stands_for() -> None:
+    """Issue 14, defect 9: a token's body was readable, the PostgreSQL cluster's system
+    identifier and the table's oid in the clear. Sealed, no byte of either shows, and the
+    same cursor makes a different token each time."""
+    system_identifier, relid = 7_301_234_567_890_123_456, 424_242
+    snapshot = Snapshot(2**40, 2**40 + 9, (2**40,))
+    cursor = Cursor(system_identifier, 1, relid, digest("t"), digest(), digest(), snapshot, 2**40)
+    tokens = {encode(cursor, SECRET) for _ in range(20)}
+    assert len(tokens) == 20
+    for token in tokens:
+        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
+        for revealing in (struct.pack(">Q", system_identifier), struct.pack(">I", relid)):
+            assert revealing not in raw
+        assert decode(token, SECRET) == cursor
 
 
 @pytest.mark.parametrize(
     ("body", "words"),
     [
-        (head(version=2) + varint(0) * 3, "unknown format"),
+        (head(version=3) + varint(0) * 3, "unknown format"),
         (head()[:-1], "unknown format"),
         (head() + varint(10) + varint(2) + varint(3), "truncated"),
         (head() + varint(10) + varint(0) + varint(0) + varint(0), "trailing data"),

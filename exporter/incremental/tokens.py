@@ -2,35 +2,52 @@
 
 A token stands for the snapshot an export read (PostgreSQL's pg_current_snapshot()), for one
 table of one PostgreSQL cluster and one set of filters. It is self-contained, so a pull that
-failed is retried with the same token and nothing is stored per job; it is signed (HMAC with
-a secret of the service's schema), so a token cannot be edited into a snapshot that would
-skip rows.
+failed is retried with the same token and nothing is stored per job. It is encrypted and
+authenticated (AES-256-GCM, with a key derived from a secret of the service's schema, which
+every process and replica shares and which outlives restarts): a token can neither be read
+(it holds the cluster's system identifier and the table's oid) nor edited into a snapshot
+that would skip rows.
 
-Layout, version 1 (then base64url without padding):
-    version 1 byte | flags 1 | system identifier 8 | timeline 4 | table oid 4 |
+Layout, version 2 (then base64url without padding):
+    version 1 byte | nonce 12 | AES-256-GCM of the body, its tag 16 (the version byte as
+    associated data)
+The body:
+    flags 1 byte | system identifier 8 | timeline 4 | table oid 4 |
     name digest 8 | filter digest 8 | shape digest 8 | snapshot xmin 8 |
     varint xmax - xmin | varint count | count varints: each running xid minus the previous one
-    (the first minus xmin) | varint oldest writer - xmin | HMAC-SHA256, first 16 bytes
+    (the first minus xmin) | varint oldest writer - xmin
 Flags: 1 = the running transactions are unknown (a snapshot taken on a standby, where
 pg_current_snapshot() lists none): every id from xmin to xmax may have been running.
+
+Version 1, which the service issued before, is still taken back: the version byte, the body
+in the clear, then HMAC-SHA256 of both with the secret itself, its first 16 bytes.
 """
 
 import base64
 import binascii
 import hashlib
 import hmac
+import secrets
 import struct
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
 from exporter.errors import Gone
 
-VERSION = 1
+VERSION = 2
+_SIGNED_VERSION = 1
 # As every query parameter (query.MAX_VALUE_LENGTH): room for some 2,500 running transactions.
 MAX_TOKEN_LENGTH = 10_000
-_HEAD = struct.Struct(">BBQII8s8s8sQ")
+_HEAD = struct.Struct(">BQII8s8s8sQ")
 _RUNNING_UNKNOWN = 1
 _MAC_BYTES = 16
+_NONCE_BYTES = 12
+_TAG_BYTES = 16
+# What the encryption key is derived from the secret for: the secret itself signs version 1.
+_KEY_PURPOSE = b"exporter cursor token encryption, version 2"
 
 
 class CursorInvalid(ValueError):
@@ -121,7 +138,6 @@ def encode(cursor: Cursor, secret: bytes) -> str:
     snapshot = cursor.snapshot
     body = bytearray(
         _HEAD.pack(
-            VERSION,
             0 if snapshot.complete else _RUNNING_UNKNOWN,
             cursor.system_identifier,
             cursor.timeline,
@@ -140,8 +156,11 @@ def encode(cursor: Cursor, secret: bytes) -> str:
         _put_varint(body, xid - previous)
         previous = xid
     _put_varint(body, cursor.oldest_writer - snapshot.xmin)
-    body += _mac(secret, body)
-    return base64.urlsafe_b64encode(bytes(body)).rstrip(b"=").decode("ascii")
+    version = bytes([VERSION])
+    # A random nonce: 2^-32 odds of a repeat only after 2^32 tokens under one secret.
+    nonce = secrets.token_bytes(_NONCE_BYTES)
+    sealed = _cipher(secret).encrypt(nonce, bytes(body), version)
+    return base64.urlsafe_b64encode(version + nonce + sealed).rstrip(b"=").decode("ascii")
 
 
 def decode(token: str, secret: bytes) -> Cursor:
@@ -152,13 +171,27 @@ def decode(token: str, secret: bytes) -> Cursor:
         raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
     except (binascii.Error, ValueError):
         raise CursorInvalid("not a cursor this service issued (not base64url)") from None
-    if len(raw) < _HEAD.size + _MAC_BYTES or raw[0] != VERSION:
+    if raw[:1] == bytes([VERSION]) and len(raw) >= 1 + _NONCE_BYTES + _TAG_BYTES:
+        nonce, sealed = raw[1 : 1 + _NONCE_BYTES], raw[1 + _NONCE_BYTES :]
+        try:
+            body = _cipher(secret).decrypt(nonce, sealed, raw[:1])
+        except InvalidTag:
+            raise CursorInvalid("not a cursor this service issued, or altered") from None
+    elif raw[:1] == bytes([_SIGNED_VERSION]) and len(raw) >= 1 + _MAC_BYTES:
+        signed, mac = raw[:-_MAC_BYTES], raw[-_MAC_BYTES:]
+        if not hmac.compare_digest(mac, _mac(secret, signed)):
+            raise CursorInvalid("not a cursor this service issued, or altered")
+        body = signed[1:]
+    else:
         raise CursorInvalid("not a cursor this service issued (unknown format)")
-    body, mac = raw[:-_MAC_BYTES], raw[-_MAC_BYTES:]
-    if not hmac.compare_digest(mac, _mac(secret, body)):
-        raise CursorInvalid("not a cursor this service issued, or altered")
+    return _parsed(body)
+
+
+def _parsed(body: bytes) -> Cursor:
+    """A genuine token's body (made by this service: its structure is checked all the same)."""
+    if len(body) < _HEAD.size:
+        raise CursorInvalid("not a cursor this service issued (unknown format)")
     (
-        _,
         flags,
         system_identifier,
         timeline,
@@ -194,6 +227,10 @@ def decode(token: str, secret: bytes) -> Cursor:
         snapshot,
         oldest_writer,
     )
+
+
+def _cipher(secret: bytes) -> AESGCM:
+    return AESGCM(hmac.new(secret, _KEY_PURPOSE, hashlib.sha256).digest())
 
 
 def _mac(secret: bytes, body: bytes | bytearray) -> bytes:
