@@ -32,9 +32,12 @@ class Parameter:
     description: str
 
 
+# What _text takes: 1 to MAX_TEXT characters, no NUL.
+_TEXT_SCHEMA = {"type": "string", "minLength": 1, "maxLength": MAX_TEXT, "pattern": "^[^\\x00]+$"}
+
 PARAMETERS = (
-    Parameter("key", {"type": "string"}, "Entries of the key with this name."),
-    Parameter("dataset", {"type": "string"}, "Entries for this dataset (as requested)."),
+    Parameter("key", _TEXT_SCHEMA, "Entries of the key with this name."),
+    Parameter("dataset", _TEXT_SCHEMA, "Entries for this dataset (as requested)."),
     Parameter("outcome", {"type": "string", "enum": list(OUTCOMES)}, "Entries with this outcome."),
     Parameter(
         "status",
@@ -52,7 +55,7 @@ PARAMETERS = (
         {"type": "string", "format": "date-time"},
         "Entries started before this time (ISO 8601 with an offset or Z).",
     ),
-    Parameter("request_id", {"type": "string"}, "The entry of the request with this X-Request-Id."),
+    Parameter("request_id", _TEXT_SCHEMA, "The entry of the request with this X-Request-Id."),
     Parameter(
         "limit",
         {"type": "integer", "minimum": 1, "maximum": MAX_LIMIT, "default": DEFAULT_LIMIT},
@@ -60,7 +63,7 @@ PARAMETERS = (
     ),
     Parameter(
         "before",
-        {"type": "integer", "minimum": 1},
+        {"type": "integer", "minimum": 1, "maximum": _BIGINT_MAX},
         "Entries with ids below this one: the cursor that `next` carries.",
     ),
 )

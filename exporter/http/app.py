@@ -12,7 +12,7 @@ from exporter.access.revocations import CHANNEL as REVOCATION_CHANNEL
 from exporter.access.revocations import Revocations
 from exporter.db.listen import Listener
 from exporter.db.pool import Databases
-from exporter.http import problems
+from exporter.http import openapi, problems
 from exporter.http.event_streams import EventStreamSlots
 from exporter.http.exports import ActiveExports
 from exporter.http.memory import release_free_memory
@@ -117,6 +117,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(export_log_router)
     app.include_router(jobs_router)
     problems.install(app)
+    openapi.install(app)
     # Added last = outermost: every response, errors included, gets a request id.
     app.add_middleware(UnexpectedErrorMiddleware)
     app.add_middleware(HeaderLimitsMiddleware)

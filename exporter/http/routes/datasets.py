@@ -30,10 +30,12 @@ from exporter.http.dependencies import (
 )
 from exporter.http.exports import ActiveExports, export_request, start_export
 from exporter.http.negotiation import negotiate
+from exporter.http.openapi import export_parameters
 from exporter.incremental.pulls import VERSIONED_KINDS
 from exporter.incremental.tracking import tracked_relids
 from exporter.pipeline.catalog import Dataset, load_datasets
 from exporter.pipeline.encoders import ENCODERS, Encoder, encoder_for_media_type
+from exporter.pipeline.query import FORMAT_OPTIONS
 from exporter.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -220,6 +222,7 @@ for _encoder in ENCODERS.values():
         tags=["exports"],
         response_class=Response,
         responses=_export_responses(_encoder.media_type),
+        openapi_extra={"parameters": export_parameters(_encoder.option_names)},
     )
 _DESCRIBE_OFFERS = ["application/json"] + [e.media_type for e in ENCODERS.values()]
 
@@ -229,13 +232,17 @@ _DESCRIBE_OFFERS = ["application/json"] + [e.media_type for e in ENCODERS.values
     tags=["datasets"],
     response_model=DatasetInfo,
     responses={
+        # Everything an export answers, since it may be one.
+        **_export_responses("text/csv"),
         200: {
             "description": "The dataset's description, or with `Accept: text/csv` or "
             "`application/x-ndjson`, its export.",
             "content": {e.media_type: {"schema": {"type": "string"}} for e in ENCODERS.values()},
+            "headers": _EXPORT_HEADERS,
         },
         406: {"description": "Unsupported Accept", "content": {PROBLEM_MEDIA_TYPE: {}}},
     },
+    openapi_extra={"parameters": export_parameters(FORMAT_OPTIONS)},
 )
 async def describe_dataset(
     name: str,
