@@ -147,10 +147,11 @@ class _Parameters:
     which standard_conforming_strings, set on by every snapshot, keeps literal.)
 
     current_setting() is only stable, so PostgreSQL would call it, and cast its text, for
-    every row (150 µs a row for an in.() list of 1,799 integers); a bound parameter is folded
-    into a constant only in a custom plan (asyncpg's cached statements get generic ones after
-    five runs), and a cast to a domain with a check is never folded. So every value is read in
-    a scalar subquery of its own, an InitPlan, which PostgreSQL runs once per query."""
+    every row (63 µs a row for an in.() list of 1,799 integers, measured); a bound parameter
+    is folded into a constant only in a custom plan (asyncpg's cached statements get generic
+    ones after five runs), and a cast to a domain with a check is never folded. So every
+    value is read in a scalar subquery of its own, an InitPlan, which PostgreSQL runs once
+    per query."""
 
     def __init__(self, for_copy: bool) -> None:
         self.for_copy = for_copy
