@@ -43,11 +43,16 @@ _PROBLEM_REF = {"$ref": "#/components/schemas/Problem"}
 _RETRY_AFTER = {"Retry-After": {"schema": {"type": "integer"}}}
 
 # What any route may answer, whatever it does (the middleware's and the dependencies'
-# refusals): a request whose headers or body are too large, or whose X-Request-Id is not one.
+# refusals): headers that are too many or too large, two Authorization fields, an invalid
+# parameter or X-Request-Id.
 _EVERY_ROUTE: dict[str, str] = {
-    "400": "Invalid request (a parameter, the body, or the X-Request-Id header)",
-    "413": "A request body over the limit",
+    "400": "Invalid request (a parameter, the X-Request-Id header, two Authorization fields)",
     "431": "Request headers over the limit",
+}
+# And a route that takes a body (middleware.HeaderLimitsMiddleware).
+_WITH_A_BODY: dict[str, str] = {
+    "411": "A body without one Content-Length",
+    "413": "A request body over the limit",
 }
 _WITH_A_KEY: dict[str, str] = {
     "401": "Missing, unknown, revoked or expired key",
@@ -154,6 +159,8 @@ def completed(document: dict[str, Any]) -> dict[str, Any]:
             shared = dict(_EVERY_ROUTE)
             if path not in ("/healthz", "/readyz"):
                 shared.update(_WITH_A_KEY)
+            if "requestBody" in operation:
+                shared.update(_WITH_A_BODY)
             for status, description in shared.items():
                 responses.setdefault(status, {"description": description})
             for status, response in responses.items():
