@@ -234,7 +234,14 @@ def main(argv: list[str] | None = None) -> None:
         print(f"  {problem}")
     if args.output:
         args.output.write_text(json.dumps(result, indent=2) + "\n")
-    failed = tally.wrong_rows or tally.server_errors or leaked or faults
+    # A soak that checked nothing, or met refusals other than the limits' 429, proves nothing.
+    refused = sum(
+        n for status, n in tally.statuses.items() if 400 <= status < 500 and status != 429
+    )
+    if tally.verified == 0 or refused:
+        log(f"nothing was checked, or {refused} requests were refused: {dict(tally.statuses)}")
+    failed = tally.wrong_rows or tally.server_errors or leaked or faults or refused
+    failed = failed or not tally.verified
     if failed:
         log(f"the soak failed; the server's log is in {log_dir}")
         sys.exit(1)

@@ -119,13 +119,12 @@ class Settings(BaseSettings):
         ge=0,
         description="The largest `limit` a request may ask for. Unset: no bound.",
     )
-    max_in_items: int | None = Field(
+    max_in_items: int = Field(
         default=2000,
         ge=1,
         description="The most items an `in.()` filter may list; past it, a 400. PostgreSQL "
         "hashes the list once per query, so a long list costs little per row, but its "
-        "parsing and checking grow with it. Unset: bounded only by the 10,000 characters "
-        "a value may have.",
+        "parsing and checking grow with it; a value is at most 10,000 characters anyway.",
     )
 
     # Concurrent exports per key, and in total (unset: pool_size). Counted by PostgreSQL (the

@@ -197,18 +197,21 @@ def test_a_filter_value_is_cast_once_per_query_on_every_path(
         f"INSERT INTO {table} SELECT g, g % 100 FROM generate_series(1, 2000) AS g",
     )
     listed = ",".join(str(n) for n in range(20))
-    with running_server(database.url, tmp_path, use_copy=use_copy) as server:
-        with server.client(database.key) as client:
-            for params, expected in [
-                ({"n": f"in.({listed})"}, 400),
-                ({"n": f"not.in.({listed})"}, 1600),
-                ({"n": "gte.95", "id": "lt.1000"}, 50),
-            ]:
-                for fmt in ("csv", "ndjson"):
-                    response = client.get(f"/datasets/{table}.{fmt}", params=params)
-                    assert response.status_code == 200, response.text
-                    lines = response.text.splitlines()
-                    assert len(lines) - (fmt == "csv") == expected, (params, fmt)
+    try:
+        with running_server(database.url, tmp_path, use_copy=use_copy) as server:
+            with server.client(database.key) as client:
+                for params, expected in [
+                    ({"n": f"in.({listed})"}, 400),
+                    ({"n": f"not.in.({listed})"}, 1600),
+                    ({"n": "gte.95", "id": "lt.1000"}, 50),
+                ]:
+                    for fmt in ("csv", "ndjson"):
+                        response = client.get(f"/datasets/{table}.{fmt}", params=params)
+                        assert response.status_code == 200, response.text
+                        lines = response.text.splitlines()
+                        assert len(lines) - (fmt == "csv") == expected, (params, fmt)
+    finally:
+        run_sql(database.url, f"DROP TABLE {table}")
 
 
 def test_an_in_list_longer_than_the_setting_is_a_400_naming_the_limit(

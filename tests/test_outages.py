@@ -64,6 +64,13 @@ class Hammer:
                 i += 1
                 try:
                     response = client.get(path)
+                except (httpx.RemoteProtocolError, httpx.ReadError) as exc:
+                    # An export the shutdown cut after its first byte: an incomplete
+                    # transfer, as documented (a cursor's second fetch comes after it).
+                    if not path.startswith("/datasets/people."):
+                        self.bad.append(f"{path}: {exc!r}")
+                    self.statuses[(path.split("?")[0], 0)] += 1
+                    continue
                 except httpx.HTTPError as exc:
                     self.bad.append(f"{path}: {exc!r}")
                     continue
@@ -111,6 +118,8 @@ LOG_FAULTS = (
     "Exception in ASGI application",
     "released back to the pool",
     "could not reset",
+    "could not be reset",
+    "could not roll back",
     "Fatal error on transport",
     "unhandled error",
     # A statement on a connection still busy with another (database unavailable, as a
@@ -120,22 +129,26 @@ LOG_FAULTS = (
 )
 
 
-def leave_midway(port: int, key: str, path: str, coding: str, chunks: int, reset: bool) -> None:
+def leave_midway(port: int, key: str, path: str, coding: str, chunks: int, reset: bool) -> bytes:
     """Ask for `path`, read about `chunks` reads of the answer (0: none, leaving before the
     first byte), and close the connection: reset (RST, as a killed client does) or shut
-    down (FIN, as a client that gives up does)."""
+    down (FIN, as a client that gives up does). The status line, if it came (b"": none)."""
     with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
         sock.sendall(
             f"GET {path} HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {key}\r\n"
             f"Accept-Encoding: {coding}\r\n\r\n".encode()
         )
+        received = b""
         for _ in range(chunks):
-            if not sock.recv(65536):
+            data = sock.recv(65536)
+            if not data:
                 break
+            received += data[:100] if not received else b""
         if reset:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         else:
             sock.shutdown(socket.SHUT_RDWR)
+        return received.partition(b"\r\n")[0]
 
 
 @pytest.mark.parametrize("use_copy", ["true", "false"])
@@ -170,8 +183,11 @@ def test_a_storm_of_clients_leaving_midway_leaves_no_connection_behind(
     ) as server:
         port = int(server.base_url.rpartition(":")[2])
         with concurrent.futures.ThreadPoolExecutor(8) as pool:
-            for done in [pool.submit(leave_midway, port, database.key, *cut) for cut in cuts]:
-                done.result()
+            started = [pool.submit(leave_midway, port, database.key, *cut) for cut in cuts]
+            status_lines = Counter(done.result() for done in started)
+        # Those that read something were exports under way, not refusals.
+        assert set(status_lines) <= {b"", b"HTTP/1.1 200 OK"}, status_lines
+        assert status_lines[b"HTTP/1.1 200 OK"] >= 100, status_lines
         # Every export ended, and its connection is idle in the pool (or gone).
         deadline = time.monotonic() + 10
         while (busy := _export_backends(database)) and time.monotonic() < deadline:

@@ -8,8 +8,8 @@ The serving process talks to PostgreSQL through asyncpg alone. SQLAlchemy owns t
 import asyncio
 import logging
 import urllib.parse
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 
 import anyio
@@ -32,12 +32,24 @@ UNREACHABLE = (
     asyncpg.exceptions.ConnectionDoesNotExistError,
     asyncpg.exceptions.AdminShutdownError,
     asyncpg.exceptions.CrashShutdownError,
-    # A server that shuts down tells its idle sessions so before it closes them; a pooled
-    # connection handed out in between is still reading that message, and asyncpg refuses
-    # the next statement on it ("another operation is in progress"). Reset it cannot be:
-    # asyncpg's pool terminates it on release.
-    asyncpg.exceptions.InternalClientError,
 )
+
+
+@contextmanager
+def closing_connections_as_lost() -> Iterator[None]:
+    """A server that shuts down tells its idle sessions so before it closes them; a pooled
+    connection handed out in between is still reading that notice, and asyncpg refuses the
+    next statement on it ("cannot switch to state ...; another operation is in progress").
+    That connection is being lost: said so (one of UNREACHABLE), not an internal error. Any
+    other InternalClientError stays what it is."""
+    try:
+        yield
+    except asyncpg.exceptions.InternalClientError as exc:
+        if "another operation" not in str(exc):
+            raise
+        raise asyncpg.exceptions.ConnectionDoesNotExistError(
+            f"the connection is being closed: {exc}"
+        ) from exc
 
 
 def quote_ident(name: str) -> str:
@@ -133,14 +145,21 @@ class Pool:
         check's answer or its own error."""
         try:
             await self._pool.release(connection, timeout=5)
-        except Exception as exc:
+        except (
+            asyncpg.exceptions.PostgresError,
+            asyncpg.exceptions.InternalClientError,
+            asyncpg.exceptions.ConnectionDoesNotExistError,
+            OSError,
+            TimeoutError,
+        ) as exc:
             log.warning("closed a connection that could not be reset: %s", exc)
 
     @asynccontextmanager
     async def connection(self) -> AsyncIterator[Connection]:
         connection = await self.acquire()
         try:
-            yield connection
+            with closing_connections_as_lost():
+                yield connection
         finally:
             with anyio.CancelScope(shield=True):
                 await self.release(connection)
@@ -214,7 +233,9 @@ async def snapshot(
     """
     connection = await pool.acquire()
     try:
-        await connection.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+        # The first statement on the connection: where one the server is closing shows it.
+        with closing_connections_as_lost():
+            await connection.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
         if slots is not None:
             # As the service's role: the key's may not be allowed the lock functions.
             await slots.claim(connection)

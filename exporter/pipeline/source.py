@@ -589,21 +589,20 @@ class CopySource:
         """End the COPY if it still runs, and wait until it has let go of the connection, so
         that the connection never goes back to the pool with the COPY still on it.
 
-        A COPY still running is ended by closing its connection, not by cancelling it: asyncpg
-        takes the first block that arrives after a cancel request for the cancel's answer,
-        and each later one, with no statement left to take it, kills the connection with a
-        traceback ("Fatal error on transport ... 'NoneType' object has no attribute
-        'cancelled'", MagicStack/asyncpg#240). Closed, the backend stops at its next write
-        (or within client_connection_check_interval while the query has no rows yet), and
-        the pool opens a new connection when one is next needed."""
+        A COPY still running is closed and cancelled at once, before it runs again. Closed:
+        its connection reads no more blocks, for asyncpg takes the first block that arrives
+        after a cancel request for the cancel's answer, and each later one, with no
+        statement left to take it, kills the connection with a traceback ("Fatal error on
+        transport ... 'NoneType' object has no attribute 'cancelled'", MagicStack/asyncpg
+        #240). Cancelled: the task stops waiting at once, on PostgreSQL or on the reader
+        (_put), and asyncpg sends PostgreSQL a cancel request, which stops a backend that has
+        not written anything yet. The pool opens a new connection when one is next needed."""
         task, self._task = self._task, None
         if task is None:
             return
         if not task.done():
             self.connection.terminate()
-            await asyncio.wait({task}, timeout=timeout_s)
-        if not task.done():
             task.cancel()
-            await asyncio.wait({task}, timeout=1)
+            await asyncio.wait({task}, timeout=timeout_s)
         if task.done() and not task.cancelled():
             task.exception()  # retrieved: how the COPY ended is the reader's business

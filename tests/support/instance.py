@@ -48,7 +48,12 @@ class Instance:
         command = [*self.run_as, str(self.bin_dir / "pg_ctl"), "-D", str(self.data_dir), *args]
         process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         if wait:
-            _, stderr = process.communicate(timeout=60)
+            try:
+                _, stderr = process.communicate(timeout=60)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.communicate()
+                raise
             if process.returncode != 0:
                 raise RuntimeError(f"pg_ctl {' '.join(args)}: {stderr.decode(errors='replace')}")
         return process
@@ -101,8 +106,9 @@ def _started(bin_dir: Path, root: Path, run_as: list[str]) -> Iterator[Instance]
             f"unix_socket_directories = '{root}'\nfsync = off\n"
         )
     instance = Instance(bin_dir, data_dir, port, run_as)
-    instance.start()
     try:
+        # Inside: a start that fails half-way (or times out) still stops what did start.
+        instance.start()
         yield instance
     finally:
         with contextlib.suppress(Exception):
