@@ -45,7 +45,9 @@ def closing_connections_as_lost() -> Iterator[None]:
     try:
         yield
     except asyncpg.exceptions.InternalClientError as exc:
-        if "another operation" not in str(exc):
+        # (2): asyncpg's protocol is consuming an error that came with no statement waiting
+        # for it, the server's notice; another state is another operation of ours.
+        if "another operation (2) is in progress" not in str(exc):
             raise
         raise asyncpg.exceptions.ConnectionDoesNotExistError(
             f"the connection is being closed: {exc}"
@@ -233,43 +235,43 @@ async def snapshot(
     """
     connection = await pool.acquire()
     try:
-        # The first statement on the connection: where one the server is closing shows it.
+        # Whichever statement meets the server closing the connection.
         with closing_connections_as_lost():
             await connection.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
-        if slots is not None:
-            # As the service's role: the key's may not be allowed the lock functions.
-            await slots.claim(connection)
-        if role is not None:
-            # The key's role: PostgreSQL's own GRANTs and row-level security decide what the
-            # export reads. A role is an identifier, never a bound value; it comes from the
-            # key's record, quoted.
-            try:
-                await connection.execute(f"SET LOCAL ROLE {quote_ident(role)}")
-            except asyncpg.exceptions.PostgresError as exc:
-                # The client learns that the key's role cannot be used, not the server's roles.
-                log.warning("cannot export as role %r: %s", role, exc)
-                raise RoleUnavailable("this key's PostgreSQL role cannot be used") from exc
-        await connection.fetchval(
-            "SELECT set_config('statement_timeout', $1, true),"
-            " set_config('idle_in_transaction_session_timeout', $2, true),"
-            " set_config('application_name', $3, true),"
-            # Values leave in PostgreSQL's canonical text forms, whatever the server's or the
-            # role's defaults: ISO dates, shortest exact floats, hex bytea; and the COPY
-            # options' literals are read as written.
-            " set_config('DateStyle', 'ISO', true),"
-            " set_config('IntervalStyle', 'postgres', true),"
-            " set_config('extra_float_digits', '1', true),"
-            " set_config('bytea_output', 'hex', true),"
-            " set_config('standard_conforming_strings', 'on', true),"
-            # PostgreSQL 14+: a query whose client (this process) died stops within a second
-            # instead of running to its first row. Older servers lack the setting.
-            " (SELECT set_config(name, '1s', true) FROM pg_catalog.pg_settings"
-            "  WHERE name = 'client_connection_check_interval')",
-            str(settings.statement_timeout_ms),
-            str(settings.idle_in_transaction_timeout_ms),
-            application_name[:63],
-        )
-        yield connection
+            if slots is not None:
+                # As the service's role: the key's may not be allowed the lock functions.
+                await slots.claim(connection)
+            if role is not None:
+                # The key's role: PostgreSQL's own GRANTs and row-level security decide what the
+                # export reads. A role is an identifier, never a bound value; it comes from the
+                # key's record, quoted.
+                try:
+                    await connection.execute(f"SET LOCAL ROLE {quote_ident(role)}")
+                except asyncpg.exceptions.PostgresError as exc:
+                    # The client learns that the key's role cannot be used, not the server's roles.
+                    log.warning("cannot export as role %r: %s", role, exc)
+                    raise RoleUnavailable("this key's PostgreSQL role cannot be used") from exc
+            await connection.fetchval(
+                "SELECT set_config('statement_timeout', $1, true),"
+                " set_config('idle_in_transaction_session_timeout', $2, true),"
+                " set_config('application_name', $3, true),"
+                # Values leave in PostgreSQL's canonical text forms, whatever the server's or the
+                # role's defaults: ISO dates, shortest exact floats, hex bytea; and the COPY
+                # options' literals are read as written.
+                " set_config('DateStyle', 'ISO', true),"
+                " set_config('IntervalStyle', 'postgres', true),"
+                " set_config('extra_float_digits', '1', true),"
+                " set_config('bytea_output', 'hex', true),"
+                " set_config('standard_conforming_strings', 'on', true),"
+                # PostgreSQL 14+: a query whose client (this process) died stops within a second
+                # instead of running to its first row. Older servers lack the setting.
+                " (SELECT set_config(name, '1s', true) FROM pg_catalog.pg_settings"
+                "  WHERE name = 'client_connection_check_interval')",
+                str(settings.statement_timeout_ms),
+                str(settings.idle_in_transaction_timeout_ms),
+                application_name[:63],
+            )
+            yield connection
     finally:
         with anyio.CancelScope(shield=True):
             await _release(pool, connection, settings.cleanup_timeout_s)

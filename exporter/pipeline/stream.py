@@ -16,7 +16,7 @@ from typing import Any, Protocol
 import anyio
 
 from exporter.db.connection import Connection
-from exporter.db.pool import Pool, snapshot
+from exporter.db.pool import Pool, closing_connections_as_lost, snapshot
 from exporter.db.slots import Slots
 from exporter.errors import ServiceUnavailable
 from exporter.pipeline.encoders import Encoder
@@ -108,6 +108,12 @@ class ExportStream:
         self._first_chunk: bytes | None = None
 
     async def open(self) -> None:
+        # Before the first byte, a connection that the server is closing (it shuts down) is
+        # the database being away: a 503, a job tried again later.
+        with closing_connections_as_lost():
+            await self._open()
+
+    async def _open(self) -> None:
         try:
             connection = await self._exit_stack.enter_async_context(
                 snapshot(self.pool, self.settings, self.label, self.role, self.slots)
