@@ -143,7 +143,7 @@ def leave_midway(port: int, key: str, path: str, coding: str, chunks: int, reset
             data = sock.recv(65536)
             if not data:
                 break
-            received += data[:100] if not received else b""
+            received = received or data
         if reset:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         else:

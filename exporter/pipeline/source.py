@@ -165,15 +165,18 @@ class _Parameters:
         self.values.append(value)
         self.casts.append(cast)
         n = len(self.values)
-        if self.for_copy:
-            read = f"CAST(current_setting('exporter.p{n}') AS {cast})"
-        elif as_type is None:
+        if not self.for_copy and as_type is None:
             # A parameter as it is costs nothing per row; bare, its value informs the plan
             # (a limit's, say).
             return f"${n}::{cast}"
-        else:
-            read = f"${n}::{cast}"
-        return f"(SELECT {read if as_type is None else f'CAST({read} AS {as_type})'})"
+        read = (
+            f"CAST(current_setting('exporter.p{n}') AS {cast})"
+            if self.for_copy
+            else f"${n}::{cast}"
+        )
+        if as_type is not None:
+            read = f"CAST({read} AS {as_type})"
+        return f"(SELECT {read})"
 
     def settings_sql(self) -> str:
         """The statement that binds a COPY's values as settings (before the COPY)."""
